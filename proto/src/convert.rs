@@ -3,6 +3,7 @@
 //! Wire → domain is `TryFrom` (or a checking function) and enforces the
 //! limits in [`crate::limits`]; domain → wire is `From`.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -121,8 +122,8 @@ pub enum PluginEvent {
     Payload {
         /// Sending node.
         src: NodeId,
-        /// Payload kind.
-        kind: String,
+        /// Payload kind; borrowed when it is one of the plugin's static kinds.
+        kind: Cow<'static, str>,
         /// Payload body.
         body: Bytes,
     },
@@ -169,7 +170,7 @@ impl From<&SequencedEvent> for pb::Event {
         let event = match &ev.event {
             PluginEvent::Payload { src, kind, body } => E::Payload(pb::Payload {
                 src: Bytes::copy_from_slice(src.as_bytes()),
-                kind: kind.clone(),
+                kind: kind.to_string(),
                 body: body.clone(),
             }),
             PluginEvent::PeerForgotten { node } => E::PeerForgotten(pb::PeerForgotten {
@@ -204,7 +205,7 @@ impl TryFrom<pb::Event> for SequencedEvent {
                 payload_body("payload.body", &p.body)?;
                 PluginEvent::Payload {
                     src,
-                    kind: p.kind,
+                    kind: Cow::Owned(p.kind),
                     body: p.body,
                 }
             }

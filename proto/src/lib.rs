@@ -42,6 +42,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/pim_plugin_v1_descriptor.bin"));
 
+/// Exit status of a sidecar whose Register the host refused (a wrong name,
+/// kinds or protocol version): a configuration problem that a restart cannot
+/// fix, so the supervisor does not restart it. (`EX_CONFIG` of sysexits.h.)
+pub const EXIT_REFUSED: u8 = 78;
+
 /// Fully qualified names of the four `pim.plugin.v1` services.
 pub const SERVICE_NAMES: [&str; 4] = [
     "pim.plugin.v1.PluginSession",

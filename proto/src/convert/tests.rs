@@ -41,7 +41,7 @@ fn every_event_variant_round_trips() {
     let events = [
         PluginEvent::Payload {
             src: node(3),
-            kind: "echo.ping".into(),
+            kind: std::borrow::Cow::Borrowed("echo.ping"),
             body: Bytes::from_static(b"x"),
         },
         PluginEvent::PeerForgotten { node: node(4) },

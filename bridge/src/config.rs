@@ -1,0 +1,321 @@
+//! Configuration of one sidecar plugin.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pim_plugin_proto::convert;
+use pim_plugin_proto::limits::MAX_BODY_BYTES;
+
+/// How the sidecar process comes to exist.
+#[derive(Debug, Clone)]
+pub enum Launch {
+    /// The bridge spawns and supervises this command.
+    Spawn(CommandSpec),
+    /// The sidecar is started by someone else (systemd, a shell, a debugger)
+    /// and connects to the socket on its own.
+    External,
+}
+
+/// A command the bridge spawns as the sidecar.
+#[derive(Debug, Clone)]
+pub struct CommandSpec {
+    /// Program to run (a path, or a name looked up in the host's `PATH`).
+    pub program: PathBuf,
+    /// Arguments.
+    pub args: Vec<OsString>,
+    /// Extra environment variables. The sidecar starts with an empty
+    /// environment plus these, the ones named in `inherit_env`, and the
+    /// `PIM_PLUGIN_*` variables.
+    pub env: Vec<(OsString, OsString)>,
+    /// Names of the host's environment variables passed through (for
+    /// example `RUST_LOG`); none by default.
+    pub inherit_env: Vec<OsString>,
+    /// Working directory; the host's when `None`.
+    pub current_dir: Option<PathBuf>,
+}
+
+impl CommandSpec {
+    /// A command with no arguments and no extra environment.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            inherit_env: Vec::new(),
+            current_dir: None,
+        }
+    }
+
+    /// Adds an argument.
+    #[must_use]
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds an environment variable.
+    #[must_use]
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Passes the host's value of `key`, if set, through to the sidecar.
+    #[must_use]
+    pub fn inherit(mut self, key: impl Into<OsString>) -> Self {
+        self.inherit_env.push(key.into());
+        self
+    }
+}
+
+/// Rights beyond the defaults. By default a plugin may look up peers, watch
+/// the directory and send `PluginPayload` frames in its own namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// May read the node's signing seed (`IdentitySecrets.SigningSeed`).
+    pub signing_seed: bool,
+    /// May send every `ControlFrame` variant, and payloads of any kind.
+    pub raw_control: bool,
+}
+
+/// Bounds of the per-plugin event queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Most events kept (sent or not, until acked). Default 65,536.
+    pub max_events: usize,
+    /// Most bytes kept, counting each event's body and kind plus
+    /// [`crate::queue::EVENT_OVERHEAD_BYTES`]. Default 64 MiB.
+    pub max_bytes: usize,
+}
+
+impl Default for QueueLimits {
+    fn default() -> Self {
+        Self {
+            max_events: 65_536,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// When and how often a spawned sidecar that exits is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Most restarts within `window` before the plugin is marked failed.
+    /// Default 5.
+    pub max_restarts: u32,
+    /// The crash-loop window. Default 60 s.
+    pub window: Duration,
+    /// Delay before the first restart; doubles after each, plus up to 25%
+    /// jitter. Default 100 ms.
+    pub initial_backoff: Duration,
+    /// Longest delay between restarts. Default 10 s.
+    pub max_backoff: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            max_restarts: 5,
+            window: Duration::from_secs(60),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything the bridge needs to host one sidecar plugin.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    /// Plugin name: the `DaemonPlugin::name`, the socket file name and the
+    /// prefix of the kinds the plugin may send.
+    pub name: String,
+    /// Payload kinds the plugin claims, in the daemon's dispatch order.
+    pub payload_kinds: Vec<String>,
+    /// Directory of the socket `<socket_dir>/<name>.sock`; created 0700.
+    pub socket_dir: PathBuf,
+    /// Spawned or external.
+    pub launch: Launch,
+    /// Extra rights.
+    pub grants: Grants,
+    /// Event queue bounds.
+    pub queue: QueueLimits,
+    /// Restarts of a spawned sidecar.
+    pub restart: RestartPolicy,
+    /// Whether `start` waits until the sidecar registered. Default true for
+    /// a spawned sidecar, false for an external one.
+    pub wait_for_register: bool,
+    /// Bound on that wait. Default 10 s.
+    pub startup_timeout: Duration,
+    /// Time between the Shutdown event and SIGTERM. Default 5 s.
+    pub shutdown_grace: Duration,
+    /// Time between SIGTERM and SIGKILL. Default 2 s.
+    pub term_grace: Duration,
+}
+
+impl SidecarConfig {
+    /// A sidecar that the bridge spawns with `command`.
+    pub fn spawn(
+        name: impl Into<String>,
+        payload_kinds: impl IntoIterator<Item = impl Into<String>>,
+        socket_dir: impl Into<PathBuf>,
+        command: CommandSpec,
+    ) -> Self {
+        Self::new(name, payload_kinds, socket_dir, Launch::Spawn(command))
+    }
+
+    /// A sidecar that runs on its own and connects to the socket.
+    pub fn external(
+        name: impl Into<String>,
+        payload_kinds: impl IntoIterator<Item = impl Into<String>>,
+        socket_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self::new(name, payload_kinds, socket_dir, Launch::External)
+    }
+
+    fn new(
+        name: impl Into<String>,
+        payload_kinds: impl IntoIterator<Item = impl Into<String>>,
+        socket_dir: impl Into<PathBuf>,
+        launch: Launch,
+    ) -> Self {
+        let wait_for_register = matches!(launch, Launch::Spawn(_));
+        Self {
+            name: name.into(),
+            payload_kinds: payload_kinds.into_iter().map(Into::into).collect(),
+            socket_dir: socket_dir.into(),
+            launch,
+            grants: Grants::default(),
+            queue: QueueLimits::default(),
+            restart: RestartPolicy::default(),
+            wait_for_register,
+            startup_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+            term_grace: Duration::from_secs(2),
+        }
+    }
+
+    /// The socket path, `<socket_dir>/<name>.sock`.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket_dir.join(format!("{}.sock", self.name))
+    }
+
+    /// Checks every field; the error names the field and the limit.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        convert::plugin_name("name", &self.name).map_err(ConfigError::from_field)?;
+        if self.payload_kinds.is_empty() {
+            return Err(ConfigError::new("payload_kinds", "needs at least one kind"));
+        }
+        for (i, kind) in self.payload_kinds.iter().enumerate() {
+            let field = format!("payload_kinds[{i}]");
+            convert::payload_kind(&field, kind).map_err(ConfigError::from_field)?;
+            if self.payload_kinds[..i].contains(kind) {
+                return Err(ConfigError::new(field, format!("`{kind}` is listed twice")));
+            }
+        }
+        if self.socket_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("socket_dir", "must not be empty"));
+        }
+        // sun_path holds 108 bytes including the terminating NUL.
+        let len = self.socket_path().as_os_str().len();
+        if len > 107 {
+            return Err(ConfigError::new(
+                "socket_dir",
+                format!("the socket path is at most 107 bytes (a Unix socket limit), got {len}"),
+            ));
+        }
+        if let Launch::Spawn(cmd) = &self.launch {
+            if cmd.program.as_os_str().is_empty() {
+                return Err(ConfigError::new("command.program", "must not be empty"));
+            }
+        }
+        if self.queue.max_events == 0 {
+            return Err(ConfigError::new("queue.max_events", "must be at least 1"));
+        }
+        let min_bytes = MAX_BODY_BYTES + crate::queue::EVENT_OVERHEAD_BYTES + 255;
+        if self.queue.max_bytes < min_bytes {
+            return Err(ConfigError::new(
+                "queue.max_bytes",
+                format!("must hold one largest payload, at least {min_bytes}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A configuration field that is out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: String,
+    problem: String,
+}
+
+impl ConfigError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn from_field(err: pim_plugin_proto::InvalidField) -> Self {
+        Self::new(err.field(), err.problem())
+    }
+
+    /// The offending field.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid sidecar config field `{}`: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> SidecarConfig {
+        SidecarConfig::external("echo", ["echo.ping"], "/tmp/pim")
+    }
+
+    #[test]
+    fn defaults_validate() {
+        config().validate().unwrap();
+        assert!(!config().wait_for_register);
+        let spawned = SidecarConfig::spawn("echo", ["echo.ping"], "/tmp", CommandSpec::new("x"));
+        assert!(spawned.wait_for_register);
+        assert_eq!(spawned.socket_path(), std::path::Path::new("/tmp/echo.sock"));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut c = config();
+        c.name = "a/b".into();
+        assert_eq!(c.validate().unwrap_err().field(), "name");
+        let mut c = config();
+        c.payload_kinds = vec!["echo.ping".into(), String::new()];
+        assert_eq!(c.validate().unwrap_err().field(), "payload_kinds[1]");
+        let mut c = config();
+        c.payload_kinds.push("echo.ping".into());
+        assert!(c.validate().unwrap_err().to_string().contains("listed twice"));
+        let mut c = config();
+        c.payload_kinds.clear();
+        assert_eq!(c.validate().unwrap_err().field(), "payload_kinds");
+        let mut c = config();
+        c.socket_dir = PathBuf::from("/".repeat(120));
+        assert!(c.validate().unwrap_err().to_string().contains("107 bytes"));
+        let mut c = config();
+        c.queue.max_bytes = 1000;
+        assert_eq!(c.validate().unwrap_err().field(), "queue.max_bytes");
+        let mut c = config();
+        c.queue.max_events = 0;
+        assert_eq!(c.validate().unwrap_err().field(), "queue.max_events");
+    }
+}

@@ -1,0 +1,121 @@
+//! The gRPC services a sidecar calls, backed by the daemon's `PluginContext`.
+
+mod auth;
+mod ports;
+mod session;
+
+use std::sync::{Arc, Mutex};
+
+use pim_plugin::PluginContext;
+use pim_plugin_proto::pb;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::config::{Grants, SidecarConfig};
+use crate::queue::EventQueue;
+
+pub(crate) use auth::AuthCheck;
+
+/// The state of the one live session of a plugin.
+#[derive(Debug)]
+struct Session {
+    id: String,
+    /// Cancelled when a newer Register supersedes this session.
+    superseded: CancellationToken,
+    events_open: bool,
+}
+
+/// Everything the services of one plugin share.
+pub(crate) struct Host {
+    pub(crate) name: &'static str,
+    pub(crate) kinds: &'static [&'static str],
+    pub(crate) grants: Grants,
+    pub(crate) config: SidecarConfig,
+    pub(crate) ctx: PluginContext,
+    pub(crate) queue: Arc<EventQueue>,
+    session: Mutex<Option<Session>>,
+    /// Number of successful Registers so far.
+    registered: watch::Sender<u64>,
+    /// Cancelled when the host stops serving.
+    pub(crate) stopping: CancellationToken,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("name", &self.name)
+            .field("kinds", &self.kinds)
+            .field("grants", &self.grants)
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Host {
+    pub(crate) fn new(
+        name: &'static str,
+        kinds: &'static [&'static str],
+        config: SidecarConfig,
+        ctx: PluginContext,
+        queue: Arc<EventQueue>,
+        stopping: CancellationToken,
+    ) -> Self {
+        Self {
+            name,
+            kinds,
+            grants: config.grants,
+            config,
+            ctx,
+            queue,
+            session: Mutex::new(None),
+            registered: watch::channel(0).0,
+            stopping,
+        }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Option<Session>> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that `id` names the live session.
+    pub(crate) fn check_session(&self, id: &str) -> Result<(), Status> {
+        match &*self.sessions() {
+            None => Err(Status::failed_precondition(
+                "no session: call PluginSession/Register first",
+            )),
+            Some(s) if s.id == id => Ok(()),
+            Some(_) if id.is_empty() => Err(Status::invalid_argument(
+                "invalid field `session_id`: is required (from RegisterResponse)",
+            )),
+            Some(_) => Err(Status::failed_precondition(
+                "invalid field `session_id`: not the live session (superseded by a newer Register, or never issued)",
+            )),
+        }
+    }
+
+    /// Subscribes to the count of successful Registers.
+    pub(crate) fn registrations(&self) -> watch::Receiver<u64> {
+        self.registered.subscribe()
+    }
+
+    /// Whether a sidecar has registered and holds an Events stream open.
+    pub(crate) fn connected(&self) -> bool {
+        self.sessions().as_ref().is_some_and(|s| s.events_open)
+    }
+
+    pub(crate) fn granted(&self) -> Vec<i32> {
+        let mut granted = Vec::new();
+        if self.grants.signing_seed {
+            granted.push(pb::Capability::SigningSeed as i32);
+        }
+        if self.grants.raw_control {
+            granted.push(pb::Capability::RawControl as i32);
+        }
+        granted
+    }
+}
+
+/// The tonic service implementations: one value serves all four services.
+#[derive(Debug, Clone)]
+pub(crate) struct HostServices(pub(crate) Arc<Host>);

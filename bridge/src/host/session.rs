@@ -1,0 +1,170 @@
+//! `PluginSession`: Register, the Events stream and Ack.
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+
+use pim_plugin_proto::limits::{MAX_BATCH_BYTES, MAX_MESSAGE_BYTES};
+use pim_plugin_proto::pb::plugin_session_server::PluginSession;
+use pim_plugin_proto::{convert, limits, pb, PROTOCOL_VERSION};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{HostServices, Session};
+
+/// Most events in one `EventsResponse`.
+const MAX_BATCH_EVENTS: usize = 256;
+
+/// A fresh, unguessable session id.
+fn new_session_id() -> String {
+    crate::secret::random_hex(16)
+}
+
+#[tonic::async_trait]
+impl PluginSession for HostServices {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let host = &self.0;
+        let req = req.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "protocol version mismatch: the sidecar speaks {}, this host speaks {PROTOCOL_VERSION}",
+                req.protocol_version
+            )));
+        }
+        convert::plugin_name("plugin_name", &req.plugin_name)?;
+        for (i, kind) in req.payload_kinds.iter().enumerate() {
+            convert::payload_kind(&format!("payload_kinds[{i}]"), kind)?;
+        }
+        if req.plugin_name != host.name {
+            return Err(Status::failed_precondition(format!(
+                "plugin name mismatch: the sidecar registered as `{}`, this socket is configured for `{}`",
+                req.plugin_name, host.name
+            )));
+        }
+        let offered: BTreeSet<&str> = req.payload_kinds.iter().map(String::as_str).collect();
+        let configured: BTreeSet<&str> = host.kinds.iter().copied().collect();
+        if offered != configured {
+            let missing: Vec<_> = configured.difference(&offered).collect();
+            let extra: Vec<_> = offered.difference(&configured).collect();
+            return Err(Status::failed_precondition(format!(
+                "payload kinds mismatch for plugin `{}`: configured but not registered {missing:?}; registered but not configured {extra:?}",
+                host.name
+            )));
+        }
+        let id = new_session_id();
+        {
+            let mut slot = host.sessions();
+            if let Some(old) = slot.take() {
+                old.superseded.cancel();
+                host.queue.wake();
+            }
+            *slot = Some(Session {
+                id: id.clone(),
+                superseded: CancellationToken::new(),
+                events_open: false,
+            });
+        }
+        tracing::info!(
+            plugin = host.name,
+            sdk = %req.sdk_name,
+            sdk_version = %req.sdk_version,
+            "sidecar registered"
+        );
+        host.registered.send_modify(|n| *n += 1);
+        let queue = host.config.queue;
+        Ok(Response::new(pb::RegisterResponse {
+            session_id: id,
+            protocol_version: PROTOCOL_VERSION,
+            data_dir: host.ctx.data_dir.to_string_lossy().into_owned(),
+            granted: host.granted(),
+            limits: Some(pb::Limits {
+                max_body_bytes: limits::MAX_BODY_BYTES as u32,
+                max_kind_bytes: limits::MAX_KIND_BYTES as u32,
+                max_name_bytes: limits::MAX_NAME_BYTES as u32,
+                max_message_bytes: MAX_MESSAGE_BYTES as u32,
+                max_queued_events: u32::try_from(queue.max_events).unwrap_or(u32::MAX),
+                max_queued_bytes: queue.max_bytes as u64,
+            }),
+            acked_seq: host.queue.acked(),
+        }))
+    }
+
+    type EventsStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::EventsResponse, Status>> + Send>>;
+
+    async fn events(
+        &self,
+        req: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let host = self.0.clone();
+        let session_id = req.into_inner().session_id;
+        host.check_session(&session_id)?;
+        let superseded = {
+            let mut slot = host.sessions();
+            let session = slot
+                .as_mut()
+                .filter(|s| s.id == session_id)
+                .ok_or_else(|| Status::failed_precondition("session superseded during the call"))?;
+            if session.events_open {
+                return Err(Status::failed_precondition(
+                    "an Events stream is already open for this session; one stream per session",
+                ));
+            }
+            session.events_open = true;
+            session.superseded.clone()
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let stopping = host.stopping.clone();
+        tokio::spawn(async move {
+            let mut cursor = host.queue.open_stream();
+            tracing::debug!(plugin = host.name, after = cursor, "events stream opened");
+            loop {
+                let batch = host.queue.batch_after(cursor, MAX_BATCH_EVENTS, MAX_BATCH_BYTES);
+                if let Some(last) = batch.last() {
+                    cursor = last.seq;
+                    let msg = pb::EventsResponse { events: batch };
+                    tokio::select! {
+                        sent = tx.send(Ok(msg)) => if sent.is_err() { break },
+                        () = superseded.cancelled() => break,
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    () = host.queue.wait_after(cursor) => {}
+                    () = superseded.cancelled() => {
+                        let _ = tx.try_send(Err(Status::aborted("session superseded by a newer Register")));
+                        break;
+                    }
+                    () = stopping.cancelled() => {
+                        let _ = tx.try_send(Err(Status::unavailable("the host is shutting down")));
+                        break;
+                    }
+                    () = tx.closed() => break,
+                }
+            }
+            if let Some(s) = host.sessions().as_mut().filter(|s| s.id == session_id) {
+                s.events_open = false;
+            }
+            tracing::debug!(plugin = host.name, at = cursor, "events stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let req = req.into_inner();
+        self.0.check_session(&req.session_id)?;
+        let last = self.0.queue.last_seq();
+        if req.seq > last {
+            return Err(Status::invalid_argument(format!(
+                "invalid field `seq`: {} is past the newest event, {last}",
+                req.seq
+            )));
+        }
+        let acked_seq = self.0.queue.ack(req.seq);
+        Ok(Response::new(pb::AckResponse { acked_seq }))
+    }
+}

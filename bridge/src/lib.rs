@@ -1,0 +1,33 @@
+#![doc = include_str!("../README.md")]
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use pim_plugin::DaemonPlugin;
+//! use pim_plugin_bridge::{CommandSpec, SidecarConfig, SidecarPlugin};
+//!
+//! # fn demo() -> Result<(), pim_plugin_bridge::ConfigError> {
+//! let config = SidecarConfig::spawn(
+//!     "echo",
+//!     ["echo.ping", "echo.pong"],
+//!     "/run/pim/plugins",
+//!     CommandSpec::new("/usr/lib/pim/echo-sidecar"),
+//! );
+//! let plugin: Arc<dyn DaemonPlugin> = Arc::new(SidecarPlugin::new(config)?);
+//! // hand `plugin` to the daemon like any in-process plugin
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod host;
+mod overflow;
+mod plugin;
+pub mod queue;
+mod secret;
+mod server;
+mod socket;
+mod supervisor;
+pub mod testkit;
+
+pub use config::{CommandSpec, ConfigError, Grants, Launch, QueueLimits, RestartPolicy, SidecarConfig};
+pub use plugin::{SidecarPlugin, SidecarStats};
+pub use pim_plugin_proto as proto;

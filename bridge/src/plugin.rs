@@ -1,0 +1,310 @@
+//! `SidecarPlugin`: the `pim_plugin::DaemonPlugin` that forwards to a sidecar.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pim_core::NodeId;
+use pim_plugin::{DaemonPlugin, PluginContext};
+use pim_plugin_proto::convert::PluginEvent;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, Launch, SidecarConfig};
+use crate::host::Host;
+use crate::queue::{intern_kind, EventQueue, QueueStats};
+use crate::supervisor::{SpawnSpec, Supervisor};
+use crate::{secret, server, socket};
+
+/// A daemon-side plugin whose implementation runs in a separate process.
+///
+/// Hand it to the daemon as `Arc<dyn DaemonPlugin>` like any in-process
+/// plugin. `handle_payload` and `on_peer_forgotten` only enqueue, so they
+/// never wait on the sidecar; the sidecar receives the events in order over
+/// the `Events` stream and calls the daemon's ports back over gRPC.
+pub struct SidecarPlugin {
+    name: &'static str,
+    kinds: &'static [&'static str],
+    config: SidecarConfig,
+    token: Arc<str>,
+    queue: Arc<EventQueue>,
+    running: Mutex<Option<Arc<Running>>>,
+    stopped: tokio::sync::OnceCell<()>,
+}
+
+impl std::fmt::Debug for SidecarPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SidecarPlugin")
+            .field("name", &self.name)
+            .field("kinds", &self.kinds)
+            .field("socket", &self.config.socket_path())
+            .field("token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    host: Arc<Host>,
+    supervisor: Option<Supervisor>,
+    server: Mutex<Option<JoinHandle<()>>>,
+    stopping: CancellationToken,
+    socket: PathBuf,
+}
+
+/// Per-plugin figures, a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarStats {
+    /// Queue counters (delivered, acked, replayed, dropped, depth, bytes).
+    pub queue: QueueStats,
+    /// Times the sidecar process was restarted.
+    pub restarts: u64,
+    /// Whether a sidecar holds an Events stream open now.
+    pub connected: bool,
+    /// Whether the supervisor gave up after a crash loop.
+    pub failed: bool,
+    /// Time since the ack position last moved.
+    pub last_ack_age: Duration,
+}
+
+impl SidecarPlugin {
+    /// A plugin for `config`, checked field by field.
+    ///
+    /// The name and kinds are leaked to `'static`, as `DaemonPlugin`
+    /// requires; create one `SidecarPlugin` per plugin per daemon.
+    pub fn new(config: SidecarConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let name: &'static str = Box::leak(config.name.clone().into_boxed_str());
+        let kinds: Vec<&'static str> = config
+            .payload_kinds
+            .iter()
+            .map(|k| &*Box::leak(k.clone().into_boxed_str()))
+            .collect();
+        Ok(Self {
+            name,
+            kinds: Box::leak(kinds.into_boxed_slice()),
+            queue: Arc::new(EventQueue::new(config.queue)),
+            token: secret::new_token().into(),
+            config,
+            running: Mutex::new(None),
+            stopped: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// The socket this plugin serves on.
+    pub fn socket_path(&self) -> PathBuf {
+        self.config.socket_path()
+    }
+
+    /// The secret token a sidecar must present. A spawned sidecar gets it
+    /// in `PIM_PLUGIN_TOKEN`; hand it to an external one through a 0600 file.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The sidecar process's id, while one runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.running()?.supervisor.as_ref()?.state().pid
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> SidecarStats {
+        let running = self.running();
+        let sup = running.as_ref().and_then(|r| r.supervisor.as_ref()).map(Supervisor::state);
+        SidecarStats {
+            queue: self.queue.stats(),
+            restarts: sup.as_ref().map_or(0, |s| s.spawns.saturating_sub(1)),
+            connected: running.as_ref().is_some_and(|r| r.host.connected()),
+            failed: sup.as_ref().is_some_and(|s| s.failed),
+            last_ack_age: self.queue.ack_progress().0,
+        }
+    }
+
+    fn running(&self) -> Option<Arc<Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn wait_registered(&self, running: &Running) -> anyhow::Result<()> {
+        let mut registrations = running.host.registrations();
+        let mut sup_state = running.supervisor.as_ref().map(Supervisor::watch);
+        let wait = async {
+            loop {
+                if *registrations.borrow_and_update() > 0 {
+                    return Ok(());
+                }
+                if let Some(s) = &sup_state {
+                    if s.borrow().failed {
+                        return Err(());
+                    }
+                }
+                tokio::select! {
+                    r = registrations.changed() => if r.is_err() { return Err(()) },
+                    r = async { match &mut sup_state { Some(s) => s.changed().await, None => std::future::pending().await } } => {
+                        if r.is_err() { return Err(()) }
+                    }
+                }
+            }
+        };
+        let timeout = self.config.startup_timeout;
+        if let Ok(Ok(())) = tokio::time::timeout(timeout, wait).await {
+            return Ok(());
+        }
+        let mut msg = format!(
+            "sidecar `{}` did not register within {timeout:?} on {}",
+            self.name,
+            running.socket.display()
+        );
+        if let Some(sup) = &running.supervisor {
+            let state = sup.state();
+            match (&state.last_exit, state.pid) {
+                (Some(exit), _) => msg.push_str(&format!(
+                    "; the process ended ({exit}) after {} start(s)",
+                    state.spawns
+                )),
+                (None, Some(pid)) => msg.push_str(&format!(
+                    "; the process (pid {pid}) is running but never called Register: is it a pim sidecar, and does it read PIM_PLUGIN_SOCKET?"
+                )),
+                (None, None) => {}
+            }
+            let tail = sup.tail();
+            if !tail.is_empty() {
+                msg.push_str(&format!("; its last output:\n  {}", tail.join("\n  ")));
+            }
+        }
+        anyhow::bail!(msg)
+    }
+
+    async fn stop(&self) {
+        let Some(running) = self.running() else {
+            return;
+        };
+        let grace = self.config.shutdown_grace;
+        let shutdown_seq = self.queue.push(PluginEvent::Shutdown { grace }).seq;
+        match &running.supervisor {
+            Some(sup) => sup.stop().await,
+            None => {
+                // An external sidecar: wait for it to ack the Shutdown event or leave.
+                let _ = tokio::time::timeout(grace, async {
+                    while self.queue.acked() < shutdown_seq && running.host.connected() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                })
+                .await;
+            }
+        }
+        running.stopping.cancel();
+        let server = running.server.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut server) = server {
+            if tokio::time::timeout(self.config.term_grace, &mut server).await.is_err() {
+                server.abort();
+            }
+        }
+        if let Err(e) = std::fs::remove_file(&running.socket) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(plugin = self.name, error = %e, "removing the socket failed");
+            }
+        }
+        let stats = self.stats();
+        tracing::info!(
+            plugin = self.name,
+            delivered = stats.queue.delivered,
+            acked = stats.queue.acked_seq,
+            replayed = stats.queue.replayed,
+            dropped_overflow = stats.queue.dropped_overflow,
+            restarts = stats.restarts,
+            depth = stats.queue.depth,
+            "sidecar plugin stopped"
+        );
+    }
+}
+
+#[async_trait]
+impl DaemonPlugin for SidecarPlugin {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn payload_kinds(&self) -> &'static [&'static str] {
+        self.kinds
+    }
+
+    async fn handle_payload(&self, src: NodeId, kind: &str, body: Bytes) {
+        let pushed = self.queue.push(PluginEvent::Payload {
+            src,
+            kind: intern_kind(kind, self.kinds),
+            body,
+        });
+        if pushed.dropped > 0 {
+            crate::overflow::report(self.name, &self.queue);
+        }
+    }
+
+    async fn start(self: Arc<Self>, ctx: PluginContext) -> anyhow::Result<()> {
+        if self.running().is_some() {
+            anyhow::bail!("sidecar plugin `{}` is already started", self.name);
+        }
+        let socket_path = self.config.socket_path();
+        socket::prepare_dir(&self.config.socket_dir)?;
+        let listener = socket::bind(&socket_path)?;
+        let stopping = CancellationToken::new();
+        let host = Arc::new(Host::new(
+            self.name,
+            self.kinds,
+            self.config.clone(),
+            ctx.clone(),
+            self.queue.clone(),
+            stopping.clone(),
+        ));
+        let server = server::serve(host.clone(), self.token.clone(), listener, stopping.clone())?;
+        tracing::info!(plugin = self.name, socket = %socket_path.display(), "serving sidecar socket");
+        let supervisor = match &self.config.launch {
+            Launch::Spawn(command) => Some(
+                Supervisor::start(SpawnSpec {
+                    plugin: self.name,
+                    command: command.clone(),
+                    socket: socket_path.clone(),
+                    token: self.token.clone(),
+                    restart: self.config.restart,
+                    shutdown_grace: self.config.shutdown_grace,
+                    term_grace: self.config.term_grace,
+                })
+                .inspect_err(|_| {
+                    stopping.cancel();
+                    let _ = std::fs::remove_file(&socket_path);
+                })?,
+            ),
+            Launch::External => None,
+        };
+        let running = Arc::new(Running {
+            host,
+            supervisor,
+            server: Mutex::new(Some(server)),
+            stopping,
+            socket: socket_path,
+        });
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());
+        // The daemon-wide cancellation shuts the sidecar down too.
+        let this = self.clone();
+        tokio::spawn(async move {
+            ctx.cancel.cancelled().await;
+            this.shutdown().await;
+        });
+        if self.config.wait_for_register {
+            if let Err(e) = self.wait_registered(&running).await {
+                self.shutdown().await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_peer_forgotten(&self, peer: NodeId) {
+        self.queue.push(PluginEvent::PeerForgotten { node: peer });
+    }
+
+    async fn shutdown(&self) {
+        self.stopped.get_or_init(|| self.stop()).await;
+    }
+}

@@ -1,0 +1,351 @@
+//! The bounded per-plugin event queue between the daemon and the sidecar.
+//!
+//! The daemon pushes (never blocking); the Events stream reads batches after
+//! a cursor; the sidecar's cumulative Ack trims. Events stay in the queue
+//! until acked, so a new stream (a restarted or reconnected sidecar) replays
+//! everything after the last ack.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use pim_plugin_proto::convert::{PluginEvent, SequencedEvent};
+use pim_plugin_proto::pb;
+use tokio::sync::Notify;
+
+use crate::config::QueueLimits;
+
+/// Bytes charged per queued event on top of its body and kind, for the
+/// queue's own bookkeeping.
+pub const EVENT_OVERHEAD_BYTES: usize = 96;
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pushed {
+    /// The new event's sequence number.
+    pub seq: u64,
+    /// Payloads dropped (oldest first) to make room.
+    pub dropped: u64,
+}
+
+/// Counters of one queue, a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Events pushed.
+    pub pushed: u64,
+    /// Highest sequence number acked.
+    pub acked_seq: u64,
+    /// Events sent to a sidecar, replays included.
+    pub delivered: u64,
+    /// Events sent again to a new stream after having been sent before.
+    pub replayed: u64,
+    /// Payloads dropped because the queue was full.
+    pub dropped_overflow: u64,
+    /// Events in the queue (not acked yet).
+    pub depth: usize,
+    /// Bytes charged for them.
+    pub bytes: usize,
+}
+
+struct State {
+    events: VecDeque<SequencedEvent>,
+    next_seq: u64,
+    acked: u64,
+    /// Highest seq ever handed to a stream.
+    sent: u64,
+    bytes: usize,
+    stats: QueueStats,
+    last_ack_at: Instant,
+}
+
+/// The bounded event queue of one plugin.
+pub struct EventQueue {
+    limits: QueueLimits,
+    state: Mutex<State>,
+    notify: Notify,
+    /// Mirrors `state.acked` for lock-free reads.
+    acked: AtomicU64,
+}
+
+impl std::fmt::Debug for EventQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventQueue")
+            .field("limits", &self.limits)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+fn cost(event: &PluginEvent) -> usize {
+    let kind = match event {
+        PluginEvent::Payload { kind, .. } => kind.len(),
+        _ => 0,
+    };
+    event.body_len() + kind + EVENT_OVERHEAD_BYTES
+}
+
+impl EventQueue {
+    /// An empty queue with these bounds.
+    pub fn new(limits: QueueLimits) -> Self {
+        Self {
+            limits,
+            state: Mutex::new(State {
+                events: VecDeque::new(),
+                next_seq: 1,
+                acked: 0,
+                sent: 0,
+                bytes: 0,
+                stats: QueueStats::default(),
+                last_ack_at: Instant::now(),
+            }),
+            notify: Notify::new(),
+            acked: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the queue consistent (every
+        // mutation is completed before anything can panic), so keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends an event without ever waiting. A payload that does not fit
+    /// drops the oldest queued payloads; lifecycle events are never dropped
+    /// and always fit.
+    pub fn push(&self, event: PluginEvent) -> Pushed {
+        let size = cost(&event);
+        let mut st = self.lock();
+        let mut dropped = 0;
+        while st.events.len() >= self.limits.max_events
+            || st.bytes + size > self.limits.max_bytes
+        {
+            let Some(pos) = st.events.iter().position(|e| e.event.is_payload()) else {
+                break;
+            };
+            if let Some(old) = st.events.remove(pos) {
+                st.bytes -= cost(&old.event);
+                dropped += 1;
+            }
+        }
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.bytes += size;
+        st.events.push_back(SequencedEvent { seq, event });
+        st.stats.pushed += 1;
+        st.stats.dropped_overflow += dropped;
+        drop(st);
+        self.notify.notify_one();
+        Pushed { seq, dropped }
+    }
+
+    /// Records a cumulative ack and forgets the events it covers. An ack
+    /// beyond the last pushed event is clamped; an older one changes
+    /// nothing. Returns the acked position.
+    pub fn ack(&self, seq: u64) -> u64 {
+        let mut st = self.lock();
+        let seq = seq.min(st.next_seq - 1);
+        if seq > st.acked {
+            st.acked = seq;
+            st.last_ack_at = Instant::now();
+            while st.events.front().is_some_and(|e| e.seq <= seq) {
+                if let Some(old) = st.events.pop_front() {
+                    st.bytes -= cost(&old.event);
+                }
+            }
+            self.acked.store(seq, Ordering::Release);
+        }
+        st.acked
+    }
+
+    /// The acked position.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// Marks the start of a new stream that resumes after the last ack and
+    /// returns its cursor. Events it gets again count as replayed.
+    pub fn open_stream(&self) -> u64 {
+        let mut st = self.lock();
+        let replays = st.events.iter().take_while(|e| e.seq <= st.sent).count();
+        st.stats.replayed += replays as u64;
+        st.acked
+    }
+
+    /// Events after `cursor`, as one wire batch bounded by `max_events` and
+    /// `max_bytes` of body (at least one event when any is waiting).
+    pub fn batch_after(&self, cursor: u64, max_events: usize, max_bytes: usize) -> Vec<pb::Event> {
+        let mut st = self.lock();
+        let start = st.events.partition_point(|e| e.seq <= cursor);
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for ev in st.events.range(start..) {
+            if !batch.is_empty() && (batch.len() >= max_events || bytes + ev.event.body_len() > max_bytes) {
+                break;
+            }
+            bytes += ev.event.body_len();
+            batch.push(pb::Event::from(ev));
+        }
+        if let Some(last) = batch.last() {
+            st.sent = st.sent.max(last.seq);
+            st.stats.delivered += batch.len() as u64;
+        }
+        batch
+    }
+
+    /// Waits until an event after `cursor` may be there. Returns at once if
+    /// one is; may return spuriously.
+    pub async fn wait_after(&self, cursor: u64) {
+        let notified = self.notify.notified();
+        let waiting = {
+            let st = self.lock();
+            st.next_seq - 1 <= cursor
+        };
+        if waiting {
+            notified.await;
+        }
+    }
+
+    /// Wakes a waiting stream (for example, so it notices it was superseded).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// The sequence number of the newest event, 0 when none was pushed.
+    pub fn last_seq(&self) -> u64 {
+        self.lock().next_seq - 1
+    }
+
+    /// How long since the last ack moved, and the oldest unacked seq if any.
+    pub fn ack_progress(&self) -> (Duration, Option<u64>) {
+        let st = self.lock();
+        (st.last_ack_at.elapsed(), st.events.front().map(|e| e.seq))
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> QueueStats {
+        let st = self.lock();
+        QueueStats {
+            acked_seq: st.acked,
+            depth: st.events.len(),
+            bytes: st.bytes,
+            ..st.stats
+        }
+    }
+}
+
+/// A payload event for `kind`, borrowing the kind from `static_kinds` when it
+/// is one of them so that the hot path does not allocate.
+pub fn intern_kind(kind: &str, static_kinds: &'static [&'static str]) -> Cow<'static, str> {
+    match static_kinds.iter().find(|k| **k == kind) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(kind.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use pim_core::NodeId;
+
+    fn payload(n: u8, len: usize) -> PluginEvent {
+        PluginEvent::Payload {
+            src: NodeId::from_bytes([n; 16]),
+            kind: Cow::Borrowed("t.k"),
+            body: Bytes::from(vec![n; len]),
+        }
+    }
+
+    fn seqs(batch: &[pb::Event]) -> Vec<u64> {
+        batch.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn batches_follow_the_cursor_and_acks_trim() {
+        let q = EventQueue::new(QueueLimits::default());
+        for i in 0..5 {
+            assert_eq!(q.push(payload(i, 10)).seq, u64::from(i) + 1);
+        }
+        assert_eq!(seqs(&q.batch_after(0, 2, usize::MAX)), [1, 2]);
+        assert_eq!(seqs(&q.batch_after(2, 10, usize::MAX)), [3, 4, 5]);
+        assert_eq!(q.ack(3), 3);
+        assert_eq!(q.ack(1), 3, "an older ack changes nothing");
+        assert_eq!(q.stats().depth, 2);
+        assert_eq!(q.ack(99), 5, "an ack past the end is clamped");
+        assert_eq!(q.stats().bytes, 0);
+    }
+
+    #[test]
+    fn a_new_stream_replays_after_the_last_ack() {
+        let q = EventQueue::new(QueueLimits::default());
+        for i in 0..4 {
+            q.push(payload(i, 1));
+        }
+        let _ = q.batch_after(q.open_stream(), 10, usize::MAX);
+        q.ack(2);
+        let cursor = q.open_stream();
+        assert_eq!(cursor, 2);
+        assert_eq!(seqs(&q.batch_after(cursor, 10, usize::MAX)), [3, 4]);
+        assert_eq!(q.stats().replayed, 2);
+    }
+
+    #[test]
+    fn overflow_drops_oldest_payloads_but_never_lifecycle_events() {
+        let q = EventQueue::new(QueueLimits {
+            max_events: 3,
+            max_bytes: usize::MAX,
+        });
+        q.push(PluginEvent::PeerForgotten {
+            node: NodeId::from_bytes([0; 16]),
+        });
+        q.push(payload(1, 1));
+        q.push(payload(2, 1));
+        assert_eq!(q.push(payload(3, 1)).dropped, 1);
+        assert_eq!(seqs(&q.batch_after(0, 10, usize::MAX)), [1, 3, 4]);
+        q.push(PluginEvent::Shutdown {
+            grace: Duration::from_secs(1),
+        });
+        q.push(PluginEvent::Shutdown {
+            grace: Duration::from_secs(1),
+        });
+        // Only lifecycle events left to keep: they all stay.
+        q.push(PluginEvent::Shutdown {
+            grace: Duration::from_secs(1),
+        });
+        assert_eq!(seqs(&q.batch_after(0, 10, usize::MAX)), [1, 5, 6, 7]);
+        assert_eq!(q.stats().dropped_overflow, 3);
+    }
+
+    #[test]
+    fn the_byte_bound_holds() {
+        let limits = QueueLimits {
+            max_events: usize::MAX,
+            max_bytes: 10 * (1000 + 3 + EVENT_OVERHEAD_BYTES),
+        };
+        let q = EventQueue::new(limits);
+        for i in 0..100 {
+            q.push(payload(i, 1000));
+            assert!(q.stats().bytes <= limits.max_bytes);
+        }
+        assert_eq!(q.stats().depth, 10);
+        assert_eq!(q.stats().dropped_overflow, 90);
+    }
+
+    #[test]
+    fn batches_respect_the_byte_budget_but_never_starve() {
+        let q = EventQueue::new(QueueLimits::default());
+        q.push(payload(1, 100));
+        q.push(payload(2, 100));
+        assert_eq!(seqs(&q.batch_after(0, 10, 150)), [1]);
+        assert_eq!(seqs(&q.batch_after(0, 10, 10)), [1], "one event always fits");
+    }
+
+    #[test]
+    fn kinds_are_interned() {
+        static KINDS: &[&str] = &["a.b", "a.c"];
+        assert!(matches!(intern_kind("a.c", KINDS), Cow::Borrowed("a.c")));
+        assert!(matches!(intern_kind("zz", KINDS), Cow::Owned(_)));
+    }
+}

@@ -1,0 +1,66 @@
+//! The socket directory and the plugin's listening socket.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use tokio::net::UnixListener;
+
+/// Creates `dir` with mode 0700, or checks an existing one: it must be a
+/// directory owned by this user and closed to everyone else.
+pub(crate) fn prepare_dir(dir: &Path) -> io::Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir) {
+        Ok(()) => {}
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("creating the socket directory {}: {e}", dir.display()),
+            ))
+        }
+    }
+    let meta = std::fs::metadata(dir)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if meta.uid() != uid {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "socket directory {} is owned by uid {}, not by this process (uid {uid}); use a directory of your own",
+                dir.display(),
+                meta.uid()
+            ),
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "socket directory {} has mode {mode:o}; it must be closed to group and others (chmod 700)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Binds `path` with mode 0600. A socket file left by a dead host is
+/// replaced; one that a live host still accepts on is not taken over.
+pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another host is serving on {}; stop it or choose another socket_dir",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}

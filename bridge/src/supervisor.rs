@@ -1,0 +1,342 @@
+//! Spawning and supervising a sidecar process: clean environment, log
+//! forwarding, restart with backoff, and the kill order at shutdown.
+
+use std::collections::VecDeque;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pim_plugin_proto::{env, EXIT_REFUSED, PROTOCOL_VERSION};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::{CommandSpec, RestartPolicy};
+
+/// Lines of the sidecar's output kept for error messages.
+const TAIL_LINES: usize = 20;
+
+/// What the supervisor has seen so far.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SupervisorState {
+    /// Processes spawned, the first included.
+    pub(crate) spawns: u64,
+    /// How the last process ended, if one has.
+    pub(crate) last_exit: Option<String>,
+    /// Whether the crash-loop limit was reached; the plugin stays down.
+    pub(crate) failed: bool,
+    /// The running process's id.
+    pub(crate) pid: Option<u32>,
+}
+
+/// A handle to the supervising task.
+#[derive(Debug)]
+pub(crate) struct Supervisor {
+    state: watch::Receiver<SupervisorState>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    stop: CancellationToken,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Everything a spawn needs.
+#[derive(Debug, Clone)]
+pub(crate) struct SpawnSpec {
+    pub(crate) plugin: &'static str,
+    pub(crate) command: CommandSpec,
+    pub(crate) socket: std::path::PathBuf,
+    pub(crate) token: Arc<str>,
+    pub(crate) restart: RestartPolicy,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) term_grace: Duration,
+}
+
+impl Supervisor {
+    /// Spawns the first process and supervises it from a task.
+    pub(crate) fn start(spec: SpawnSpec) -> std::io::Result<Self> {
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let child = spawn(&spec, &tail)?;
+        let (state_tx, state) = watch::channel(SupervisorState {
+            spawns: 1,
+            pid: child.id(),
+            ..SupervisorState::default()
+        });
+        let stop = CancellationToken::new();
+        let span = tracing::info_span!("sidecar", plugin = spec.plugin);
+        let task = tokio::spawn(
+            supervise(spec, child, state_tx, tail.clone(), stop.clone()).instrument(span),
+        );
+        Ok(Self {
+            state,
+            tail,
+            stop,
+            task: Mutex::new(Some(task)),
+        })
+    }
+
+    /// A snapshot of the state.
+    pub(crate) fn state(&self) -> SupervisorState {
+        self.state.borrow().clone()
+    }
+
+    /// Subscribes to state changes.
+    pub(crate) fn watch(&self) -> watch::Receiver<SupervisorState> {
+        self.state.clone()
+    }
+
+    /// The last lines the sidecar printed.
+    pub(crate) fn tail(&self) -> Vec<String> {
+        self.tail.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
+    /// Stops supervising: waits up to the shutdown grace for the process to
+    /// exit by itself, then SIGTERM, then SIGKILL after the term grace.
+    /// Idempotent.
+    pub(crate) async fn stop(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+async fn supervise(
+    spec: SpawnSpec,
+    mut child: Child,
+    state: watch::Sender<SupervisorState>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    stop: CancellationToken,
+) {
+    let mut recent_exits: VecDeque<Instant> = VecDeque::new();
+    let mut backoff = spec.restart.initial_backoff;
+    loop {
+        let status = tokio::select! {
+            status = child.wait() => status,
+            () = stop.cancelled() => {
+                terminate(&mut child, &spec).await;
+                state.send_modify(|s| s.pid = None);
+                return;
+            }
+        };
+        let how = describe_exit(&status);
+        tracing::warn!(exit = %how, "sidecar process ended");
+        state.send_modify(|s| {
+            s.last_exit = Some(how);
+            s.pid = None;
+        });
+        if matches!(&status, Ok(s) if s.code() == Some(i32::from(EXIT_REFUSED))) {
+            tracing::error!("the host refused the sidecar's Register (see its output above): not restarting; plugin marked failed");
+            state.send_modify(|s| s.failed = true);
+            return;
+        }
+        let now = Instant::now();
+        recent_exits.push_back(now);
+        while recent_exits
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > spec.restart.window)
+        {
+            recent_exits.pop_front();
+        }
+        if recent_exits.len() > spec.restart.max_restarts as usize {
+            tracing::error!(
+                restarts = spec.restart.max_restarts,
+                window_s = spec.restart.window.as_secs_f64(),
+                "sidecar crash loop: restart limit reached, plugin marked failed"
+            );
+            state.send_modify(|s| s.failed = true);
+            return;
+        }
+        let delay = jitter(backoff);
+        tracing::info!(delay_ms = delay.as_millis() as u64, "restarting sidecar");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(spec.restart.max_backoff);
+        match spawn(&spec, &tail) {
+            Ok(c) => {
+                child = c;
+                state.send_modify(|s| {
+                    s.spawns += 1;
+                    s.pid = child.id();
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "respawning the sidecar failed; plugin marked failed");
+                state.send_modify(|s| s.failed = true);
+                return;
+            }
+        }
+    }
+}
+
+/// The kill order: wait for a voluntary exit, SIGTERM, wait, SIGKILL.
+async fn terminate(child: &mut Child, spec: &SpawnSpec) {
+    if let Ok(status) = tokio::time::timeout(spec.shutdown_grace, child.wait()).await {
+        tracing::info!(exit = %describe_exit(&status), "sidecar exited");
+        return;
+    }
+    if let Some(pid) = child.id() {
+        tracing::warn!(grace_ms = spec.shutdown_grace.as_millis() as u64, "sidecar still running after the grace period: SIGTERM");
+        // SAFETY: kill has no memory-safety preconditions; `pid` is our own
+        // child, not yet reaped, so it cannot have been reused.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        if let Ok(status) = tokio::time::timeout(spec.term_grace, child.wait()).await {
+            tracing::info!(exit = %describe_exit(&status), "sidecar exited after SIGTERM");
+            return;
+        }
+    }
+    tracing::warn!("sidecar ignored SIGTERM: SIGKILL");
+    let _ = child.kill().await;
+}
+
+fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit status {code}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => s.to_string(),
+        },
+        Err(e) => format!("wait failed: {e}"),
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    // Up to +25%, from the clock's low bits: enough to spread restarts apart.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    let spread = d.as_millis() as u64 / 4;
+    d + Duration::from_millis(if spread == 0 { 0 } else { nanos % spread })
+}
+
+fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Result<Child> {
+    let cmd = &spec.command;
+    let mut command = Command::new(&cmd.program);
+    command
+        .args(&cmd.args)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own process group: a terminal's Ctrl-C reaches the daemon,
+        // which then shuts the sidecar down in order.
+        .process_group(0);
+    for key in &cmd.inherit_env {
+        if let Some(value) = std::env::var_os(key) {
+            command.env(key, value);
+        }
+    }
+    command
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .env(env::SOCKET, &spec.socket)
+        .env(env::TOKEN, &*spec.token)
+        .env(env::NAME, spec.plugin)
+        .env(env::PROTOCOL_VERSION, PROTOCOL_VERSION.to_string());
+    if let Some(dir) = &cmd.current_dir {
+        command.current_dir(dir);
+    }
+    set_parent_death_signal(&mut command);
+    let mut child = command.spawn().map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("spawning sidecar `{}` ({}): {e}", spec.plugin, cmd.program.display()),
+        )
+    })?;
+    tracing::info!(plugin = spec.plugin, pid = child.id(), program = %cmd.program.display(), "sidecar spawned");
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(forward(out, spec.plugin, "stdout", tail.clone()));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(forward(err, spec.plugin, "stderr", tail.clone()));
+    }
+    Ok(child)
+}
+
+/// Asks the kernel to SIGKILL the child when the daemon dies, even by SIGKILL.
+fn set_parent_death_signal(command: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit-free returns).
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() == 1 {
+                return Err(std::io::Error::other("the daemon exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Splits a leading level word (`ERROR`, `WARN`, `INFO`, `DEBUG`, `TRACE`,
+/// as the Rust SDK and most loggers print) off a line.
+fn level_of(line: &str) -> (tracing::Level, &str) {
+    let trimmed = line.trim_start();
+    for (word, level) in [
+        ("ERROR", tracing::Level::ERROR),
+        ("WARN", tracing::Level::WARN),
+        ("INFO", tracing::Level::INFO),
+        ("DEBUG", tracing::Level::DEBUG),
+        ("TRACE", tracing::Level::TRACE),
+    ] {
+        if let Some(rest) = trimmed.strip_prefix(word) {
+            if rest.is_empty() || rest.starts_with([' ', ':']) {
+                return (level, rest.trim_start_matches([' ', ':']));
+            }
+        }
+    }
+    (tracing::Level::INFO, line)
+}
+
+/// Forwards each output line into `tracing`, at the line's own level, and
+/// keeps the last few.
+async fn forward(
+    out: impl AsyncRead + Unpin,
+    plugin: &'static str,
+    stream: &'static str,
+    tail: Arc<Mutex<VecDeque<String>>>,
+) {
+    let mut lines = BufReader::new(out).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let (level, msg) = level_of(&line);
+        macro_rules! emit {
+            ($lvl:expr) => {
+                tracing::event!(target: "pim_sidecar::output", $lvl, plugin, stream, "{msg}")
+            };
+        }
+        match level {
+            tracing::Level::ERROR => emit!(tracing::Level::ERROR),
+            tracing::Level::WARN => emit!(tracing::Level::WARN),
+            tracing::Level::DEBUG => emit!(tracing::Level::DEBUG),
+            tracing::Level::TRACE => emit!(tracing::Level::TRACE),
+            _ => emit!(tracing::Level::INFO),
+        }
+        let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::level_of;
+    use tracing::Level;
+
+    #[test]
+    fn output_lines_keep_their_level() {
+        assert_eq!(level_of(" WARN slow peer"), (Level::WARN, "slow peer"));
+        assert_eq!(level_of("ERROR: boom"), (Level::ERROR, "boom"));
+        assert_eq!(level_of("DEBUG"), (Level::DEBUG, ""));
+        assert_eq!(level_of("INFORMATION"), (Level::INFO, "INFORMATION"));
+        assert_eq!(level_of("plain line"), (Level::INFO, "plain line"));
+    }
+}

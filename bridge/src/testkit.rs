@@ -1,0 +1,317 @@
+//! An in-process fake daemon for testing a sidecar binary, in any language.
+//!
+//! [`FakeHost`] hosts one sidecar through a real [`SidecarPlugin`] (real
+//! socket, real process) with ports that record every call. A test injects
+//! payloads and peer events and waits for the plugin's reactions:
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use std::time::Duration;
+//! use pim_plugin_bridge::testkit::{FakeHost, PortCall};
+//! use pim_plugin_bridge::{CommandSpec, SidecarConfig};
+//! use pim_core::NodeId;
+//!
+//! let dir = tempfile::tempdir()?;
+//! let config = SidecarConfig::spawn("echo", ["echo.ping", "echo.pong"], dir.path(),
+//!     CommandSpec::new("target/debug/echo-sidecar"));
+//! let host = FakeHost::start(config, dir.path()).await?;
+//! let alice = NodeId::from_bytes([1; 16]);
+//! host.ports().add_peer(alice, [7; 32], "alice");
+//! host.inject_payload(alice, "echo.ping", "hi").await;
+//! let call = host.ports().wait_for(Duration::from_secs(5), |c| matches!(c, PortCall::SendRouted { .. })).await?;
+//! host.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pim_core::NodeId;
+use pim_plugin::{
+    ControlSender, DaemonPlugin, IdentitySecrets, PeerDirectory, PeerDirectoryEvent,
+    PeerInfoSource, PluginContext,
+};
+use pim_protocol::ControlFrame;
+use tokio::sync::{broadcast, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::{SidecarConfig, SidecarPlugin};
+
+/// One call a sidecar made into the daemon's ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortCall {
+    /// `PeerDirectory::lookup_x25519`.
+    LookupX25519 {
+        /// Looked-up node.
+        node: NodeId,
+    },
+    /// `PeerDirectory::lookup_name`.
+    LookupName {
+        /// Looked-up node.
+        node: NodeId,
+    },
+    /// `PeerDirectory::subscribe` (a Watch stream was opened).
+    Subscribe,
+    /// `ControlSender::send_direct`.
+    SendDirect {
+        /// Destination.
+        peer: NodeId,
+        /// Frame sent.
+        frame: ControlFrame,
+    },
+    /// `ControlSender::send_routed`.
+    SendRouted {
+        /// Destination.
+        dst: NodeId,
+        /// Frame sent.
+        frame: ControlFrame,
+        /// What the port answered.
+        attempted: bool,
+    },
+    /// `IdentitySecrets::signing_seed`.
+    SigningSeed,
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    x25519: [u8; 32],
+    name: String,
+}
+
+/// Daemon ports that record every call: a peer directory the test fills,
+/// a control sender that routes to known peers only, and a fixed seed.
+#[derive(Debug)]
+pub struct RecordingPorts {
+    peers: Mutex<HashMap<NodeId, Peer>>,
+    events: broadcast::Sender<PeerDirectoryEvent>,
+    calls: Mutex<Vec<PortCall>>,
+    changed: Notify,
+    seed: [u8; 32],
+}
+
+impl RecordingPorts {
+    /// Empty ports whose signing seed is `seed`.
+    pub fn new(seed: [u8; 32]) -> Arc<Self> {
+        Arc::new(Self {
+            peers: Mutex::new(HashMap::new()),
+            events: broadcast::channel(1024).0,
+            calls: Mutex::new(Vec::new()),
+            changed: Notify::new(),
+            seed,
+        })
+    }
+
+    fn record(&self, call: PortCall) {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).push(call);
+        self.changed.notify_waiters();
+    }
+
+    /// Learns a peer and publishes `Seen` to watchers.
+    pub fn add_peer(&self, node: NodeId, x25519: [u8; 32], name: &str) {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            node,
+            Peer {
+                x25519,
+                name: name.to_owned(),
+            },
+        );
+        let _ = self.events.send(PeerDirectoryEvent::Seen {
+            node_id: node,
+            x25519_pub: x25519,
+            name: name.to_owned(),
+            via: PeerInfoSource::Direct,
+        });
+    }
+
+    /// Forgets a peer and publishes `Forgotten` to watchers.
+    pub fn forget_peer(&self, node: NodeId) {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).remove(&node);
+        let _ = self.events.send(PeerDirectoryEvent::Forgotten { node_id: node });
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<PortCall> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The `PluginPayload` frames sent so far (direct or routed), in order,
+    /// as `(destination, kind, body)`.
+    pub fn sent_payloads(&self) -> Vec<(NodeId, String, Bytes)> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                PortCall::SendDirect {
+                    peer: to,
+                    frame: ControlFrame::PluginPayload { kind, body },
+                }
+                | PortCall::SendRouted {
+                    dst: to,
+                    frame: ControlFrame::PluginPayload { kind, body },
+                    ..
+                } => Some((to, kind, body)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Waits until a recorded call matches `pred` and returns it.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&PortCall) -> bool,
+    ) -> anyhow::Result<PortCall> {
+        self.wait_until(timeout, |calls| calls.iter().find(|c| pred(c)).cloned())
+            .await
+    }
+
+    /// Waits until `check` over all recorded calls returns `Some`.
+    pub async fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        check: impl Fn(&[PortCall]) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let wait = async {
+            loop {
+                let notified = self.changed.notified();
+                if let Some(found) = check(&self.calls.lock().unwrap_or_else(|e| e.into_inner())) {
+                    return found;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| {
+            anyhow::anyhow!(
+                "timed out after {timeout:?} waiting for the sidecar; calls so far: {:#?}",
+                self.calls()
+            )
+        })
+    }
+
+    /// A `PluginContext` backed by these ports.
+    pub fn context(self: &Arc<Self>, data_dir: &Path, cancel: CancellationToken) -> PluginContext {
+        PluginContext {
+            peers: self.clone(),
+            control: self.clone(),
+            identity: self.clone(),
+            data_dir: data_dir.to_owned(),
+            cancel,
+        }
+    }
+}
+
+#[async_trait]
+impl PeerDirectory for RecordingPorts {
+    async fn lookup_x25519(&self, peer: &NodeId) -> Option<[u8; 32]> {
+        self.record(PortCall::LookupX25519 { node: *peer });
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(peer).map(|p| p.x25519)
+    }
+
+    async fn lookup_name(&self, peer: &NodeId) -> Option<String> {
+        self.record(PortCall::LookupName { node: *peer });
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer)
+            .map(|p| p.name.clone())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<PeerDirectoryEvent> {
+        let rx = self.events.subscribe();
+        self.record(PortCall::Subscribe);
+        rx
+    }
+}
+
+#[async_trait]
+impl ControlSender for RecordingPorts {
+    async fn send_direct(&self, peer: NodeId, frame: ControlFrame) {
+        self.record(PortCall::SendDirect { peer, frame });
+    }
+
+    async fn send_routed(&self, dst: NodeId, frame: ControlFrame) -> bool {
+        let attempted = self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&dst);
+        self.record(PortCall::SendRouted {
+            dst,
+            frame,
+            attempted,
+        });
+        attempted
+    }
+}
+
+impl IdentitySecrets for RecordingPorts {
+    fn signing_seed(&self) -> [u8; 32] {
+        self.record(PortCall::SigningSeed);
+        self.seed
+    }
+}
+
+/// A fake daemon hosting one sidecar through a real [`SidecarPlugin`].
+#[derive(Debug)]
+pub struct FakeHost {
+    plugin: Arc<SidecarPlugin>,
+    ports: Arc<RecordingPorts>,
+    cancel: CancellationToken,
+}
+
+impl FakeHost {
+    /// Starts `config`'s sidecar with recording ports and `data_dir`;
+    /// returns once it registered (for a spawned sidecar).
+    pub async fn start(config: SidecarConfig, data_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(config, data_dir, RecordingPorts::new([0x5e; 32])).await
+    }
+
+    /// Like [`FakeHost::start`], with ports prepared by the test.
+    pub async fn start_with(
+        config: SidecarConfig,
+        data_dir: &Path,
+        ports: Arc<RecordingPorts>,
+    ) -> anyhow::Result<Self> {
+        let plugin = Arc::new(SidecarPlugin::new(config)?);
+        let cancel = CancellationToken::new();
+        plugin
+            .clone()
+            .start(ports.context(data_dir, cancel.clone()))
+            .await?;
+        Ok(Self {
+            plugin,
+            ports,
+            cancel,
+        })
+    }
+
+    /// The recording ports.
+    pub fn ports(&self) -> &Arc<RecordingPorts> {
+        &self.ports
+    }
+
+    /// The hosted plugin.
+    pub fn plugin(&self) -> &Arc<SidecarPlugin> {
+        &self.plugin
+    }
+
+    /// Delivers a payload the way the daemon does.
+    pub async fn inject_payload(&self, src: NodeId, kind: &str, body: impl Into<Bytes>) {
+        self.plugin.handle_payload(src, kind, body.into()).await;
+    }
+
+    /// Forgets a peer the way the daemon does: keystore first, then the plugin.
+    pub async fn forget_peer(&self, node: NodeId) {
+        self.ports.forget_peer(node);
+        self.plugin.on_peer_forgotten(node).await;
+    }
+
+    /// Shuts the sidecar down in order and waits for it.
+    pub async fn shutdown(&self) {
+        self.plugin.shutdown().await;
+        self.cancel.cancel();
+    }
+}

@@ -1,0 +1,113 @@
+//! Connecting to the plugin socket and reading the `PIM_PLUGIN_*` environment.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use pim_plugin_proto::{env, PROTOCOL_VERSION};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where and how to reach the host.
+#[derive(Clone)]
+pub struct ConnectOptions {
+    /// The plugin socket.
+    pub socket: PathBuf,
+    /// The secret token.
+    pub token: String,
+    /// Whether the host spawned this process (the token came in
+    /// `PIM_PLUGIN_TOKEN`). A spawned sidecar gives up on a lost host after
+    /// `reconnect_timeout`; one that runs on its own retries forever.
+    pub spawned: bool,
+    /// How long to keep retrying a lost host before exiting. `None` retries
+    /// forever. Default: 5 s for a spawned sidecar, forever otherwise.
+    pub reconnect_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("socket", &self.socket)
+            .field("token", &"<redacted>")
+            .field("spawned", &self.spawned)
+            .field("reconnect_timeout", &self.reconnect_timeout)
+            .finish()
+    }
+}
+
+impl ConnectOptions {
+    /// Reads `PIM_PLUGIN_SOCKET` and the token (`PIM_PLUGIN_TOKEN`, else the
+    /// file named by `PIM_PLUGIN_TOKEN_FILE`), and removes `PIM_PLUGIN_TOKEN`
+    /// from this process's environment so that children do not inherit it.
+    /// Call it before starting other threads.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let socket = std::env::var_os(env::SOCKET).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is not set: this program is a pim-daemon sidecar; the daemon starts it, or set {} (and {} or {}) to run it on its own",
+                env::SOCKET,
+                env::SOCKET,
+                env::TOKEN,
+                env::TOKEN_FILE
+            )
+        })?;
+        if let Some(v) = std::env::var_os(env::PROTOCOL_VERSION) {
+            let theirs = v.to_string_lossy();
+            if theirs != PROTOCOL_VERSION.to_string() {
+                anyhow::bail!(
+                    "the host speaks plugin protocol version {theirs} ({}), this SDK speaks {PROTOCOL_VERSION}",
+                    env::PROTOCOL_VERSION
+                );
+            }
+        }
+        let (token, spawned) = match std::env::var(env::TOKEN) {
+            Ok(token) => {
+                // Children must not inherit the token. Modifying the environment
+                // is sound only while no other thread reads it: `run` calls this
+                // before it builds its runtime.
+                std::env::remove_var(env::TOKEN);
+                (token, true)
+            }
+            Err(_) => {
+                let file = std::env::var_os(env::TOKEN_FILE).ok_or_else(|| {
+                    anyhow::anyhow!("neither {} nor {} is set", env::TOKEN, env::TOKEN_FILE)
+                })?;
+                (read_token_file(Path::new(&file))?, false)
+            }
+        };
+        Ok(Self {
+            socket: socket.into(),
+            token,
+            spawned,
+            reconnect_timeout: spawned.then(|| Duration::from_secs(5)),
+        })
+    }
+}
+
+/// Reads a token file, which must not be readable by group or others.
+pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "token file {} has mode {mode:o}; it must be 0600 or stricter",
+            path.display()
+        );
+    }
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))?;
+    Ok(token.trim().to_owned())
+}
+
+/// Opens a gRPC channel over the Unix socket at `path`, with the
+/// `:authority` `localhost` (a socket path is not a valid authority).
+pub async fn connect_channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_owned();
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+}

@@ -1,0 +1,17 @@
+#![doc = include_str!("../README.md")]
+
+mod connect;
+mod error;
+mod host_client;
+mod run;
+mod sidecar;
+
+pub use connect::{connect_channel, read_token_file, ConnectOptions};
+pub use error::HostError;
+pub use host_client::{HostClient, PeerWatch};
+pub use pim_plugin_proto as proto;
+pub use pim_plugin_proto::convert::WatchEvent;
+pub use pim_plugin_proto::pb::Capability;
+pub use run::{run, run_async, RegisterRefused};
+pub use sidecar::{Context, Sidecar};
+pub use {async_trait::async_trait, bytes::Bytes, pim_core::NodeId, pim_protocol::ControlFrame};

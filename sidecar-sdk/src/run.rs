@@ -1,0 +1,280 @@
+//! `run`: owning the sidecar process from `main` to exit.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pim_plugin_proto::convert::{self, PluginEvent, SequencedEvent};
+use pim_plugin_proto::pb;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ConnectOptions, Context, HostClient, HostError, Sidecar};
+
+/// Name the SDK reports in Register.
+const SDK_NAME: &str = "pim-sidecar (Rust)";
+
+/// Runs `plugin` as this process's sidecar and returns the exit code for
+/// `main`: reads the environment, sets up logging to stderr (the host
+/// forwards it), builds a single-threaded runtime and calls [`run_async`].
+///
+/// ```no_run
+/// # struct Echo;
+/// # #[async_trait::async_trait]
+/// # impl pim_sidecar::Sidecar for Echo {
+/// #     fn name(&self) -> &str { "echo" }
+/// #     fn payload_kinds(&self) -> &[&str] { &["echo.ping"] }
+/// #     async fn handle_payload(&self, _: pim_core::NodeId, _: &str, _: bytes::Bytes) -> anyhow::Result<()> { Ok(()) }
+/// # }
+/// fn main() -> std::process::ExitCode {
+///     pim_sidecar::run(Echo)
+/// }
+/// ```
+pub fn run<S: Sidecar>(plugin: S) -> ExitCode {
+    init_logging();
+    let options = match ConnectOptions::from_env() {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("building the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_async(Arc::new(plugin), options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<RegisterRefused>() => {
+            tracing::error!("{e:#}");
+            ExitCode::from(pim_plugin_proto::EXIT_REFUSED)
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .with_max_level(level)
+        .try_init();
+}
+
+/// Connects, registers, starts `plugin` and delivers events until Shutdown
+/// or until the host is gone for longer than the reconnect timeout.
+pub async fn run_async<S: Sidecar + ?Sized>(
+    plugin: Arc<S>,
+    options: ConnectOptions,
+) -> anyhow::Result<()> {
+    let kinds = plugin.payload_kinds().to_vec();
+    let name = plugin.name().to_owned();
+    let (host, registered) = connect_and_register(&options, &name, &kinds).await?;
+    tracing::info!(plugin = %name, acked = registered.acked_seq, "registered");
+    let cancel = CancellationToken::new();
+    let _cancel_on_exit = cancel.clone().drop_guard();
+    let granted = registered
+        .granted
+        .iter()
+        .filter_map(|c| convert::capability("granted", *c).ok())
+        .collect();
+    plugin
+        .start(Context {
+            host: host.clone(),
+            data_dir: registered.data_dir.clone().into(),
+            granted,
+            cancel: cancel.clone(),
+        })
+        .await?;
+
+    let (ack_tx, ack_rx) = watch::channel(registered.acked_seq);
+    tokio::spawn(ack_loop(host.clone(), ack_rx));
+    let mut delivery = Delivery {
+        last_handled: registered.acked_seq,
+        duplicates: 0,
+    };
+    loop {
+        match deliver(&*plugin, &host, &mut delivery, &ack_tx).await {
+            Ok(Ended::Shutdown) => {
+                cancel.cancel();
+                tracing::info!(plugin = %name, duplicates = delivery.duplicates, "shut down by the host");
+                return Ok(());
+            }
+            Ok(Ended::StreamClosed) => tracing::warn!("the host closed the event stream"),
+            Err(e) => tracing::warn!("event stream lost: {e}"),
+        }
+        reconnect(&options, &host, &name, &kinds).await?;
+    }
+}
+
+struct Delivery {
+    /// Highest seq handled by this process; lower ones are duplicates.
+    last_handled: u64,
+    duplicates: u64,
+}
+
+enum Ended {
+    Shutdown,
+    StreamClosed,
+}
+
+/// Delivers one Events stream's events in order.
+async fn deliver<S: Sidecar + ?Sized>(
+    plugin: &S,
+    host: &HostClient,
+    delivery: &mut Delivery,
+    ack: &watch::Sender<u64>,
+) -> anyhow::Result<Ended> {
+    let mut stream = host.events().await?;
+    while let Some(batch) = stream.message().await.map_err(HostError::from)? {
+        for wire in batch.events {
+            let SequencedEvent { seq, event } = SequencedEvent::try_from(wire)
+                .map_err(|e| anyhow::anyhow!("the host sent an invalid event: {e}"))?;
+            if seq <= delivery.last_handled {
+                delivery.duplicates += 1;
+                continue;
+            }
+            match event {
+                PluginEvent::Payload { src, kind, body } => {
+                    if let Err(e) = plugin.handle_payload(src, &kind, body).await {
+                        tracing::warn!(seq, kind = %kind, "handle_payload failed: {e:#}");
+                    }
+                }
+                PluginEvent::PeerForgotten { node } => plugin.on_peer_forgotten(node).await,
+                PluginEvent::Shutdown { grace } => {
+                    tracing::info!(grace_ms = grace.as_millis() as u64, "shutdown requested");
+                    let _ = tokio::time::timeout(grace, plugin.shutdown()).await;
+                    delivery.last_handled = seq;
+                    host.ack(seq).await?;
+                    return Ok(Ended::Shutdown);
+                }
+            }
+            delivery.last_handled = seq;
+        }
+        ack.send_replace(delivery.last_handled);
+    }
+    Ok(Ended::StreamClosed)
+}
+
+/// Sends the newest handled seq whenever it moves, one Ack in flight at a time.
+async fn ack_loop(host: HostClient, mut handled: watch::Receiver<u64>) {
+    while handled.changed().await.is_ok() {
+        let seq = *handled.borrow_and_update();
+        if let Err(e) = host.ack(seq).await {
+            tracing::debug!(seq, "ack failed (retried after reconnect): {e}");
+        }
+    }
+}
+
+async fn connect_and_register(
+    options: &ConnectOptions,
+    name: &str,
+    kinds: &[&str],
+) -> anyhow::Result<(HostClient, pb::RegisterResponse)> {
+    let host = retry_connect(options).await?;
+    let resp = register(&host, name, kinds).await?;
+    Ok((host, resp))
+}
+
+/// The host refused Register: a configuration mismatch a retry cannot fix.
+#[derive(Debug)]
+pub struct RegisterRefused(pub String);
+
+impl std::fmt::Display for RegisterRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the host refused Register: {}", self.0)
+    }
+}
+
+impl std::error::Error for RegisterRefused {}
+
+async fn register(
+    host: &HostClient,
+    name: &str,
+    kinds: &[&str],
+) -> anyhow::Result<pb::RegisterResponse> {
+    match host.register(name, kinds, SDK_NAME).await {
+        Ok(resp) => Ok(resp),
+        Err(HostError::Rpc(s))
+            if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) =>
+        {
+            Err(RegisterRefused(s.message().to_owned()).into())
+        }
+        Err(e) => Err(anyhow::anyhow!("Register failed: {e}")),
+    }
+}
+
+/// Connects, retrying with backoff until the reconnect timeout.
+async fn retry_connect(options: &ConnectOptions) -> anyhow::Result<HostClient> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(20);
+    loop {
+        match HostClient::connect(&options.socket, &options.token).await {
+            Ok(host) => return Ok(host),
+            Err(e) => {
+                if options
+                    .reconnect_timeout
+                    .is_some_and(|t| started.elapsed() >= t)
+                {
+                    anyhow::bail!(
+                        "gave up reaching the host at {} after {:?}: {e}",
+                        options.socket.display(),
+                        started.elapsed()
+                    );
+                }
+                tracing::debug!("host not reachable yet: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Registers a new session after the stream was lost. The connection
+/// itself re-dials the socket on its own; this retries Register until the
+/// host answers or the reconnect timeout runs out.
+async fn reconnect(
+    options: &ConnectOptions,
+    host: &HostClient,
+    name: &str,
+    kinds: &[&str],
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(20);
+    loop {
+        match host.register(name, kinds, SDK_NAME).await {
+            Ok(resp) => {
+                tracing::info!(acked = resp.acked_seq, "registered again");
+                return Ok(());
+            }
+            Err(HostError::Rpc(s))
+                if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) =>
+            {
+                return Err(RegisterRefused(s.message().to_owned()).into());
+            }
+            Err(e) => {
+                if options
+                    .reconnect_timeout
+                    .is_some_and(|t| started.elapsed() >= t)
+                {
+                    anyhow::bail!("the host is gone (gave up after {:?}): {e}", started.elapsed());
+                }
+                tracing::debug!("host not back yet: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

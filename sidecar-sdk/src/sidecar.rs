@@ -1,0 +1,57 @@
+//! The `Sidecar` trait: the out-of-process mirror of `pim_plugin::DaemonPlugin`.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pim_core::NodeId;
+use pim_plugin_proto::pb::Capability;
+use tokio_util::sync::CancellationToken;
+
+use crate::HostClient;
+
+/// What a sidecar gets at start.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The daemon's ports.
+    pub host: HostClient,
+    /// Where the plugin keeps its files (the daemon's data directory).
+    pub data_dir: PathBuf,
+    /// Capabilities the host granted.
+    pub granted: Vec<Capability>,
+    /// Cancelled when the sidecar is shutting down; tie background tasks to it.
+    pub cancel: CancellationToken,
+}
+
+/// A plugin that runs in its own process. [`crate::run`] drives it.
+///
+/// Events reach it one at a time, in order: the next payload is delivered
+/// after `handle_payload` for the previous one returned. An event is
+/// acknowledged once its handler returned, so an event whose handler was
+/// interrupted by a crash is delivered again to the next process.
+#[async_trait]
+pub trait Sidecar: Send + Sync + 'static {
+    /// Plugin name; must equal the daemon's configuration (`PIM_PLUGIN_NAME`).
+    fn name(&self) -> &str;
+
+    /// Payload kinds handled; must equal the daemon's configuration.
+    fn payload_kinds(&self) -> &[&str];
+
+    /// Called once, after the first Register and before any event.
+    async fn start(&self, ctx: Context) -> anyhow::Result<()> {
+        let _ = ctx;
+        Ok(())
+    }
+
+    /// Handles an inbound payload of one of [`Sidecar::payload_kinds`].
+    /// An error is logged; the event still counts as handled.
+    async fn handle_payload(&self, src: NodeId, kind: &str, body: Bytes) -> anyhow::Result<()>;
+
+    /// The daemon forgot `peer`: drop per-peer state.
+    async fn on_peer_forgotten(&self, peer: NodeId) {
+        let _ = peer;
+    }
+
+    /// The daemon is shutting the plugin down; the process exits after this.
+    async fn shutdown(&self) {}
+}
