@@ -1,1 +1,219 @@
+//! End to end: the daemon side (`SidecarPlugin`) spawns a real sidecar
+//! process, delivers payloads to it over the socket, and serves its calls
+//! to every port.
 
+mod support;
+
+use std::time::Duration;
+
+use pim_plugin::DaemonPlugin;
+use pim_plugin_bridge::testkit::{FakeHost, PortCall};
+use pim_plugin_bridge::{CommandSpec, Grants, SidecarConfig};
+use pim_protocol::ControlFrame;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_reach_the_sidecar_in_order() {
+    init_logging();
+    let dir = temp_dir();
+    let host = FakeHost::start(probe_config(dir.path()), dir.path()).await.unwrap();
+    let src = node(1);
+    let n = 500;
+    for i in 0..n {
+        host.inject_payload(src, "probe.seq", i.to_string()).await;
+    }
+    let seen = host
+        .ports()
+        .wait_until(WAIT, |calls| {
+            let seen = sent_direct(calls, src, "probe.seen");
+            (seen.len() >= n).then_some(seen)
+        })
+        .await
+        .unwrap();
+    let expected: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    assert_eq!(seen, expected, "payloads were handled out of order or twice");
+    eventually("the sidecar to ack everything", || {
+        host.plugin().stats().queue.acked_seq == n as u64
+    })
+    .await;
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_host_rpc_reaches_the_daemon_ports() {
+    init_logging();
+    let dir = temp_dir();
+    let mut config = probe_config(dir.path());
+    config.grants = Grants {
+        signing_seed: true,
+        raw_control: false,
+    };
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let (me, alice, nobody) = (node(1), node(2), node(3));
+    host.ports().add_peer(me, [1; 32], "me");
+    host.ports().add_peer(alice, [0xa1; 32], "alice");
+
+    let present = command(&host, me, &format!("lookup {}", hex(alice.as_bytes()))).await;
+    assert_eq!(present, format!("lookup x25519={} name=alice", hex(&[0xa1; 32])));
+    let absent = command(&host, me, &format!("lookup {}", hex(nobody.as_bytes()))).await;
+    assert_eq!(absent, "lookup x25519=none name=none");
+
+    assert_eq!(command(&host, me, &format!("direct {}", hex(alice.as_bytes()))).await, "direct ok");
+    let direct = host
+        .ports()
+        .wait_for(WAIT, |c| matches!(c, PortCall::SendDirect { peer, .. } if *peer == alice))
+        .await
+        .unwrap();
+    assert_eq!(
+        direct,
+        PortCall::SendDirect {
+            peer: alice,
+            frame: ControlFrame::PluginPayload {
+                kind: "probe.out".into(),
+                body: "direct".into()
+            }
+        }
+    );
+
+    let routed = command(&host, me, &format!("routed {}", hex(alice.as_bytes()))).await;
+    assert_eq!(routed, "routed attempted=true");
+    let unroutable = command(&host, me, &format!("routed {}", hex(nobody.as_bytes()))).await;
+    assert_eq!(unroutable, "routed attempted=false");
+
+    assert_eq!(command(&host, me, "seed").await, format!("seed {}", hex(&[0x5e; 32])));
+    assert!(host.ports().calls().contains(&PortCall::SigningSeed));
+
+    assert_eq!(command(&host, me, "watch").await, "watching");
+    let carol = node(4);
+    host.ports().add_peer(carol, [0xc0; 32], "carol");
+    host.ports().forget_peer(carol);
+    let watched = host
+        .ports()
+        .wait_until(WAIT, |calls| {
+            let r: Vec<String> = sent_direct(calls, me, "probe.reply")
+                .into_iter()
+                .filter(|r| r.starts_with("watched"))
+                .collect();
+            (r.len() >= 2).then_some(r)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        watched,
+        [
+            format!("watched seen {} carol", hex(carol.as_bytes())),
+            format!("watched forgotten {}", hex(carol.as_bytes())),
+        ]
+    );
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signing_seed_needs_the_grant() {
+    init_logging();
+    let dir = temp_dir();
+    let host = FakeHost::start(probe_config(dir.path()), dir.path()).await.unwrap();
+    assert_eq!(command(&host, node(1), "seed").await, "seed error Some(PermissionDenied)");
+    assert!(!host.ports().calls().contains(&PortCall::SigningSeed));
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_forgotten_reaches_the_sidecar() {
+    init_logging();
+    let dir = temp_dir();
+    let host = FakeHost::start(probe_config(dir.path()), dir.path()).await.unwrap();
+    let gone = node(9);
+    host.ports().add_peer(gone, [9; 32], "gone");
+    host.forget_peer(gone).await;
+    let call = host
+        .ports()
+        .wait_for(WAIT, |c| matches!(c, PortCall::SendDirect { peer, .. } if *peer == gone))
+        .await
+        .unwrap();
+    assert_eq!(
+        call,
+        PortCall::SendDirect {
+            peer: gone,
+            frame: ControlFrame::PluginPayload {
+                kind: "probe.forgotten".into(),
+                body: hex(gone.as_bytes()).into()
+            }
+        }
+    );
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_leaves_no_process_and_no_socket() {
+    init_logging();
+    let dir = temp_dir();
+    let host = FakeHost::start(probe_config(dir.path()), dir.path()).await.unwrap();
+    let pid = host.plugin().pid().expect("the sidecar runs");
+    let socket = host.plugin().socket_path();
+    assert!(socket.exists());
+    assert!(process_exists(pid));
+    let started = std::time::Instant::now();
+    host.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "a sidecar that acks Shutdown must not wait out the grace period"
+    );
+    assert!(!socket.exists(), "socket file left behind");
+    assert!(!process_exists(pid), "sidecar process {pid} left behind");
+    assert_eq!(host.plugin().pid(), None);
+    // Idempotent.
+    host.shutdown().await;
+    host.plugin().shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_with_the_wrong_name_gets_a_clear_error() {
+    init_logging();
+    let dir = temp_dir();
+    let config = SidecarConfig::spawn(
+        "greeter",
+        ["echo.ping", "echo.pong"],
+        dir.path().join("sock"),
+        CommandSpec::new(echo_bin()),
+    );
+    let err = FakeHost::start(config, dir.path()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("plugin name mismatch: the sidecar registered as `echo`, this socket is configured for `greeter`"),
+        "unclear error: {err}"
+    );
+    assert!(err.contains("exit status 78"), "the refused sidecar must not be restarted: {err}");
+    assert!(!dir.path().join("sock/greeter.sock").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_with_the_wrong_kinds_gets_a_clear_error() {
+    init_logging();
+    let dir = temp_dir();
+    let config = SidecarConfig::spawn(
+        "echo",
+        ["echo.ping", "echo.other"],
+        dir.path().join("sock"),
+        CommandSpec::new(echo_bin()),
+    );
+    let err = FakeHost::start(config, dir.path()).await.unwrap_err().to_string();
+    assert!(
+        err.contains(r#"payload kinds mismatch for plugin `echo`: configured but not registered ["echo.other"]; registered but not configured ["echo.pong"]"#),
+        "unclear error: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_does_not_start_gets_a_clear_error() {
+    init_logging();
+    let dir = temp_dir();
+    let config = SidecarConfig::spawn(
+        "echo",
+        ["echo.ping"],
+        dir.path().join("sock"),
+        CommandSpec::new(dir.path().join("no-such-binary")),
+    );
+    let err = FakeHost::start(config, dir.path()).await.unwrap_err().to_string();
+    assert!(err.contains("spawning sidecar `echo`") && err.contains("no-such-binary"), "unclear error: {err}");
+    assert!(!dir.path().join("sock/echo.sock").exists());
+}

@@ -132,30 +132,32 @@ impl SidecarPlugin {
         let wait = async {
             loop {
                 if *registrations.borrow_and_update() > 0 {
-                    return Ok(());
+                    return true;
                 }
-                if let Some(s) = &sup_state {
-                    if s.borrow().failed {
-                        return Err(());
-                    }
+                if sup_state.as_ref().is_some_and(|s| s.borrow().failed) {
+                    return false;
                 }
                 tokio::select! {
-                    r = registrations.changed() => if r.is_err() { return Err(()) },
-                    r = async { match &mut sup_state { Some(s) => s.changed().await, None => std::future::pending().await } } => {
-                        if r.is_err() { return Err(()) }
-                    }
+                    r = registrations.changed() => if r.is_err() { return false },
+                    r = async {
+                        match &mut sup_state {
+                            Some(s) => s.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => if r.is_err() { return false },
                 }
             }
         };
         let timeout = self.config.startup_timeout;
-        if let Ok(Ok(())) = tokio::time::timeout(timeout, wait).await {
-            return Ok(());
-        }
-        let mut msg = format!(
-            "sidecar `{}` did not register within {timeout:?} on {}",
-            self.name,
-            running.socket.display()
-        );
+        let mut msg = match tokio::time::timeout(timeout, wait).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => format!("sidecar `{}` failed to start", self.name),
+            Err(_) => format!(
+                "sidecar `{}` did not register within {timeout:?} on {}",
+                self.name,
+                running.socket.display()
+            ),
+        };
         if let Some(sup) = &running.supervisor {
             let state = sup.state();
             match (&state.last_exit, state.pid) {

@@ -59,7 +59,7 @@ impl Supervisor {
         let child = spawn(&spec, &tail)?;
         let (state_tx, state) = watch::channel(SupervisorState {
             spawns: 1,
-            pid: child.id(),
+            pid: child.child.id(),
             ..SupervisorState::default()
         });
         let stop = CancellationToken::new();
@@ -102,9 +102,25 @@ impl Supervisor {
     }
 }
 
+/// A running child and the tasks forwarding its output.
+struct Running {
+    child: Child,
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Waits until the forwarders saw end of file (bounded: a grandchild may
+    /// hold the pipes open), so the last lines are in the tail.
+    async fn drain(&mut self) {
+        for task in self.forwarders.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+        }
+    }
+}
+
 async fn supervise(
     spec: SpawnSpec,
-    mut child: Child,
+    mut running: Running,
     state: watch::Sender<SupervisorState>,
     tail: Arc<Mutex<VecDeque<String>>>,
     stop: CancellationToken,
@@ -113,13 +129,15 @@ async fn supervise(
     let mut backoff = spec.restart.initial_backoff;
     loop {
         let status = tokio::select! {
-            status = child.wait() => status,
+            status = running.child.wait() => status,
             () = stop.cancelled() => {
-                terminate(&mut child, &spec).await;
+                terminate(&mut running.child, &spec).await;
+                running.drain().await;
                 state.send_modify(|s| s.pid = None);
                 return;
             }
         };
+        running.drain().await;
         let how = describe_exit(&status);
         tracing::warn!(exit = %how, "sidecar process ended");
         state.send_modify(|s| {
@@ -156,11 +174,11 @@ async fn supervise(
         }
         backoff = (backoff * 2).min(spec.restart.max_backoff);
         match spawn(&spec, &tail) {
-            Ok(c) => {
-                child = c;
+            Ok(r) => {
+                running = r;
                 state.send_modify(|s| {
                     s.spawns += 1;
-                    s.pid = child.id();
+                    s.pid = running.child.id();
                 });
             }
             Err(e) => {
@@ -213,7 +231,7 @@ fn jitter(d: Duration) -> Duration {
     d + Duration::from_millis(if spread == 0 { 0 } else { nanos % spread })
 }
 
-fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Result<Child> {
+fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Result<Running> {
     let cmd = &spec.command;
     let mut command = Command::new(&cmd.program);
     command
@@ -248,13 +266,14 @@ fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Resu
         )
     })?;
     tracing::info!(plugin = spec.plugin, pid = child.id(), program = %cmd.program.display(), "sidecar spawned");
+    let mut forwarders = Vec::new();
     if let Some(out) = child.stdout.take() {
-        tokio::spawn(forward(out, spec.plugin, "stdout", tail.clone()));
+        forwarders.push(tokio::spawn(forward(out, spec.plugin, "stdout", tail.clone())));
     }
     if let Some(err) = child.stderr.take() {
-        tokio::spawn(forward(err, spec.plugin, "stderr", tail.clone()));
+        forwarders.push(tokio::spawn(forward(err, spec.plugin, "stderr", tail.clone())));
     }
-    Ok(child)
+    Ok(Running { child, forwarders })
 }
 
 /// Asks the kernel to SIGKILL the child when the daemon dies, even by SIGKILL.
