@@ -16,7 +16,9 @@ use support::*;
 async fn payloads_reach_the_sidecar_in_order() {
     init_logging();
     let dir = temp_dir();
-    let host = FakeHost::start(probe_config(dir.path()), dir.path()).await.unwrap();
+    let host = FakeHost::start(probe_config(dir.path()), dir.path())
+        .await
+        .unwrap();
     let src = node(1);
     let n = 500;
     for i in 0..n {
@@ -31,7 +33,10 @@ async fn payloads_reach_the_sidecar_in_order() {
         .await
         .unwrap();
     let expected: Vec<String> = (0..n).map(|i| i.to_string()).collect();
-    assert_eq!(seen, expected, "payloads were handled out of order or twice");
+    assert_eq!(
+        seen, expected,
+        "payloads were handled out of order or twice"
+    );
     eventually("the sidecar to ack everything", || {
         host.plugin().stats().queue.acked_seq == n as u64
     })
@@ -54,14 +59,23 @@ async fn every_host_rpc_reaches_the_daemon_ports() {
     host.ports().add_peer(alice, [0xa1; 32], "alice");
 
     let present = command(&host, me, &format!("lookup {}", hex(alice.as_bytes()))).await;
-    assert_eq!(present, format!("lookup x25519={} name=alice", hex(&[0xa1; 32])));
+    assert_eq!(
+        present,
+        format!("lookup x25519={} name=alice", hex(&[0xa1; 32]))
+    );
     let absent = command(&host, me, &format!("lookup {}", hex(nobody.as_bytes()))).await;
     assert_eq!(absent, "lookup x25519=none name=none");
 
-    assert_eq!(command(&host, me, &format!("direct {}", hex(alice.as_bytes()))).await, "direct ok");
+    assert_eq!(
+        command(&host, me, &format!("direct {}", hex(alice.as_bytes()))).await,
+        "direct ok"
+    );
     let direct = host
         .ports()
-        .wait_for(WAIT, |c| matches!(c, PortCall::SendDirect { peer, .. } if *peer == alice))
+        .wait_for(
+            WAIT,
+            |c| matches!(c, PortCall::SendDirect { peer, .. } if *peer == alice),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -80,7 +94,10 @@ async fn every_host_rpc_reaches_the_daemon_ports() {
     let unroutable = command(&host, me, &format!("routed {}", hex(nobody.as_bytes()))).await;
     assert_eq!(unroutable, "routed attempted=false");
 
-    assert_eq!(command(&host, me, "seed").await, format!("seed {}", hex(&[0x5e; 32])));
+    assert_eq!(
+        command(&host, me, "seed").await,
+        format!("seed {}", hex(&[0x5e; 32]))
+    );
     assert!(host.ports().calls().contains(&PortCall::SigningSeed));
 
     assert_eq!(command(&host, me, "watch").await, "watching");
@@ -112,8 +129,13 @@ async fn every_host_rpc_reaches_the_daemon_ports() {
 async fn signing_seed_needs_the_grant() {
     init_logging();
     let dir = temp_dir();
-    let host = FakeHost::start(probe_config(dir.path()), dir.path()).await.unwrap();
-    assert_eq!(command(&host, node(1), "seed").await, "seed error Some(PermissionDenied)");
+    let host = FakeHost::start(probe_config(dir.path()), dir.path())
+        .await
+        .unwrap();
+    assert_eq!(
+        command(&host, node(1), "seed").await,
+        "seed error Some(PermissionDenied)"
+    );
     assert!(!host.ports().calls().contains(&PortCall::SigningSeed));
     host.shutdown().await;
 }
@@ -122,13 +144,18 @@ async fn signing_seed_needs_the_grant() {
 async fn peer_forgotten_reaches_the_sidecar() {
     init_logging();
     let dir = temp_dir();
-    let host = FakeHost::start(probe_config(dir.path()), dir.path()).await.unwrap();
+    let host = FakeHost::start(probe_config(dir.path()), dir.path())
+        .await
+        .unwrap();
     let gone = node(9);
     host.ports().add_peer(gone, [9; 32], "gone");
     host.forget_peer(gone).await;
     let call = host
         .ports()
-        .wait_for(WAIT, |c| matches!(c, PortCall::SendDirect { peer, .. } if *peer == gone))
+        .wait_for(
+            WAIT,
+            |c| matches!(c, PortCall::SendDirect { peer, .. } if *peer == gone),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -148,7 +175,9 @@ async fn peer_forgotten_reaches_the_sidecar() {
 async fn shutdown_leaves_no_process_and_no_socket() {
     init_logging();
     let dir = temp_dir();
-    let host = FakeHost::start(probe_config(dir.path()), dir.path()).await.unwrap();
+    let host = FakeHost::start(probe_config(dir.path()), dir.path())
+        .await
+        .unwrap();
     let pid = host.plugin().pid().expect("the sidecar runs");
     let socket = host.plugin().socket_path();
     assert!(socket.exists());
@@ -177,12 +206,18 @@ async fn a_sidecar_with_the_wrong_name_gets_a_clear_error() {
         dir.path().join("sock"),
         CommandSpec::new(echo_bin()),
     );
-    let err = FakeHost::start(config, dir.path()).await.unwrap_err().to_string();
+    let err = FakeHost::start(config, dir.path())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("plugin name mismatch: the sidecar registered as `echo`, this socket is configured for `greeter`"),
         "unclear error: {err}"
     );
-    assert!(err.contains("exit status 78"), "the refused sidecar must not be restarted: {err}");
+    assert!(
+        err.contains("exit status 78"),
+        "the refused sidecar must not be restarted: {err}"
+    );
     assert!(!dir.path().join("sock/greeter.sock").exists());
 }
 
@@ -196,7 +231,10 @@ async fn a_sidecar_with_the_wrong_kinds_gets_a_clear_error() {
         dir.path().join("sock"),
         CommandSpec::new(echo_bin()),
     );
-    let err = FakeHost::start(config, dir.path()).await.unwrap_err().to_string();
+    let err = FakeHost::start(config, dir.path())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(r#"payload kinds mismatch for plugin `echo`: configured but not registered ["echo.other"]; registered but not configured ["echo.pong"]"#),
         "unclear error: {err}"
@@ -213,7 +251,13 @@ async fn a_command_that_does_not_start_gets_a_clear_error() {
         dir.path().join("sock"),
         CommandSpec::new(dir.path().join("no-such-binary")),
     );
-    let err = FakeHost::start(config, dir.path()).await.unwrap_err().to_string();
-    assert!(err.contains("spawning sidecar `echo`") && err.contains("no-such-binary"), "unclear error: {err}");
+    let err = FakeHost::start(config, dir.path())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("spawning sidecar `echo`") && err.contains("no-such-binary"),
+        "unclear error: {err}"
+    );
     assert!(!dir.path().join("sock/echo.sock").exists());
 }

@@ -271,7 +271,11 @@ impl ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid sidecar config field `{}`: {}", self.field, self.problem)
+        write!(
+            f,
+            "invalid sidecar config field `{}`: {}",
+            self.field, self.problem
+        )
     }
 }
 
@@ -291,7 +295,10 @@ mod tests {
         assert!(!config().wait_for_register);
         let spawned = SidecarConfig::spawn("echo", ["echo.ping"], "/tmp", CommandSpec::new("x"));
         assert!(spawned.wait_for_register);
-        assert_eq!(spawned.socket_path(), std::path::Path::new("/tmp/echo.sock"));
+        assert_eq!(
+            spawned.socket_path(),
+            std::path::Path::new("/tmp/echo.sock")
+        );
     }
 
     #[test]
@@ -304,7 +311,11 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().field(), "payload_kinds[1]");
         let mut c = config();
         c.payload_kinds.push("echo.ping".into());
-        assert!(c.validate().unwrap_err().to_string().contains("listed twice"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("listed twice"));
         let mut c = config();
         c.payload_kinds.clear();
         assert_eq!(c.validate().unwrap_err().field(), "payload_kinds");

@@ -28,6 +28,8 @@ mod socket;
 mod supervisor;
 pub mod testkit;
 
-pub use config::{CommandSpec, ConfigError, Grants, Launch, QueueLimits, RestartPolicy, SidecarConfig};
-pub use plugin::{SidecarPlugin, SidecarStats};
+pub use config::{
+    CommandSpec, ConfigError, Grants, Launch, QueueLimits, RestartPolicy, SidecarConfig,
+};
 pub use pim_plugin_proto as proto;
+pub use plugin::{SidecarPlugin, SidecarStats};

@@ -112,7 +112,10 @@ impl SidecarPlugin {
     /// Current figures.
     pub fn stats(&self) -> SidecarStats {
         let running = self.running();
-        let sup = running.as_ref().and_then(|r| r.supervisor.as_ref()).map(Supervisor::state);
+        let sup = running
+            .as_ref()
+            .and_then(|r| r.supervisor.as_ref())
+            .map(Supervisor::state);
         SidecarStats {
             queue: self.queue.stats(),
             restarts: sup.as_ref().map_or(0, |s| s.spawns.saturating_sub(1)),
@@ -123,7 +126,10 @@ impl SidecarPlugin {
     }
 
     fn running(&self) -> Option<Arc<Running>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn wait_registered(&self, running: &Running) -> anyhow::Result<()> {
@@ -197,9 +203,16 @@ impl SidecarPlugin {
             }
         }
         running.stopping.cancel();
-        let server = running.server.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let server = running
+            .server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(mut server) = server {
-            if tokio::time::timeout(self.config.term_grace, &mut server).await.is_err() {
+            if tokio::time::timeout(self.config.term_grace, &mut server)
+                .await
+                .is_err()
+            {
                 server.abort();
             }
         }

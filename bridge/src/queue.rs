@@ -118,9 +118,7 @@ impl EventQueue {
         let size = cost(&event);
         let mut st = self.lock();
         let mut dropped = 0;
-        while st.events.len() >= self.limits.max_events
-            || st.bytes + size > self.limits.max_bytes
-        {
+        while st.events.len() >= self.limits.max_events || st.bytes + size > self.limits.max_bytes {
             let Some(pos) = st.events.iter().position(|e| e.event.is_payload()) else {
                 break;
             };
@@ -181,7 +179,9 @@ impl EventQueue {
         let mut batch = Vec::new();
         let mut bytes = 0;
         for ev in st.events.range(start..) {
-            if !batch.is_empty() && (batch.len() >= max_events || bytes + ev.event.body_len() > max_bytes) {
+            if !batch.is_empty()
+                && (batch.len() >= max_events || bytes + ev.event.body_len() > max_bytes)
+            {
                 break;
             }
             bytes += ev.event.body_len();
@@ -339,7 +339,11 @@ mod tests {
         q.push(payload(1, 100));
         q.push(payload(2, 100));
         assert_eq!(seqs(&q.batch_after(0, 10, 150)), [1]);
-        assert_eq!(seqs(&q.batch_after(0, 10, 10)), [1], "one event always fits");
+        assert_eq!(
+            seqs(&q.batch_after(0, 10, 10)),
+            [1],
+            "one event always fits"
+        );
     }
 
     #[test]

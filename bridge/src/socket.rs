@@ -9,7 +9,11 @@ use tokio::net::UnixListener;
 /// Creates `dir` with mode 0700, or checks an existing one: it must be a
 /// directory owned by this user and closed to everyone else.
 pub(crate) fn prepare_dir(dir: &Path) -> io::Result<()> {
-    match std::fs::DirBuilder::new().mode(0o700).recursive(true).create(dir) {
+    match std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir)
+    {
         Ok(()) => {}
         Err(e) => {
             return Err(io::Error::new(

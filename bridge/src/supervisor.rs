@@ -87,7 +87,12 @@ impl Supervisor {
 
     /// The last lines the sidecar printed.
     pub(crate) fn tail(&self) -> Vec<String> {
-        self.tail.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+        self.tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Stops supervising: waits up to the shutdown grace for the process to
@@ -197,7 +202,10 @@ async fn terminate(child: &mut Child, spec: &SpawnSpec) {
         return;
     }
     if let Some(pid) = child.id() {
-        tracing::warn!(grace_ms = spec.shutdown_grace.as_millis() as u64, "sidecar still running after the grace period: SIGTERM");
+        tracing::warn!(
+            grace_ms = spec.shutdown_grace.as_millis() as u64,
+            "sidecar still running after the grace period: SIGTERM"
+        );
         // SAFETY: kill has no memory-safety preconditions; `pid` is our own
         // child, not yet reaped, so it cannot have been reused.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
@@ -262,16 +270,30 @@ fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Resu
     let mut child = command.spawn().map_err(|e| {
         std::io::Error::new(
             e.kind(),
-            format!("spawning sidecar `{}` ({}): {e}", spec.plugin, cmd.program.display()),
+            format!(
+                "spawning sidecar `{}` ({}): {e}",
+                spec.plugin,
+                cmd.program.display()
+            ),
         )
     })?;
     tracing::info!(plugin = spec.plugin, pid = child.id(), program = %cmd.program.display(), "sidecar spawned");
     let mut forwarders = Vec::new();
     if let Some(out) = child.stdout.take() {
-        forwarders.push(tokio::spawn(forward(out, spec.plugin, "stdout", tail.clone())));
+        forwarders.push(tokio::spawn(forward(
+            out,
+            spec.plugin,
+            "stdout",
+            tail.clone(),
+        )));
     }
     if let Some(err) = child.stderr.take() {
-        forwarders.push(tokio::spawn(forward(err, spec.plugin, "stderr", tail.clone())));
+        forwarders.push(tokio::spawn(forward(
+            err,
+            spec.plugin,
+            "stderr",
+            tail.clone(),
+        )));
     }
     Ok(Running { child, forwarders })
 }

@@ -106,7 +106,10 @@ impl RecordingPorts {
     }
 
     fn record(&self, call: PortCall) {
-        self.calls.lock().unwrap_or_else(|e| e.into_inner()).push(call);
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(call);
         self.changed.notify_waiters();
     }
 
@@ -129,8 +132,13 @@ impl RecordingPorts {
 
     /// Forgets a peer and publishes `Forgotten` to watchers.
     pub fn forget_peer(&self, node: NodeId) {
-        self.peers.lock().unwrap_or_else(|e| e.into_inner()).remove(&node);
-        let _ = self.events.send(PeerDirectoryEvent::Forgotten { node_id: node });
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&node);
+        let _ = self
+            .events
+            .send(PeerDirectoryEvent::Forgotten { node_id: node });
     }
 
     /// Every call so far, in order.
@@ -207,7 +215,11 @@ impl RecordingPorts {
 impl PeerDirectory for RecordingPorts {
     async fn lookup_x25519(&self, peer: &NodeId) -> Option<[u8; 32]> {
         self.record(PortCall::LookupX25519 { node: *peer });
-        self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(peer).map(|p| p.x25519)
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer)
+            .map(|p| p.x25519)
     }
 
     async fn lookup_name(&self, peer: &NodeId) -> Option<String> {

@@ -105,7 +105,11 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         config.grants = Grants::default();
         let plugin = Arc::new(SidecarPlugin::new(config)?);
         mesh.start_plugin(&node, plugin.clone()).await?;
-        println!("{name}: echo sidecar pid {:?} on {}", plugin.pid(), plugin.socket_path().display());
+        println!(
+            "{name}: echo sidecar pid {:?} on {}",
+            plugin.pid(),
+            plugin.socket_path().display()
+        );
         plugins.push((node, plugin));
     }
     let (alice, alice_echo) = plugins[0].clone();
@@ -177,6 +181,8 @@ fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .with_max_level(tracing::Level::INFO)
         .init();

@@ -142,7 +142,10 @@ impl Mesh {
         node: &Arc<Node>,
         plugin: Arc<dyn DaemonPlugin>,
     ) -> anyhow::Result<()> {
-        plugin.clone().start(node.context(self.cancel.clone())).await?;
+        plugin
+            .clone()
+            .start(node.context(self.cancel.clone()))
+            .await?;
         node.plugins
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -152,9 +155,18 @@ impl Mesh {
 
     /// Shuts down every plugin of every node, like the daemon at teardown.
     pub async fn shutdown(&self) {
-        let nodes = self.inner.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let nodes = self
+            .inner
+            .nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for node in nodes {
-            let plugins = node.plugins.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let plugins = node
+                .plugins
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             for plugin in plugins {
                 plugin.shutdown().await;
             }
@@ -186,7 +198,11 @@ impl Node {
         let _ = self
             .directory_events
             .send(PeerDirectoryEvent::Forgotten { node_id: peer });
-        let plugins = self.plugins.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let plugins = self
+            .plugins
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for plugin in plugins {
             plugin.on_peer_forgotten(peer).await;
         }

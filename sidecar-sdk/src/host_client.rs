@@ -65,12 +65,16 @@ impl HostClient {
 
     /// The live session id ("" before Register).
     pub fn session_id(&self) -> Arc<str> {
-        self.session.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.session
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn req<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
-        req.metadata_mut().insert(auth::METADATA_KEY, self.auth.clone());
+        req.metadata_mut()
+            .insert(auth::METADATA_KEY, self.auth.clone());
         req
     }
 
@@ -96,7 +100,8 @@ impl HostClient {
             }))
             .await?
             .into_inner();
-        *self.session.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(resp.session_id.as_str());
+        *self.session.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::from(resp.session_id.as_str());
         Ok(resp)
     }
 
@@ -130,7 +135,10 @@ impl HostClient {
             }))
             .await?
             .into_inner();
-        Ok(resp.x25519.map(|k| convert::key("x25519", &k)).transpose()?)
+        Ok(resp
+            .x25519
+            .map(|k| convert::key("x25519", &k))
+            .transpose()?)
     }
 
     /// The friendly name of `node`, `None` when the peer is unknown.

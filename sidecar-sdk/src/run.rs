@@ -39,7 +39,10 @@ pub fn run<S: Sidecar>(plugin: S) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("building the runtime: {e}");
@@ -208,7 +211,10 @@ async fn register(
     match host.register(name, kinds, SDK_NAME).await {
         Ok(resp) => Ok(resp),
         Err(HostError::Rpc(s))
-            if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) =>
+            if matches!(
+                s.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+            ) =>
         {
             Err(RegisterRefused(s.message().to_owned()).into())
         }
@@ -260,7 +266,10 @@ async fn reconnect(
                 return Ok(());
             }
             Err(HostError::Rpc(s))
-                if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) =>
+                if matches!(
+                    s.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                ) =>
             {
                 return Err(RegisterRefused(s.message().to_owned()).into());
             }
@@ -269,7 +278,10 @@ async fn reconnect(
                     .reconnect_timeout
                     .is_some_and(|t| started.elapsed() >= t)
                 {
-                    anyhow::bail!("the host is gone (gave up after {:?}): {e}", started.elapsed());
+                    anyhow::bail!(
+                        "the host is gone (gave up after {:?}): {e}",
+                        started.elapsed()
+                    );
                 }
                 tracing::debug!("host not back yet: {e}");
                 tokio::time::sleep(delay).await;

@@ -10,7 +10,9 @@
 
 use std::process::ExitCode;
 
-use pim_sidecar::{async_trait, Bytes, Context, ControlFrame, HostClient, NodeId, Sidecar, WatchEvent};
+use pim_sidecar::{
+    async_trait, Bytes, Context, ControlFrame, HostClient, NodeId, Sidecar, WatchEvent,
+};
 use tokio::sync::OnceCell;
 
 #[derive(Default)]

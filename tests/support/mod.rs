@@ -62,23 +62,16 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Sends a probe command from `src` and waits for its `probe.reply`.
-#[track_caller]
-pub fn command<'a>(
-    host: &'a FakeHost,
-    src: NodeId,
-    cmd: &'a str,
-) -> impl std::future::Future<Output = String> + 'a {
-    async move {
-        let before = replies(host, src).len();
-        host.inject_payload(src, "probe.cmd", cmd.to_owned()).await;
-        host.ports()
-            .wait_until(WAIT, |calls| {
-                let r = sent_direct(calls, src, "probe.reply");
-                (r.len() > before).then(|| r[before].clone())
-            })
-            .await
-            .unwrap_or_else(|e| panic!("no reply to `{cmd}`: {e}"))
-    }
+pub async fn command(host: &FakeHost, src: NodeId, cmd: &str) -> String {
+    let before = replies(host, src).len();
+    host.inject_payload(src, "probe.cmd", cmd.to_owned()).await;
+    host.ports()
+        .wait_until(WAIT, |calls| {
+            let r = sent_direct(calls, src, "probe.reply");
+            (r.len() > before).then(|| r[before].clone())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("no reply to `{cmd}`: {e}"))
 }
 
 /// The `probe.reply` bodies sent directly to `to`, in order.
@@ -115,4 +108,87 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Finds a test tool: `$env_var`, then `.venv/bin/<name>` or
+/// `.tools/node_modules/.bin/<name>` in the workspace, then `PATH`. Under
+/// `CI=true` a missing tool fails the test; elsewhere the test is skipped
+/// with the reason printed.
+pub fn tool(name: &str, env_var: &str) -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let candidates = std::env::var_os(env_var)
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            root.join(".venv/bin").join(name),
+            root.join(".tools/node_modules/.bin").join(name),
+        ])
+        .chain(
+            std::env::var_os("PATH")
+                .map(|p| {
+                    std::env::split_paths(&p)
+                        .map(|d| d.join(name))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default(),
+        );
+    for c in candidates {
+        if c.is_file() {
+            return Some(c);
+        }
+    }
+    let why = format!(
+        "{name} not found (set {env_var}, or run tests/run.sh, which installs it into the workspace)"
+    );
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+/// Standard base64 (for bytes fields in grpcurl's JSON).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Runs a command to completion (bounded by [`WAIT`]) and returns its
+/// exit success, stdout and stderr.
+pub async fn run_tool(program: &Path, args: &[String]) -> (bool, String, String) {
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, child)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} {args:?} did not finish within {WAIT:?}",
+                program.display()
+            )
+        })
+        .unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -31,7 +31,10 @@ impl tonic::service::Interceptor for AuthCheck {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         let value = req.metadata().get(auth::METADATA_KEY);
         let Some(value) = value else {
-            tracing::warn!(plugin = self.plugin, "refused a call without `authorization` metadata");
+            tracing::warn!(
+                plugin = self.plugin,
+                "refused a call without `authorization` metadata"
+            );
             return Err(Status::unauthenticated(
                 "missing `authorization: Bearer <token>` metadata (the token is in PIM_PLUGIN_TOKEN)",
             ));

@@ -123,7 +123,9 @@ impl PluginSession for HostServices {
             let mut cursor = host.queue.open_stream();
             tracing::debug!(plugin = host.name, after = cursor, "events stream opened");
             loop {
-                let batch = host.queue.batch_after(cursor, MAX_BATCH_EVENTS, MAX_BATCH_BYTES);
+                let batch = host
+                    .queue
+                    .batch_after(cursor, MAX_BATCH_EVENTS, MAX_BATCH_BYTES);
                 if let Some(last) = batch.last() {
                     cursor = last.seq;
                     let msg = pb::EventsResponse { events: batch };
