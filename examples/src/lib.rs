@@ -2,3 +2,8 @@
 //! the way `pim-daemon` does.
 
 pub mod mesh;
+
+/// The README's Rust samples, compiled by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
