@@ -261,3 +261,35 @@ async fn a_command_that_does_not_start_gets_a_clear_error() {
     );
     assert!(!dir.path().join("sock/echo.sock").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_checks_the_protocol_version() {
+    use pim_sidecar::proto::pb;
+    use pim_sidecar::proto::pb::plugin_session_client::PluginSessionClient;
+    init_logging();
+    let dir = temp_dir();
+    let config = SidecarConfig::external("probe", ["probe.cmd"], dir.path().join("sock"));
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let channel = pim_sidecar::connect_channel(&host.plugin().socket_path())
+        .await
+        .unwrap();
+    let mut client = PluginSessionClient::new(channel);
+    let mut req = tonic::Request::new(pb::RegisterRequest {
+        protocol_version: 2,
+        plugin_name: "probe".into(),
+        payload_kinds: vec!["probe.cmd".into()],
+        sdk_name: "test".into(),
+        sdk_version: "0".into(),
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", host.plugin().token()).parse().unwrap(),
+    );
+    let status = client.register(req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        status.message(),
+        "protocol version mismatch: the sidecar speaks 2, this host speaks 1"
+    );
+    host.shutdown().await;
+}
