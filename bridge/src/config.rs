@@ -151,6 +151,9 @@ pub struct SidecarConfig {
     pub shutdown_grace: Duration,
     /// Time between SIGTERM and SIGKILL. Default 2 s.
     pub term_grace: Duration,
+    /// A spawned sidecar that has events pending and acks none of them for
+    /// this long is killed and restarted. Default 30 s; `None` disables.
+    pub stuck_timeout: Option<Duration>,
 }
 
 impl SidecarConfig {
@@ -192,12 +195,19 @@ impl SidecarConfig {
             startup_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             term_grace: Duration::from_secs(2),
+            stuck_timeout: Some(Duration::from_secs(30)),
         }
     }
 
     /// The socket path, `<socket_dir>/<name>.sock`.
     pub fn socket_path(&self) -> PathBuf {
         self.socket_dir.join(format!("{}.sock", self.name))
+    }
+
+    /// Where the host writes the token for an external sidecar,
+    /// `<socket_dir>/<name>.token` (mode 0600).
+    pub fn token_path(&self) -> PathBuf {
+        self.socket_dir.join(format!("{}.token", self.name))
     }
 
     /// Checks every field; the error names the field and the limit.
@@ -266,6 +276,11 @@ impl ConfigError {
     /// The offending field.
     pub fn field(&self) -> &str {
         &self.field
+    }
+
+    /// What is wrong with it.
+    pub fn problem(&self) -> &str {
+        &self.problem
     }
 }
 

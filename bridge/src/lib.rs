@@ -18,6 +18,7 @@
 //! ```
 
 mod config;
+pub mod file;
 mod host;
 mod overflow;
 mod plugin;

@@ -67,6 +67,14 @@ pub struct SidecarStats {
     pub failed: bool,
     /// Time since the ack position last moved.
     pub last_ack_age: Duration,
+    /// How the last sidecar process ended, if one has.
+    pub last_exit: Option<String>,
+    /// The delays before the most recent restarts, oldest first (at most 16).
+    pub restart_delays: Vec<Duration>,
+    /// Restarts because the sidecar made no progress for `stuck_timeout`.
+    pub stuck_restarts: u64,
+    /// The seq the sidecar was last found stuck on.
+    pub last_stuck_seq: Option<u64>,
 }
 
 impl SidecarPlugin {
@@ -99,7 +107,8 @@ impl SidecarPlugin {
     }
 
     /// The secret token a sidecar must present. A spawned sidecar gets it
-    /// in `PIM_PLUGIN_TOKEN`; hand it to an external one through a 0600 file.
+    /// in `PIM_PLUGIN_TOKEN`; for an external one the host writes it to
+    /// [`SidecarConfig::token_path`] (mode 0600) at start.
     pub fn token(&self) -> &str {
         &self.token
     }
@@ -121,7 +130,11 @@ impl SidecarPlugin {
             restarts: sup.as_ref().map_or(0, |s| s.spawns.saturating_sub(1)),
             connected: running.as_ref().is_some_and(|r| r.host.connected()),
             failed: sup.as_ref().is_some_and(|s| s.failed),
-            last_ack_age: self.queue.ack_progress().0,
+            last_ack_age: self.queue.last_ack_age(),
+            last_exit: sup.as_ref().and_then(|s| s.last_exit.clone()),
+            restart_delays: sup.as_ref().map(|s| s.delays.clone()).unwrap_or_default(),
+            stuck_restarts: sup.as_ref().map_or(0, |s| s.stuck_restarts),
+            last_stuck_seq: sup.as_ref().and_then(|s| s.last_stuck_seq),
         }
     }
 
@@ -216,9 +229,11 @@ impl SidecarPlugin {
                 server.abort();
             }
         }
-        if let Err(e) = std::fs::remove_file(&running.socket) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(plugin = self.name, error = %e, "removing the socket failed");
+        for path in [running.socket.clone(), self.config.token_path()] {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(plugin = self.name, path = %path.display(), error = %e, "removing a file failed");
+                }
             }
         }
         let stats = self.stats();
@@ -263,6 +278,9 @@ impl DaemonPlugin for SidecarPlugin {
         let socket_path = self.config.socket_path();
         socket::prepare_dir(&self.config.socket_dir)?;
         let listener = socket::bind(&socket_path)?;
+        if matches!(self.config.launch, Launch::External) {
+            socket::write_token(&self.config.token_path(), &self.token)?;
+        }
         let stopping = CancellationToken::new();
         let host = Arc::new(Host::new(
             self.name,
@@ -282,6 +300,8 @@ impl DaemonPlugin for SidecarPlugin {
                     socket: socket_path.clone(),
                     token: self.token.clone(),
                     restart: self.config.restart,
+                    queue: self.queue.clone(),
+                    stuck_timeout: self.config.stuck_timeout,
                     shutdown_grace: self.config.shutdown_grace,
                     term_grace: self.config.term_grace,
                 })

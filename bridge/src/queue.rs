@@ -58,11 +58,15 @@ struct State {
     bytes: usize,
     stats: QueueStats,
     last_ack_at: Instant,
+    /// When the sidecar last made progress: an ack moved, a stream opened,
+    /// or an event arrived at an empty queue.
+    last_progress: Instant,
 }
 
 /// The bounded event queue of one plugin.
 pub struct EventQueue {
     limits: QueueLimits,
+    instance: String,
     state: Mutex<State>,
     notify: Notify,
     /// Mirrors `state.acked` for lock-free reads.
@@ -91,6 +95,7 @@ impl EventQueue {
     pub fn new(limits: QueueLimits) -> Self {
         Self {
             limits,
+            instance: crate::secret::random_hex(8),
             state: Mutex::new(State {
                 events: VecDeque::new(),
                 next_seq: 1,
@@ -99,10 +104,17 @@ impl EventQueue {
                 bytes: 0,
                 stats: QueueStats::default(),
                 last_ack_at: Instant::now(),
+                last_progress: Instant::now(),
             }),
             notify: Notify::new(),
             acked: AtomicU64::new(0),
         }
+    }
+
+    /// A random id of this queue: sequence numbers are comparable only
+    /// between events of one instance.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -127,6 +139,9 @@ impl EventQueue {
                 dropped += 1;
             }
         }
+        if st.events.is_empty() {
+            st.last_progress = Instant::now();
+        }
         let seq = st.next_seq;
         st.next_seq += 1;
         st.bytes += size;
@@ -147,6 +162,7 @@ impl EventQueue {
         if seq > st.acked {
             st.acked = seq;
             st.last_ack_at = Instant::now();
+            st.last_progress = st.last_ack_at;
             while st.events.front().is_some_and(|e| e.seq <= seq) {
                 if let Some(old) = st.events.pop_front() {
                     st.bytes -= cost(&old.event);
@@ -168,6 +184,7 @@ impl EventQueue {
         let mut st = self.lock();
         let replays = st.events.iter().take_while(|e| e.seq <= st.sent).count();
         st.stats.replayed += replays as u64;
+        st.last_progress = Instant::now();
         st.acked
     }
 
@@ -217,10 +234,18 @@ impl EventQueue {
         self.lock().next_seq - 1
     }
 
-    /// How long since the last ack moved, and the oldest unacked seq if any.
-    pub fn ack_progress(&self) -> (Duration, Option<u64>) {
+    /// Time since the ack position last moved.
+    pub fn last_ack_age(&self) -> Duration {
+        self.lock().last_ack_at.elapsed()
+    }
+
+    /// The oldest unacked seq and how long the sidecar has made no progress
+    /// on it; `None` when nothing is pending.
+    pub fn stalled(&self) -> Option<(u64, Duration)> {
         let st = self.lock();
-        (st.last_ack_at.elapsed(), st.events.front().map(|e| e.seq))
+        st.events
+            .front()
+            .map(|e| (e.seq, st.last_progress.elapsed()))
     }
 
     /// A snapshot of the counters.

@@ -68,3 +68,23 @@ pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
+
+/// Writes `token` to `path` with mode 0600, replacing any older file.
+pub(crate) fn write_token(path: &Path, token: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("writing the token file {}: {e}", path.display()),
+            )
+        })?;
+    file.write_all(token.as_bytes())?;
+    Ok(())
+}

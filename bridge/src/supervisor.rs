@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{CommandSpec, RestartPolicy};
+use crate::queue::EventQueue;
 
 /// Lines of the sidecar's output kept for error messages.
 const TAIL_LINES: usize = 20;
@@ -29,6 +30,12 @@ pub(crate) struct SupervisorState {
     pub(crate) failed: bool,
     /// The running process's id.
     pub(crate) pid: Option<u32>,
+    /// Delays before the most recent restarts (at most 16).
+    pub(crate) delays: Vec<Duration>,
+    /// Restarts because the sidecar was stuck.
+    pub(crate) stuck_restarts: u64,
+    /// The seq it was last stuck on.
+    pub(crate) last_stuck_seq: Option<u64>,
 }
 
 /// A handle to the supervising task.
@@ -48,6 +55,8 @@ pub(crate) struct SpawnSpec {
     pub(crate) socket: std::path::PathBuf,
     pub(crate) token: Arc<str>,
     pub(crate) restart: RestartPolicy,
+    pub(crate) queue: Arc<EventQueue>,
+    pub(crate) stuck_timeout: Option<Duration>,
     pub(crate) shutdown_grace: Duration,
     pub(crate) term_grace: Duration,
 }
@@ -141,6 +150,19 @@ async fn supervise(
                 state.send_modify(|s| s.pid = None);
                 return;
             }
+            seq = stuck(&spec) => {
+                tracing::error!(
+                    seq,
+                    timeout_ms = spec.stuck_timeout.unwrap_or_default().as_millis() as u64,
+                    "sidecar stuck: no ack progress on seq {seq}; killing it to restart"
+                );
+                state.send_modify(|s| {
+                    s.stuck_restarts += 1;
+                    s.last_stuck_seq = Some(seq);
+                });
+                let _ = running.child.kill().await;
+                running.child.wait().await
+            }
         };
         running.drain().await;
         let how = describe_exit(&status);
@@ -173,6 +195,12 @@ async fn supervise(
         }
         let delay = jitter(backoff);
         tracing::info!(delay_ms = delay.as_millis() as u64, "restarting sidecar");
+        state.send_modify(|s| {
+            if s.delays.len() == 16 {
+                s.delays.remove(0);
+            }
+            s.delays.push(delay);
+        });
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stop.cancelled() => return,
@@ -190,6 +218,23 @@ async fn supervise(
                 tracing::error!(error = %e, "respawning the sidecar failed; plugin marked failed");
                 state.send_modify(|s| s.failed = true);
                 return;
+            }
+        }
+    }
+}
+
+/// Resolves with the stuck seq once the queue has had events pending and
+/// no progress for the stuck timeout; never when the timeout is disabled.
+async fn stuck(spec: &SpawnSpec) -> u64 {
+    let Some(timeout) = spec.stuck_timeout else {
+        return std::future::pending().await;
+    };
+    let period = (timeout / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(period).await;
+        if let Some((seq, idle)) = spec.queue.stalled() {
+            if idle >= timeout {
+                return seq;
             }
         }
     }
@@ -316,6 +361,26 @@ fn set_parent_death_signal(command: &mut Command) {
     }
 }
 
+/// Level and message of a JSON log line (`{"level": "WARN", "message": …}`,
+/// or tracing-subscriber's `{"level": …, "fields": {"message": …}}`).
+fn json_line(line: &str) -> Option<(tracing::Level, String)> {
+    let value: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
+    let obj = value.as_object()?;
+    let level = obj
+        .get("level")
+        .or_else(|| obj.get("severity"))
+        .and_then(|l| l.as_str())
+        .and_then(|l| l.to_ascii_uppercase().parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
+    let message = obj
+        .get("message")
+        .or_else(|| obj.get("msg"))
+        .or_else(|| obj.get("fields").and_then(|f| f.get("message")))
+        .and_then(|m| m.as_str())
+        .map_or_else(|| line.trim().to_owned(), str::to_owned);
+    Some((level, message))
+}
+
 /// Splits a leading level word (`ERROR`, `WARN`, `INFO`, `DEBUG`, `TRACE`,
 /// as the Rust SDK and most loggers print) off a line.
 fn level_of(line: &str) -> (tracing::Level, &str) {
@@ -346,7 +411,15 @@ async fn forward(
 ) {
     let mut lines = BufReader::new(out).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        let (level, msg) = level_of(&line);
+        let parsed = if line.trim_start().starts_with('{') {
+            json_line(&line)
+        } else {
+            None
+        };
+        let (level, msg) = match &parsed {
+            Some((level, msg)) => (*level, msg.as_str()),
+            None => level_of(&line),
+        };
         macro_rules! emit {
             ($lvl:expr) => {
                 tracing::event!(target: "pim_sidecar::output", $lvl, plugin, stream, "{msg}")
@@ -369,7 +442,7 @@ async fn forward(
 
 #[cfg(test)]
 mod tests {
-    use super::level_of;
+    use super::{json_line, level_of};
     use tracing::Level;
 
     #[test]
@@ -379,5 +452,24 @@ mod tests {
         assert_eq!(level_of("DEBUG"), (Level::DEBUG, ""));
         assert_eq!(level_of("INFORMATION"), (Level::INFO, "INFORMATION"));
         assert_eq!(level_of("plain line"), (Level::INFO, "plain line"));
+    }
+
+    #[test]
+    fn json_lines_keep_their_level() {
+        assert_eq!(
+            json_line(r#"{"level":"warn","message":"disk low"}"#),
+            Some((Level::WARN, "disk low".into()))
+        );
+        assert_eq!(
+            json_line(
+                r#"{"timestamp":"t","level":"ERROR","fields":{"message":"boom"},"target":"x"}"#
+            ),
+            Some((Level::ERROR, "boom".into()))
+        );
+        assert_eq!(
+            json_line(r#"{"msg":"hi"}"#),
+            Some((Level::INFO, "hi".into()))
+        );
+        assert_eq!(json_line("{not json"), None);
     }
 }

@@ -15,6 +15,9 @@ pub struct ConnectOptions {
     pub socket: PathBuf,
     /// The secret token.
     pub token: String,
+    /// The file the token was read from, read again before each reconnect
+    /// (a restarted host writes a new token there).
+    pub token_file: Option<PathBuf>,
     /// Whether the host spawned this process (the token came in
     /// `PIM_PLUGIN_TOKEN`). A spawned sidecar gives up on a lost host after
     /// `reconnect_timeout`; one that runs on its own retries forever.
@@ -29,6 +32,7 @@ impl std::fmt::Debug for ConnectOptions {
         f.debug_struct("ConnectOptions")
             .field("socket", &self.socket)
             .field("token", &"<redacted>")
+            .field("token_file", &self.token_file)
             .field("spawned", &self.spawned)
             .field("reconnect_timeout", &self.reconnect_timeout)
             .finish()
@@ -59,24 +63,26 @@ impl ConnectOptions {
                 );
             }
         }
-        let (token, spawned) = match std::env::var(env::TOKEN) {
+        let (token, token_file, spawned) = match std::env::var(env::TOKEN) {
             Ok(token) => {
                 // Children must not inherit the token. Modifying the environment
                 // is sound only while no other thread reads it: `run` calls this
                 // before it builds its runtime.
                 std::env::remove_var(env::TOKEN);
-                (token, true)
+                (token, None, true)
             }
             Err(_) => {
                 let file = std::env::var_os(env::TOKEN_FILE).ok_or_else(|| {
                     anyhow::anyhow!("neither {} nor {} is set", env::TOKEN, env::TOKEN_FILE)
                 })?;
-                (read_token_file(Path::new(&file))?, false)
+                let file = PathBuf::from(file);
+                (read_token_file(&file)?, Some(file), false)
             }
         };
         Ok(Self {
             socket: socket.into(),
             token,
+            token_file,
             spawned,
             reconnect_timeout: spawned.then(|| Duration::from_secs(5)),
         })

@@ -27,7 +27,7 @@ use crate::HostError;
 #[derive(Clone)]
 pub struct HostClient {
     channel: Channel,
-    auth: MetadataValue<Ascii>,
+    auth: Arc<RwLock<MetadataValue<Ascii>>>,
     session: Arc<RwLock<Arc<str>>>,
 }
 
@@ -53,14 +53,26 @@ impl HostClient {
     ///
     /// If `token` is not printable ASCII (the host only hands out hex tokens).
     pub fn with_channel(channel: Channel, token: &str) -> Self {
-        let auth = auth::bearer(token)
-            .parse()
-            .expect("plugin tokens are printable ASCII");
         Self {
             channel,
-            auth,
+            auth: Arc::new(RwLock::new(Self::bearer(token))),
             session: Arc::new(RwLock::new(Arc::from(""))),
         }
+    }
+
+    fn bearer(token: &str) -> MetadataValue<Ascii> {
+        auth::bearer(token)
+            .parse()
+            .expect("plugin tokens are printable ASCII")
+    }
+
+    /// Replaces the token (after the host restarted with a new one).
+    ///
+    /// # Panics
+    ///
+    /// If `token` is not printable ASCII.
+    pub fn set_token(&self, token: &str) {
+        *self.auth.write().unwrap_or_else(|e| e.into_inner()) = Self::bearer(token);
     }
 
     /// The live session id ("" before Register).
@@ -73,8 +85,8 @@ impl HostClient {
 
     fn req<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
-        req.metadata_mut()
-            .insert(auth::METADATA_KEY, self.auth.clone());
+        let value = self.auth.read().unwrap_or_else(|e| e.into_inner()).clone();
+        req.metadata_mut().insert(auth::METADATA_KEY, value);
         req
     }
 

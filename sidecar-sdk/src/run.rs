@@ -105,6 +105,7 @@ pub async fn run_async<S: Sidecar + ?Sized>(
     let (ack_tx, ack_rx) = watch::channel(registered.acked_seq);
     tokio::spawn(ack_loop(host.clone(), ack_rx));
     let mut delivery = Delivery {
+        instance: registered.host_instance.clone(),
         last_handled: registered.acked_seq,
         duplicates: 0,
     };
@@ -118,14 +119,31 @@ pub async fn run_async<S: Sidecar + ?Sized>(
             Ok(Ended::StreamClosed) => tracing::warn!("the host closed the event stream"),
             Err(e) => tracing::warn!("event stream lost: {e}"),
         }
-        reconnect(&options, &host, &name, &kinds).await?;
+        let resp = reconnect(&options, &host, &name, &kinds).await?;
+        delivery.resume(&resp);
     }
 }
 
 struct Delivery {
+    /// The host instance whose sequence numbers `last_handled` refers to.
+    instance: String,
     /// Highest seq handled by this process; lower ones are duplicates.
     last_handled: u64,
     duplicates: u64,
+}
+
+impl Delivery {
+    /// After a new Register: a restarted host numbers its events afresh.
+    fn resume(&mut self, resp: &pb::RegisterResponse) {
+        if resp.host_instance != self.instance {
+            tracing::info!(
+                acked = resp.acked_seq,
+                "the host restarted: its sequence numbers start over"
+            );
+            self.instance.clone_from(&resp.host_instance);
+            self.last_handled = resp.acked_seq;
+        }
+    }
 }
 
 enum Ended {
@@ -256,14 +274,20 @@ async fn reconnect(
     host: &HostClient,
     name: &str,
     kinds: &[&str],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<pb::RegisterResponse> {
     let started = Instant::now();
     let mut delay = Duration::from_millis(20);
     loop {
+        if let Some(file) = &options.token_file {
+            match crate::read_token_file(file) {
+                Ok(token) => host.set_token(&token),
+                Err(e) => tracing::debug!("token file not readable yet: {e:#}"),
+            }
+        }
         match host.register(name, kinds, SDK_NAME).await {
             Ok(resp) => {
                 tracing::info!(acked = resp.acked_seq, "registered again");
-                return Ok(());
+                return Ok(resp);
             }
             Err(HostError::Rpc(s))
                 if matches!(

@@ -90,6 +90,7 @@ impl PluginSession for HostServices {
                 max_queued_bytes: queue.max_bytes as u64,
             }),
             acked_seq: host.queue.acked(),
+            host_instance: host.queue.instance().to_owned(),
         }))
     }
 

@@ -1,0 +1,331 @@
+//! The TOML file in which a daemon declares its sidecars.
+//!
+//! ```toml
+//! # Defaults for every sidecar below.
+//! socket_dir = "/run/pim/plugins"
+//!
+//! [[sidecar]]
+//! name = "echo"
+//! payload_kinds = ["echo.ping", "echo.pong"]
+//! command = ["/usr/lib/pim/echo-sidecar", "--greeting", "hi"]  # or: external = true
+//! env = { ECHO_MODE = "polite" }
+//! inherit_env = ["RUST_LOG"]
+//! grants = ["signing_seed"]          # and/or "raw_control"
+//! startup_timeout = "10s"
+//! shutdown_grace = "5s"
+//! term_grace = "2s"
+//! stuck_timeout = "30s"              # or "off"
+//! queue = { max_events = 65536, max_bytes = 67108864 }
+//! restart = { max_restarts = 5, window = "60s", initial_backoff = "100ms", max_backoff = "10s" }
+//! ```
+//!
+//! A relative program path with a `/` in it is resolved against the file's
+//! directory; a bare name is looked up in the daemon's `PATH`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pim_plugin::DaemonPlugin;
+use serde::Deserialize;
+
+use crate::{CommandSpec, ConfigError, Grants, Launch, SidecarConfig, SidecarPlugin};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    socket_dir: Option<PathBuf>,
+    #[serde(default)]
+    sidecar: Vec<SidecarDoc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SidecarDoc {
+    name: String,
+    payload_kinds: Vec<String>,
+    #[serde(default)]
+    command: Vec<String>,
+    #[serde(default)]
+    external: bool,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    inherit_env: Vec<String>,
+    current_dir: Option<PathBuf>,
+    socket_dir: Option<PathBuf>,
+    #[serde(default)]
+    grants: Vec<GrantDoc>,
+    wait_for_register: Option<bool>,
+    #[serde(default, deserialize_with = "duration")]
+    startup_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    shutdown_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    term_grace: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_or_off")]
+    stuck_timeout: Option<Option<Duration>>,
+    queue: Option<QueueDoc>,
+    restart: Option<RestartDoc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum GrantDoc {
+    SigningSeed,
+    RawControl,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueueDoc {
+    max_events: Option<usize>,
+    max_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestartDoc {
+    max_restarts: Option<u32>,
+    #[serde(default, deserialize_with = "duration")]
+    window: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    initial_backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    max_backoff: Option<Duration>,
+}
+
+/// Parses `"250ms"`, `"5s"`, `"2m"` or `"1h"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("expected a duration like \"500ms\", \"5s\" or \"2m\", got {text:?}")
+    })?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "expected a duration like \"500ms\", \"5s\" or \"2m\", got {text:?}"
+        )),
+    }
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn duration_or_off<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<Duration>>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.trim() == "off" {
+        return Ok(Some(None));
+    }
+    parse_duration(&text)
+        .map(|d| Some(Some(d)))
+        .map_err(serde::de::Error::custom)
+}
+
+/// Why a sidecars file could not be used.
+#[derive(Debug)]
+pub enum ConfigFileError {
+    /// The file could not be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// The file is not valid TOML or has fields of the wrong shape; the
+    /// message names the key, line and column.
+    Parse(String),
+    /// A sidecar's settings are out of bounds; the field path says which.
+    Invalid(ConfigError),
+}
+
+impl std::fmt::Display for ConfigFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Read { path, error } => write!(f, "reading {}: {error}", path.display()),
+            Self::Parse(msg) => write!(f, "{msg}"),
+            Self::Invalid(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigFileError {}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigFileError {
+    ConfigFileError::Invalid(ConfigError::new(field, problem))
+}
+
+/// Parses a sidecars file's text; relative paths are resolved against `base_dir`.
+pub fn parse_sidecars(text: &str, base_dir: &Path) -> Result<Vec<SidecarConfig>, ConfigFileError> {
+    let doc: FileDoc = toml::from_str(text).map_err(|e| ConfigFileError::Parse(e.to_string()))?;
+    let mut configs: Vec<SidecarConfig> = Vec::new();
+    for (i, sc) in doc.sidecar.into_iter().enumerate() {
+        let at = |field: &str| format!("sidecar[{i}].{field}");
+        let socket_dir = sc
+            .socket_dir
+            .or_else(|| doc.socket_dir.clone())
+            .ok_or_else(|| {
+                invalid(
+                    at("socket_dir"),
+                    "is required here or at the top of the file",
+                )
+            })?;
+        let socket_dir = base_dir.join(socket_dir);
+        let launch = match (sc.external, sc.command.split_first()) {
+            (true, None) => Launch::External,
+            (true, Some(_)) => {
+                return Err(invalid(at("command"), "an external sidecar has no command"))
+            }
+            (false, None) => {
+                return Err(invalid(
+                    at("command"),
+                    "is required (the program and its arguments), unless `external = true`",
+                ))
+            }
+            (false, Some((program, args))) => {
+                let program = if program.contains('/') {
+                    base_dir.join(program)
+                } else {
+                    PathBuf::from(program)
+                };
+                let mut cmd = CommandSpec::new(program);
+                cmd.args = args.iter().map(Into::into).collect();
+                cmd.env = sc
+                    .env
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect();
+                cmd.inherit_env = sc.inherit_env.into_iter().map(Into::into).collect();
+                cmd.current_dir = sc.current_dir.map(|d| base_dir.join(d));
+                Launch::Spawn(cmd)
+            }
+        };
+        let mut config = match launch {
+            Launch::Spawn(cmd) => SidecarConfig::spawn(&sc.name, sc.payload_kinds, socket_dir, cmd),
+            Launch::External => SidecarConfig::external(&sc.name, sc.payload_kinds, socket_dir),
+        };
+        for grant in sc.grants {
+            match grant {
+                GrantDoc::SigningSeed => config.grants.signing_seed = true,
+                GrantDoc::RawControl => config.grants.raw_control = true,
+            }
+        }
+        if let Some(w) = sc.wait_for_register {
+            config.wait_for_register = w;
+        }
+        if let Some(d) = sc.startup_timeout {
+            config.startup_timeout = d;
+        }
+        if let Some(d) = sc.shutdown_grace {
+            config.shutdown_grace = d;
+        }
+        if let Some(d) = sc.term_grace {
+            config.term_grace = d;
+        }
+        if let Some(d) = sc.stuck_timeout {
+            config.stuck_timeout = d;
+        }
+        if let Some(q) = sc.queue {
+            config.queue.max_events = q.max_events.unwrap_or(config.queue.max_events);
+            config.queue.max_bytes = q.max_bytes.unwrap_or(config.queue.max_bytes);
+        }
+        if let Some(r) = sc.restart {
+            let p = &mut config.restart;
+            p.max_restarts = r.max_restarts.unwrap_or(p.max_restarts);
+            p.window = r.window.unwrap_or(p.window);
+            p.initial_backoff = r.initial_backoff.unwrap_or(p.initial_backoff);
+            p.max_backoff = r.max_backoff.unwrap_or(p.max_backoff);
+        }
+        config
+            .validate()
+            .map_err(|e| invalid(at(e.field()), e.problem()))?;
+        for (j, other) in configs.iter().enumerate() {
+            if other.socket_path() == config.socket_path() {
+                return Err(invalid(
+                    at("name"),
+                    format!(
+                        "`{}` is also sidecar[{j}] in the same socket_dir",
+                        config.name
+                    ),
+                ));
+            }
+            if let Some(kind) = config
+                .payload_kinds
+                .iter()
+                .find(|k| other.payload_kinds.contains(k))
+            {
+                return Err(invalid(
+                    at("payload_kinds"),
+                    format!(
+                        "`{kind}` is already claimed by sidecar[{j}] `{}`",
+                        other.name
+                    ),
+                ));
+            }
+        }
+        configs.push(config);
+    }
+    Ok(configs)
+}
+
+/// Reads and parses a sidecars file.
+pub fn load_sidecars(path: &Path) -> Result<Vec<SidecarConfig>, ConfigFileError> {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigFileError::Read {
+        path: path.to_owned(),
+        error,
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse_sidecars(&text, base).map_err(|e| match e {
+        ConfigFileError::Parse(msg) => ConfigFileError::Parse(format!("{}: {msg}", path.display())),
+        ConfigFileError::Invalid(err) => ConfigFileError::Invalid(ConfigError::new(
+            format!("{}: {}", path.display(), err.field()),
+            err.problem(),
+        )),
+        other => other,
+    })
+}
+
+/// The daemon's plugins for these sidecars, ready to `start`.
+pub fn plugins(configs: Vec<SidecarConfig>) -> Result<Vec<Arc<dyn DaemonPlugin>>, ConfigError> {
+    configs
+        .into_iter()
+        .map(|c| Ok(Arc::new(SidecarPlugin::new(c)?) as Arc<dyn DaemonPlugin>))
+        .collect()
+}
+
+/// Reads a sidecars file and turns it into the daemon's plugins.
+pub fn plugins_from_file(path: &Path) -> Result<Vec<Arc<dyn DaemonPlugin>>, ConfigFileError> {
+    plugins(load_sidecars(path)?).map_err(ConfigFileError::Invalid)
+}
+
+/// Grants as the file spells them, for messages.
+impl Grants {
+    /// The file's names of the granted capabilities.
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.signing_seed {
+            names.push("signing_seed");
+        }
+        if self.raw_control {
+            names.push("raw_control");
+        }
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests;

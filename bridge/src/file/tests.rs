@@ -1,0 +1,127 @@
+use super::*;
+
+const FULL: &str = r#"
+socket_dir = "/run/pim/plugins"
+
+[[sidecar]]
+name = "echo"
+payload_kinds = ["echo.ping", "echo.pong"]
+command = ["./bin/echo-sidecar", "--greeting", "hi"]
+env = { ECHO_MODE = "polite" }
+inherit_env = ["RUST_LOG"]
+grants = ["signing_seed", "raw_control"]
+startup_timeout = "3s"
+shutdown_grace = "1500ms"
+term_grace = "1s"
+stuck_timeout = "off"
+queue = { max_events = 1000, max_bytes = 1048576 }
+restart = { max_restarts = 2, window = "1m", initial_backoff = "10ms", max_backoff = "1s" }
+
+[[sidecar]]
+name = "watcher"
+payload_kinds = ["watcher.x"]
+external = true
+socket_dir = "/tmp/other"
+"#;
+
+#[track_caller]
+fn err(text: &str) -> String {
+    parse_sidecars(text, Path::new("/etc/pim"))
+        .expect_err("the file is invalid")
+        .to_string()
+}
+
+#[test]
+fn every_setting_is_read() {
+    let configs = parse_sidecars(FULL, Path::new("/etc/pim")).unwrap();
+    assert_eq!(configs.len(), 2);
+    let echo = &configs[0];
+    assert_eq!(echo.name, "echo");
+    assert_eq!(echo.socket_path(), Path::new("/run/pim/plugins/echo.sock"));
+    let Launch::Spawn(cmd) = &echo.launch else {
+        panic!("echo is spawned")
+    };
+    assert_eq!(cmd.program, Path::new("/etc/pim/./bin/echo-sidecar"));
+    assert_eq!(cmd.args, ["--greeting", "hi"]);
+    assert_eq!(cmd.env, [("ECHO_MODE".into(), "polite".into())]);
+    assert_eq!(cmd.inherit_env, ["RUST_LOG"]);
+    assert_eq!(echo.grants.names(), ["signing_seed", "raw_control"]);
+    assert_eq!(echo.startup_timeout, Duration::from_secs(3));
+    assert_eq!(echo.shutdown_grace, Duration::from_millis(1500));
+    assert_eq!(echo.term_grace, Duration::from_secs(1));
+    assert_eq!(echo.stuck_timeout, None);
+    assert_eq!(echo.queue.max_events, 1000);
+    assert_eq!(echo.restart.max_restarts, 2);
+    assert_eq!(echo.restart.window, Duration::from_secs(60));
+    let watcher = &configs[1];
+    assert!(matches!(watcher.launch, Launch::External));
+    assert!(!watcher.wait_for_register);
+    assert_eq!(watcher.socket_path(), Path::new("/tmp/other/watcher.sock"));
+    assert_eq!(
+        watcher.stuck_timeout,
+        Some(Duration::from_secs(30)),
+        "default"
+    );
+}
+
+#[test]
+fn errors_name_the_field() {
+    let e = err("socket_dir = \"/x\"\n[[sidecar]]\nname = \"a\"\npayload_kindz = [\"a.b\"]\n");
+    assert!(e.contains("unknown field `payload_kindz`"), "{e}");
+    assert!(e.contains("line 4"), "{e}");
+
+    let e = err("[[sidecar]]\nname = \"a\"\npayload_kinds = [\"a.b\"]\ncommand = [\"x\"]\n");
+    assert!(e.contains("sidecar[0].socket_dir"), "{e}");
+
+    let e = err("socket_dir = \"/x\"\n[[sidecar]]\nname = \"a\"\npayload_kinds = [\"a.b\"]\n");
+    assert!(
+        e.contains("sidecar[0].command") && e.contains("external = true"),
+        "{e}"
+    );
+
+    let e = err("socket_dir = \"/x\"\n[[sidecar]]\nname = \"a\"\npayload_kinds = [\"a.b\", \"\"]\ncommand = [\"x\"]\n");
+    assert!(
+        e.contains("sidecar[0].payload_kinds[1]") && e.contains("1..=255"),
+        "{e}"
+    );
+
+    let e = err("socket_dir = \"/x\"\n[[sidecar]]\nname = \"a\"\npayload_kinds = [\"a.b\"]\ncommand = [\"x\"]\nshutdown_grace = \"5 secs\"\n");
+    assert!(e.contains("shutdown_grace") && e.contains("\"5s\""), "{e}");
+
+    let e = err("socket_dir = \"/x\"\n[[sidecar]]\nname = \"a\"\npayload_kinds = [\"a.b\"]\ncommand = [\"x\"]\ngrants = [\"root\"]\n");
+    assert!(e.contains("unknown variant `root`"), "{e}");
+
+    let e = err("socket_dir = \"/x\"\n[[sidecar]]\nname = \"a\"\npayload_kinds = [\"a.b\"]\ncommand = [\"x\"]\n[[sidecar]]\nname = \"b\"\npayload_kinds = [\"a.b\"]\ncommand = [\"y\"]\n");
+    assert!(
+        e.contains("sidecar[1].payload_kinds") && e.contains("already claimed by sidecar[0] `a`"),
+        "{e}"
+    );
+
+    let e = err("socket_dir = \"/x\"\n[[sidecar]]\nname = \"a\"\npayload_kinds = [\"a.b\"]\ncommand = [\"x\"]\nqueue = { max_bytes = 10 }\n");
+    assert!(e.contains("sidecar[0].queue.max_bytes"), "{e}");
+}
+
+#[test]
+fn durations_parse() {
+    assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    assert!(parse_duration("5").is_err());
+    assert!(parse_duration("s").is_err());
+}
+
+#[test]
+fn files_turn_into_daemon_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecars.toml");
+    std::fs::write(&path, FULL).unwrap();
+    let plugins = plugins_from_file(&path).unwrap();
+    let names: Vec<_> = plugins.iter().map(|p| p.name()).collect();
+    assert_eq!(names, ["echo", "watcher"]);
+    assert_eq!(plugins[0].payload_kinds(), ["echo.ping", "echo.pong"]);
+    let Err(missing) = plugins_from_file(&dir.path().join("nope.toml")) else {
+        panic!("a missing file is an error")
+    };
+    let missing = missing.to_string();
+    assert!(missing.contains("nope.toml"), "{missing}");
+}
