@@ -27,11 +27,12 @@ async fn payloads_reach_the_sidecar_in_order() {
     let seen = host
         .ports()
         .wait_until(WAIT, |calls| {
-            let seen = sent_direct(calls, src, "probe.seen");
+            let seen = seen_by(calls, src, "probe.seen");
             (seen.len() >= n).then_some(seen)
         })
         .await
         .unwrap();
+    let seen: Vec<String> = seen.into_iter().map(|(_, n)| n).collect();
     let expected: Vec<String> = (0..n).map(|i| i.to_string()).collect();
     assert_eq!(
         seen, expected,

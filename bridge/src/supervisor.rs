@@ -145,9 +145,12 @@ async fn supervise(
         let status = tokio::select! {
             status = running.child.wait() => status,
             () = stop.cancelled() => {
-                terminate(&mut running.child, &spec).await;
+                let how = terminate(&mut running.child, &spec).await;
                 running.drain().await;
-                state.send_modify(|s| s.pid = None);
+                state.send_modify(|s| {
+                    s.pid = None;
+                    s.last_exit = Some(how);
+                });
                 return;
             }
             seq = stuck(&spec) => {
@@ -241,10 +244,12 @@ async fn stuck(spec: &SpawnSpec) -> u64 {
 }
 
 /// The kill order: wait for a voluntary exit, SIGTERM, wait, SIGKILL.
-async fn terminate(child: &mut Child, spec: &SpawnSpec) {
+/// Returns how the process ended.
+async fn terminate(child: &mut Child, spec: &SpawnSpec) -> String {
     if let Ok(status) = tokio::time::timeout(spec.shutdown_grace, child.wait()).await {
-        tracing::info!(exit = %describe_exit(&status), "sidecar exited");
-        return;
+        let how = describe_exit(&status);
+        tracing::info!(exit = %how, "sidecar exited");
+        return how;
     }
     if let Some(pid) = child.id() {
         tracing::warn!(
@@ -255,12 +260,14 @@ async fn terminate(child: &mut Child, spec: &SpawnSpec) {
         // child, not yet reaped, so it cannot have been reused.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
         if let Ok(status) = tokio::time::timeout(spec.term_grace, child.wait()).await {
-            tracing::info!(exit = %describe_exit(&status), "sidecar exited after SIGTERM");
-            return;
+            let how = describe_exit(&status);
+            tracing::info!(exit = %how, "sidecar exited after SIGTERM");
+            return how;
         }
     }
     tracing::warn!("sidecar ignored SIGTERM: SIGKILL");
-    let _ = child.kill().await;
+    let _ = child.start_kill();
+    describe_exit(&child.wait().await)
 }
 
 fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {

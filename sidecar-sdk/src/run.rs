@@ -183,8 +183,9 @@ async fn deliver<S: Sidecar + ?Sized>(
                 }
             }
             delivery.last_handled = seq;
+            // The ack task sends the newest position whenever it gets to run.
+            ack.send_replace(seq);
         }
-        ack.send_replace(delivery.last_handled);
     }
     Ok(Ended::StreamClosed)
 }

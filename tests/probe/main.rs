@@ -2,11 +2,19 @@
 //! RPC on command and reports what it saw through `SendDirect`, so a test
 //! reads the results from the fake host's recorded port calls.
 //!
-//! Kinds: `probe.cmd` (a command in the body, answered with a
-//! `probe.reply` payload sent directly to the payload's source) and
-//! `probe.seq` (answered with `probe.seen` carrying the same body, so the
-//! handled order is visible). Commands: `lookup <hex node>`,
-//! `direct <hex node>`, `routed <hex node>`, `seed`, `watch`.
+//! Its name is `PIM_PLUGIN_NAME` (default `probe`); its kinds are
+//! `<name>.cmd` (a command in the body, answered with a `<name>.reply`
+//! payload sent directly to the payload's source) and `<name>.seq`
+//! (answered with `<name>.seen` carrying `<pid> <body>`, so the handled
+//! order and the handling process are visible). Commands: `lookup <hex
+//! node>`, `direct <hex node>`, `routed <hex node>`, `seed`, `watch`,
+//! `send <kind>` (a payload of that kind to the source), `goodbye`.
+//!
+//! `PROBE_MODE` changes its behaviour for the supervision tests:
+//! `crash` exits with status 3 at once; `stall-once` never returns from the
+//! handler of a `<name>.seq` payload whose body is `stall`, in the first
+//! process only (it creates `PROBE_MARKER`); `stubborn` ignores SIGTERM and
+//! stalls on every `stall` payload.
 
 use std::process::ExitCode;
 
@@ -15,8 +23,10 @@ use pim_sidecar::{
 };
 use tokio::sync::OnceCell;
 
-#[derive(Default)]
 struct Probe {
+    name: &'static str,
+    kinds: [&'static str; 2],
+    mode: String,
     host: OnceCell<HostClient>,
 }
 
@@ -35,9 +45,9 @@ fn parse_node(hex_node: &str) -> anyhow::Result<NodeId> {
     Ok(NodeId::from_bytes(raw))
 }
 
-fn payload(kind: &str, body: String) -> ControlFrame {
+fn payload(kind: String, body: String) -> ControlFrame {
     ControlFrame::PluginPayload {
-        kind: kind.into(),
+        kind,
         body: body.into(),
     }
 }
@@ -45,6 +55,10 @@ fn payload(kind: &str, body: String) -> ControlFrame {
 impl Probe {
     fn host(&self) -> &HostClient {
         self.host.get().expect("start runs before any payload")
+    }
+
+    fn kind(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.name)
     }
 
     async fn command(&self, src: NodeId, cmd: &str) -> anyhow::Result<String> {
@@ -62,15 +76,28 @@ impl Probe {
                 )
             }
             "direct" => {
-                host.send_direct(parse_node(arg)?, payload("probe.out", "direct".into()))
-                    .await?;
+                let frame = payload(self.kind("out"), "direct".into());
+                host.send_direct(parse_node(arg)?, frame).await?;
                 "direct ok".into()
             }
             "routed" => {
-                let attempted = host
-                    .send_routed(parse_node(arg)?, payload("probe.out", "routed".into()))
-                    .await?;
+                let frame = payload(self.kind("out"), "routed".into());
+                let attempted = host.send_routed(parse_node(arg)?, frame).await?;
                 format!("routed attempted={attempted}")
+            }
+            "send" => match host.send_direct(src, payload(arg.into(), "x".into())).await {
+                Ok(()) => "send ok".into(),
+                Err(e) => format!("send error {:?}: {e}", e.code()),
+            },
+            "goodbye" => {
+                let frame = ControlFrame::Goodbye {
+                    departing_id: src,
+                    reason: 1,
+                };
+                match host.send_direct(src, frame).await {
+                    Ok(()) => "goodbye ok".into(),
+                    Err(e) => format!("goodbye error {:?}: {e}", e.code()),
+                }
             }
             "seed" => match host.signing_seed().await {
                 Ok(seed) => format!("seed {}", hex(&seed)),
@@ -79,6 +106,7 @@ impl Probe {
             "watch" => {
                 let mut watch = host.watch().await?;
                 let host = host.clone();
+                let kind = self.kind("reply");
                 tokio::spawn(async move {
                     while let Ok(Some(ev)) = watch.next().await {
                         let text = match ev {
@@ -92,7 +120,7 @@ impl Probe {
                             }) => format!("watched forgotten {}", hex(node_id.as_bytes())),
                             WatchEvent::Lagged { missed } => format!("watched lagged {missed}"),
                         };
-                        let _ = host.send_direct(src, payload("probe.reply", text)).await;
+                        let _ = host.send_direct(src, payload(kind.clone(), text)).await;
                     }
                 });
                 "watching".into()
@@ -100,16 +128,36 @@ impl Probe {
             other => format!("unknown command {other}"),
         })
     }
+
+    /// Whether this payload should hang the handler, per `PROBE_MODE`.
+    fn should_stall(&self, body: &str) -> bool {
+        if body != "stall" {
+            return false;
+        }
+        match self.mode.as_str() {
+            "stubborn" => true,
+            "stall-once" => {
+                let marker =
+                    std::env::var_os("PROBE_MARKER").expect("stall-once needs PROBE_MARKER");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(marker)
+                    .is_ok()
+            }
+            _ => false,
+        }
+    }
 }
 
 #[async_trait]
 impl Sidecar for Probe {
     fn name(&self) -> &str {
-        "probe"
+        self.name
     }
 
     fn payload_kinds(&self) -> &[&str] {
-        &["probe.cmd", "probe.seq"]
+        &self.kinds
     }
 
     async fn start(&self, ctx: Context) -> anyhow::Result<()> {
@@ -119,22 +167,50 @@ impl Sidecar for Probe {
 
     async fn handle_payload(&self, src: NodeId, kind: &str, body: Bytes) -> anyhow::Result<()> {
         let text = String::from_utf8_lossy(&body).into_owned();
-        let reply = match kind {
-            "probe.seq" => payload("probe.seen", text),
-            _ => payload("probe.reply", self.command(src, &text).await?),
+        let reply = if kind == self.kinds[1] {
+            if self.should_stall(&text) {
+                tracing::warn!("stalling on purpose");
+                std::future::pending::<()>().await;
+            }
+            payload(self.kind("seen"), format!("{} {text}", std::process::id()))
+        } else {
+            payload(self.kind("reply"), self.command(src, &text).await?)
         };
         self.host().send_direct(src, reply).await?;
         Ok(())
     }
 
     async fn on_peer_forgotten(&self, peer: NodeId) {
-        let _ = self
-            .host()
-            .send_direct(peer, payload("probe.forgotten", hex(peer.as_bytes())))
-            .await;
+        let frame = payload(self.kind("forgotten"), hex(peer.as_bytes()));
+        let _ = self.host().send_direct(peer, frame).await;
     }
 }
 
 fn main() -> ExitCode {
-    pim_sidecar::run(Probe::default())
+    let mode = std::env::var("PROBE_MODE").unwrap_or_default();
+    if mode == "crash" {
+        eprintln!("ERROR probe crashing on purpose");
+        return ExitCode::from(3);
+    }
+    let name: &'static str = Box::leak(
+        std::env::var("PIM_PLUGIN_NAME")
+            .unwrap_or_else(|_| "probe".into())
+            .into_boxed_str(),
+    );
+    eprintln!(r#"{{"level":"warn","message":"probe {name} says hello in JSON"}}"#);
+    if mode == "stubborn" {
+        // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+        eprintln!("WARN probe ignores SIGTERM");
+    }
+    let kinds = [
+        &*Box::leak(format!("{name}.cmd").into_boxed_str()),
+        &*Box::leak(format!("{name}.seq").into_boxed_str()),
+    ];
+    pim_sidecar::run(Probe {
+        name,
+        kinds,
+        mode,
+        host: OnceCell::new(),
+    })
 }

@@ -15,12 +15,47 @@ use pim_protocol::ControlFrame;
 /// Bound on every wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// Sends the host's and the sidecars' logs to the test output.
+/// Every log line of this test binary, for tests that check what was logged.
+static LOGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Writes log output to the test's captured output and to [`LOGS`].
+struct Tee;
+
+impl std::io::Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        print!("{text}");
+        LOGS.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(text.lines().map(str::to_owned));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends the host's and the sidecars' logs to the test output (shown when a
+/// test fails) and keeps them for [`logged`].
 pub fn init_logging() {
+    let level = std::env::var("PIM_TEST_LOG")
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
     let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_max_level(tracing::Level::INFO)
+        .with_writer(|| Tee)
+        .with_ansi(false)
+        .with_max_level(level)
         .try_init();
+}
+
+/// Whether a log line so far satisfies `pred`.
+pub fn logged(pred: impl Fn(&str) -> bool) -> bool {
+    LOGS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|l| pred(l))
 }
 
 /// A fresh temporary directory for one test.
@@ -43,12 +78,33 @@ pub fn echo_bin() -> PathBuf {
 
 /// A spawn config for the probe sidecar in `dir`.
 pub fn probe_config(dir: &Path) -> SidecarConfig {
+    probe_named(dir, "probe")
+}
+
+/// A spawn config for a probe sidecar called `name` (kinds `<name>.cmd`
+/// and `<name>.seq`) in `dir`.
+pub fn probe_named(dir: &Path, name: &str) -> SidecarConfig {
     SidecarConfig::spawn(
-        "probe",
-        ["probe.cmd", "probe.seq"],
+        name,
+        [format!("{name}.cmd"), format!("{name}.seq")],
         dir.join("sock"),
-        CommandSpec::new(probe_bin()).env("RUST_LOG", "debug"),
+        CommandSpec::new(probe_bin()).env(
+            "RUST_LOG",
+            std::env::var("PIM_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        ),
     )
+}
+
+/// The `(pid, body)` of each `<kind>` payload sent directly to `to`, where
+/// the body is `<pid> <rest>` (the probe's `.seen` replies).
+pub fn seen_by(calls: &[PortCall], to: NodeId, kind: &str) -> Vec<(u32, String)> {
+    sent_direct(calls, to, kind)
+        .into_iter()
+        .filter_map(|b| {
+            let (pid, rest) = b.split_once(' ')?;
+            Some((pid.parse().ok()?, rest.to_owned()))
+        })
+        .collect()
 }
 
 /// Node ids for tests.
@@ -93,9 +149,15 @@ pub fn sent_direct(calls: &[PortCall], to: NodeId, kind: &str) -> Vec<String> {
         .collect()
 }
 
-/// Whether a process with this id exists (zombies included).
+/// Whether a process with this id is alive (a zombie counts as dead).
 pub fn process_exists(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
 }
 
 /// Waits, bounded, until `cond` holds.
@@ -191,4 +253,142 @@ pub async fn run_tool(program: &Path, args: &[String]) -> (bool, String, String)
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A child process of a test: killed on drop, its output collected and
+/// printed if the test fails.
+pub struct ChildProcess {
+    child: tokio::process::Child,
+    name: String,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stdin: Option<tokio::process::ChildStdin>,
+    notify: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl ChildProcess {
+    /// Spawns `cmd` with piped stdio.
+    pub fn spawn(name: &str, mut cmd: tokio::process::Command) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        for (stream, tag) in [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+                "out",
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+                "err",
+            ),
+        ] {
+            let Some(stream) = stream else { continue };
+            let (lines, notify) = (lines.clone(), notify.clone());
+            tokio::spawn(async move {
+                let mut reader = tokio::io::BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    lines.lock().unwrap().push(format!("{tag}: {line}"));
+                    notify.notify_waiters();
+                }
+            });
+        }
+        Self {
+            stdin: child.stdin.take(),
+            child,
+            name: name.to_owned(),
+            lines,
+            notify,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the child has not been reaped")
+    }
+
+    /// Writes a line to its stdin.
+    pub async fn send(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.stdin.as_mut().expect("stdin is piped");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    /// Waits until a stdout line matching `pred` appears; returns it.
+    pub async fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let wait = async {
+            loop {
+                let notified = self.notify.notified();
+                if let Some(l) = self
+                    .lines
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|l| l.strip_prefix("out: "))
+                    .find(|l| pred(l))
+                {
+                    return l.to_owned();
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(WAIT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("{} never printed {what}", self.name))
+    }
+
+    /// Stdout lines so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix("out: ").map(str::to_owned))
+            .collect()
+    }
+
+    /// SIGKILLs it and reaps it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Waits (bounded) for it to exit.
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{} did not exit within {WAIT:?}", self.name))
+            .unwrap()
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- output of {} ---", self.name);
+            for line in self.lines.lock().unwrap().iter() {
+                eprintln!("{line}");
+            }
+        }
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Path of the daemon stand-in.
+pub fn test_host_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_test-host"))
 }

@@ -1,0 +1,91 @@
+//! A daemon stand-in for the multi-process tests: it hosts one sidecar
+//! through `SidecarPlugin` with the testkit's recording ports, in its own
+//! process, so that a test can SIGKILL "the daemon".
+//!
+//! ```text
+//! test-host --dir DIR --name NAME (--spawn PROGRAM | --external)
+//! ```
+//!
+//! Prints `ready <sidecar pid or 0>` once serving, then `sent <kind> <body>`
+//! for every payload the sidecar sends directly. Reads commands on stdin:
+//! `payload <kind> <body>` (from node 01…01), `shutdown`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pim_core::NodeId;
+use pim_plugin_bridge::testkit::{FakeHost, PortCall};
+use pim_plugin_bridge::{CommandSpec, SidecarConfig};
+use pim_protocol::ControlFrame;
+use tokio::io::AsyncBufReadExt;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let mut args = std::env::args().skip(1);
+    let (mut dir, mut name, mut spawn) = (None, None, None);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--dir" => dir = args.next().map(PathBuf::from),
+            "--name" => name = args.next(),
+            "--spawn" => spawn = args.next().map(PathBuf::from),
+            "--external" => {}
+            other => anyhow::bail!("unknown argument {other}"),
+        }
+    }
+    let dir = dir.ok_or_else(|| anyhow::anyhow!("--dir is required"))?;
+    let name = name.ok_or_else(|| anyhow::anyhow!("--name is required"))?;
+    let kinds = [format!("{name}.cmd"), format!("{name}.seq")];
+    let mut config = match spawn {
+        Some(program) => {
+            SidecarConfig::spawn(&name, kinds, dir.join("sock"), CommandSpec::new(program))
+        }
+        None => SidecarConfig::external(&name, kinds, dir.join("sock")),
+    };
+    config.shutdown_grace = Duration::from_secs(2);
+    let host = FakeHost::start(config, &dir).await?;
+    println!("ready {}", host.plugin().pid().unwrap_or(0));
+    let ports = host.ports().clone();
+    tokio::spawn(async move {
+        let mut printed = 0;
+        loop {
+            let Ok(calls) = ports
+                .wait_until(Duration::from_secs(3600), |calls| {
+                    (calls.len() > printed).then(|| calls[printed..].to_vec())
+                })
+                .await
+            else {
+                continue;
+            };
+            printed += calls.len();
+            for call in calls {
+                if let PortCall::SendDirect {
+                    frame: ControlFrame::PluginPayload { kind, body },
+                    ..
+                } = call
+                {
+                    println!("sent {kind} {}", String::from_utf8_lossy(&body));
+                }
+            }
+        }
+    });
+    let src = NodeId::from_bytes([1; 16]);
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let mut parts = line.splitn(3, ' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("payload"), Some(kind), body) => {
+                host.inject_payload(src, kind, body.unwrap_or_default().to_owned())
+                    .await;
+            }
+            (Some("shutdown"), _, _) => break,
+            _ => eprintln!("unknown command {line:?}"),
+        }
+    }
+    host.shutdown().await;
+    println!("stopped");
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! Sidecars that survive: nothing lost across a SIGKILL, crash loops,
+//! stuck sidecars, SIGTERM-ignoring sidecars, the daemon's own death, host
+//! restarts under an external sidecar, and the sidecar's logs.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use pim_plugin_bridge::testkit::FakeHost;
+use pim_plugin_bridge::RestartPolicy;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_in_a_burst_loses_no_payload_and_keeps_order() {
+    init_logging();
+    let dir = temp_dir();
+    let mut config = probe_named(dir.path(), "burst");
+    config.stuck_timeout = None;
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let src = node(1);
+    let n = 10_000;
+    for i in 0..n {
+        host.inject_payload(src, "burst.seq", i.to_string()).await;
+    }
+    let first = host.plugin().pid().unwrap();
+    // Every call the probe makes here is one `.seen` reply; checks stay O(1)
+    // because they run on every recorded call.
+    host.ports()
+        .wait_until(WAIT, |calls| (calls.len() >= 2_000).then_some(()))
+        .await
+        .unwrap();
+    // SAFETY: kill has no memory-safety preconditions; `first` is our sidecar.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    let last = (n - 1).to_string();
+    host.ports()
+        .wait_until(WAIT, |calls| {
+            let tail = seen_by(&calls[calls.len().saturating_sub(1)..], src, "burst.seen");
+            tail.iter()
+                .any(|(pid, v)| *pid != first && *v == last)
+                .then_some(())
+        })
+        .await
+        .unwrap();
+    let seen = seen_by(&host.ports().calls(), src, "burst.seen");
+
+    let mut by_pid: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for (pid, v) in &seen {
+        by_pid.entry(*pid).or_default().push(v.parse().unwrap());
+    }
+    assert_eq!(
+        by_pid.len(),
+        2,
+        "exactly one restart expected: {:?}",
+        by_pid.keys()
+    );
+    for (pid, values) in &by_pid {
+        assert!(
+            values.windows(2).all(|w| w[0] < w[1]),
+            "process {pid} handled payloads out of order"
+        );
+    }
+    let mut handled: Vec<u64> = seen.iter().map(|(_, v)| v.parse().unwrap()).collect();
+    handled.sort_unstable();
+    handled.dedup();
+    assert_eq!(handled, (0..n as u64).collect::<Vec<_>>(), "payloads lost");
+    let duplicates = seen.len() - n;
+    let stats = host.plugin().stats();
+    println!(
+        "SIGKILL after {} handled: {duplicates} duplicate deliveries, {} replayed, restarts {}",
+        by_pid[&first].len(),
+        stats.queue.replayed,
+        stats.restarts
+    );
+    assert_eq!(stats.restarts, 1);
+    assert!(stats.queue.replayed >= duplicates as u64);
+    eventually("every payload acked", || {
+        host.plugin().stats().queue.acked_seq == n as u64
+    })
+    .await;
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_backs_off_then_marks_the_plugin_failed() {
+    init_logging();
+    let dir = temp_dir();
+    let mut config = probe_named(dir.path(), "crashy");
+    if let pim_plugin_bridge::Launch::Spawn(cmd) = &mut config.launch {
+        cmd.env.push(("PROBE_MODE".into(), "crash".into()));
+    }
+    config.wait_for_register = false;
+    config.restart = RestartPolicy {
+        max_restarts: 3,
+        window: Duration::from_secs(60),
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_secs(1),
+    };
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    eventually("the plugin to be marked failed", || {
+        host.plugin().stats().failed
+    })
+    .await;
+    let stats = host.plugin().stats();
+    assert_eq!(stats.restarts, 3);
+    assert_eq!(stats.last_exit.as_deref(), Some("exit status 3"));
+    assert_eq!(stats.restart_delays.len(), 3);
+    assert!(
+        stats.restart_delays.windows(2).all(|w| w[0] < w[1]),
+        "the backoff must grow: {:?}",
+        stats.restart_delays
+    );
+    assert!(logged(|l| l.contains("crash loop") && l.contains("crashy")));
+    // The daemon side is unharmed: payloads are still taken and kept.
+    for i in 0..100 {
+        host.inject_payload(node(1), "crashy.seq", i.to_string())
+            .await;
+    }
+    assert_eq!(host.plugin().stats().queue.depth, 100);
+    let socket = host.plugin().socket_path();
+    host.shutdown().await;
+    assert!(!socket.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_sidecar_is_detected_and_restarted() {
+    init_logging();
+    let dir = temp_dir();
+    let mut config = probe_named(dir.path(), "stucky");
+    if let pim_plugin_bridge::Launch::Spawn(cmd) = &mut config.launch {
+        cmd.env.push(("PROBE_MODE".into(), "stall-once".into()));
+        cmd.env
+            .push(("PROBE_MARKER".into(), dir.path().join("stalled").into()));
+    }
+    config.stuck_timeout = Some(Duration::from_millis(500));
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let src = node(1);
+    host.inject_payload(src, "stucky.seq", "first").await;
+    eventually("the first payload acked", || {
+        host.plugin().stats().queue.acked_seq == 1
+    })
+    .await;
+    host.inject_payload(src, "stucky.seq", "stall").await;
+    host.inject_payload(src, "stucky.seq", "after").await;
+    let seen = host
+        .ports()
+        .wait_until(WAIT, |calls| {
+            let seen = seen_by(calls, src, "stucky.seen");
+            seen.iter().any(|(_, v)| v == "after").then_some(seen)
+        })
+        .await
+        .unwrap();
+    let stats = host.plugin().stats();
+    assert_eq!(stats.stuck_restarts, 1);
+    assert_eq!(stats.last_stuck_seq, Some(2));
+    assert!(
+        seen.iter().any(|(_, v)| v == "stall"),
+        "the stalled payload is redelivered"
+    );
+    assert!(logged(
+        |l| l.contains("no ack progress on seq 2") && l.contains("stucky")
+    ));
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_ignoring_sigterm_is_killed_after_the_grace_period() {
+    init_logging();
+    let dir = temp_dir();
+    let mut config = probe_named(dir.path(), "stubborn");
+    if let pim_plugin_bridge::Launch::Spawn(cmd) = &mut config.launch {
+        cmd.env.push(("PROBE_MODE".into(), "stubborn".into()));
+    }
+    config.shutdown_grace = Duration::from_millis(300);
+    config.term_grace = Duration::from_millis(300);
+    config.stuck_timeout = None;
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    host.inject_payload(node(1), "stubborn.seq", "stall").await;
+    eventually("the stall to be delivered", || {
+        host.plugin().stats().queue.delivered >= 1
+    })
+    .await;
+    let pid = host.plugin().pid().unwrap();
+    let socket = host.plugin().socket_path();
+    host.shutdown().await;
+    assert!(!process_exists(pid), "the stubborn sidecar survived");
+    assert!(!socket.exists(), "socket left behind");
+    assert_eq!(
+        host.plugin().stats().last_exit.as_deref(),
+        Some("killed by signal 9")
+    );
+    assert!(logged(|l| l.contains("SIGTERM") && l.contains("stubborn")));
+    assert!(logged(
+        |l| l.contains("sidecar ignored SIGTERM: SIGKILL") && l.contains("stubborn")
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawned_sidecar_dies_with_its_daemon_even_on_sigkill() {
+    init_logging();
+    let dir = temp_dir();
+    let mut cmd = tokio::process::Command::new(test_host_bin());
+    cmd.arg("--dir")
+        .arg(dir.path())
+        .args(["--name", "orphan", "--spawn"])
+        .arg(probe_bin());
+    let mut daemon = ChildProcess::spawn("test-host", cmd);
+    let ready = daemon.wait_line("ready", |l| l.starts_with("ready ")).await;
+    let sidecar: u32 = ready["ready ".len()..].parse().unwrap();
+    assert!(process_exists(sidecar));
+    daemon.kill().await;
+    eventually("the sidecar to die with its daemon", || {
+        !process_exists(sidecar)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_sidecar_reconnects_when_the_host_restarts() {
+    init_logging();
+    let dir = temp_dir();
+    let host_cmd = || {
+        let mut cmd = tokio::process::Command::new(test_host_bin());
+        cmd.arg("--dir")
+            .arg(dir.path())
+            .args(["--name", "roamer", "--external"]);
+        cmd
+    };
+    let mut host1 = ChildProcess::spawn("test-host 1", host_cmd());
+    host1.wait_line("ready", |l| l.starts_with("ready")).await;
+    let mut probe_cmd = tokio::process::Command::new(probe_bin());
+    probe_cmd
+        .env_clear()
+        .env("PIM_PLUGIN_SOCKET", dir.path().join("sock/roamer.sock"))
+        .env(
+            "PIM_PLUGIN_TOKEN_FILE",
+            dir.path().join("sock/roamer.token"),
+        )
+        .env("PIM_PLUGIN_NAME", "roamer");
+    let probe = ChildProcess::spawn("external probe", probe_cmd);
+    host1.send("payload roamer.seq before").await;
+    let line = host1
+        .wait_line("the first reply", |l| l.ends_with(" before"))
+        .await;
+    assert_eq!(line, format!("sent roamer.seen {} before", probe.pid()));
+
+    host1.kill().await;
+    let mut host2 = ChildProcess::spawn("test-host 2", host_cmd());
+    host2.wait_line("ready", |l| l.starts_with("ready")).await;
+    host2.send("payload roamer.seq after").await;
+    let line = host2
+        .wait_line("a reply after the restart", |l| l.ends_with(" after"))
+        .await;
+    assert_eq!(
+        line,
+        format!("sent roamer.seen {} after", probe.pid()),
+        "the same sidecar process resumes with the new host"
+    );
+    host2.send("shutdown").await;
+    host2.wait_line("stopped", |l| l == "stopped").await;
+    let mut probe = probe;
+    assert!(
+        probe.wait().await.success(),
+        "the sidecar exits 0 on Shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_log_lines_reach_the_host_log_with_the_plugin_name() {
+    init_logging();
+    let dir = temp_dir();
+    let host = FakeHost::start(probe_named(dir.path(), "chatty"), dir.path())
+        .await
+        .unwrap();
+    eventually("the sidecar's JSON line in the host log at WARN", || {
+        logged(|l| {
+            l.contains(" WARN ")
+                && l.contains("probe chatty says hello in JSON")
+                && l.contains("plugin=\"chatty\"")
+        })
+    })
+    .await;
+    eventually("the sidecar's plain INFO line in the host log", || {
+        logged(|l| {
+            l.contains(" INFO ")
+                && l.contains("registered")
+                && l.contains("plugin=\"chatty\"")
+                && l.contains("stream=\"stderr\"")
+        })
+    })
+    .await;
+    host.shutdown().await;
+}
