@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --quiet --locked -p pim-sidecar-examples --bin demo-host --bin echo-sidecar
 target="${CARGO_TARGET_DIR:-$PWD/target}/debug"
-exec "$target/demo-host" --sidecar "$target/echo-sidecar" "$@"
+exec "$target/demo-host" "$@"

@@ -7,11 +7,7 @@ use support::*;
 
 #[tokio::test]
 async fn the_demo_host_runs_its_scenario() {
-    let (ok, out, err) = run_tool(
-        std::path::Path::new(env!("CARGO_BIN_EXE_demo-host")),
-        &["--sidecar".into(), echo_bin().display().to_string()],
-    )
-    .await;
+    let (ok, out, err) = run_tool(std::path::Path::new(env!("CARGO_BIN_EXE_demo-host")), &[]).await;
     assert!(ok, "demo-host failed:\n{out}\n{err}");
     for line in [
         r#"payload  alice -> bob: PluginPayload echo.ping "hi bob" => plugin echo"#,

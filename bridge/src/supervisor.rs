@@ -319,7 +319,7 @@ fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Resu
         command.current_dir(dir);
     }
     set_parent_death_signal(&mut command);
-    let mut child = command.spawn().map_err(|e| {
+    let mut child = spawn_from_stable_thread(command).map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!(
@@ -348,6 +348,43 @@ fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Resu
         )));
     }
     Ok(Running { child, forwarders })
+}
+
+/// Spawns `command` from one long-lived thread.
+///
+/// The kernel sends the parent-death signal when the *thread* that forked
+/// the child exits, not the process. Runtime threads can come and go
+/// (`block_in_place`, blocking-pool threads), so every sidecar is forked
+/// from a thread that lives as long as the process.
+fn spawn_from_stable_thread(mut command: Command) -> std::io::Result<Child> {
+    type Job = Box<dyn FnOnce() + Send>;
+    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("pim-sidecar-spawner".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .expect("starting the sidecar spawner thread");
+        Mutex::new(tx)
+    });
+    let handle = tokio::runtime::Handle::current();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _runtime = handle.enter();
+        let _ = tx.send(command.spawn());
+    });
+    sender
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(job)
+        .map_err(|_| std::io::Error::other("the sidecar spawner thread is gone"))?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the sidecar spawner thread is gone"))?
 }
 
 /// Asks the kernel to SIGKILL the child when the daemon dies, even by SIGKILL.

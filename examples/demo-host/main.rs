@@ -8,9 +8,12 @@
 //! echo sidecar receives. Then alice forgets carol (`on_peer_forgotten`),
 //! and every sidecar is shut down in order. It prints what flows and exits 0.
 //!
+//! The sidecars each node hosts are declared in `sidecars.toml` beside this
+//! file (`--config` picks another).
+//!
 //! ```text
-//! cargo run -p pim-sidecar-examples --bin demo-host            # the scenario, then exit
-//! cargo run -p pim-sidecar-examples --bin demo-host -- --serve # keep serving for grpcurl; Ctrl-C stops
+//! ./examples/demo.sh            # builds, runs the scenario, exits 0
+//! ./examples/demo.sh --serve    # keeps serving for grpcurl; Ctrl-C stops
 //! ```
 
 use std::path::PathBuf;
@@ -18,30 +21,38 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pim_plugin_bridge::{CommandSpec, Grants, SidecarConfig, SidecarPlugin};
+use pim_plugin::DaemonPlugin;
+use pim_plugin_bridge::file::load_sidecars;
+use pim_plugin_bridge::{Launch, SidecarConfig, SidecarPlugin};
 use pim_protocol::ControlFrame;
 use pim_sidecar_examples::mesh::{Mesh, MeshEvent};
 
 struct Args {
     serve: bool,
-    sidecar: Option<PathBuf>,
+    config: PathBuf,
+    bin_dir: Option<PathBuf>,
     dir: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         serve: false,
-        sidecar: None,
+        config: PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/demo-host/sidecars.toml"
+        )),
+        bin_dir: None,
         dir: None,
     };
     let mut it = std::env::args_os().skip(1);
     while let Some(arg) = it.next() {
         match arg.to_str() {
             Some("--serve") => args.serve = true,
-            Some("--sidecar") => args.sidecar = it.next().map(PathBuf::from),
+            Some("--config") => args.config = it.next().map(PathBuf::from).unwrap_or_default(),
+            Some("--bin-dir") => args.bin_dir = it.next().map(PathBuf::from),
             Some("--dir") => args.dir = it.next().map(PathBuf::from),
             Some("-h" | "--help") => {
-                return Err("usage: demo-host [--serve] [--sidecar PATH] [--dir DIR]\n  --serve    keep serving after the scenario (for grpcurl); Ctrl-C stops\n  --sidecar  the echo sidecar binary (default: echo-sidecar next to demo-host)\n  --dir      where sockets and data go (default: a new temporary directory)".into())
+                return Err("usage: demo-host [--serve] [--config FILE] [--bin-dir DIR] [--dir DIR]\n  --serve    keep serving after the scenario (for grpcurl); Ctrl-C stops\n  --config   the sidecars file (default: examples/demo-host/sidecars.toml)\n  --bin-dir  where programs named without a '/' are (default: demo-host's directory)\n  --dir      where sockets and data go (default: a new temporary directory)".into())
             }
             _ => return Err(format!("unknown argument {arg:?}; try --help")),
         }
@@ -49,19 +60,31 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-fn echo_binary(args: &Args) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &args.sidecar {
-        return Ok(p.clone());
+/// The sidecars of `args.config`, with bare program names found in the
+/// binary directory.
+fn sidecars(args: &Args) -> anyhow::Result<Vec<SidecarConfig>> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default(),
+    };
+    let mut configs = load_sidecars(&args.config)?;
+    for config in &mut configs {
+        if let Launch::Spawn(cmd) = &mut config.launch {
+            if cmd.program.components().count() == 1 {
+                cmd.program = bin_dir.join(&cmd.program);
+            }
+            if !cmd.program.exists() {
+                anyhow::bail!(
+                    "{} not found: build it with `cargo build -p pim-sidecar-examples --bins`, or pass --bin-dir",
+                    cmd.program.display()
+                );
+            }
+        }
     }
-    let exe = std::env::current_exe()?;
-    let path = exe.with_file_name("echo-sidecar");
-    if !path.exists() {
-        anyhow::bail!(
-            "{} not found: build it with `cargo build -p pim-sidecar-examples --bins`, or pass --sidecar PATH",
-            path.display()
-        );
-    }
-    Ok(path)
+    Ok(configs)
 }
 
 fn print_event(ev: &MeshEvent) {
@@ -86,7 +109,7 @@ fn print_event(ev: &MeshEvent) {
 }
 
 async fn demo(args: Args) -> anyhow::Result<()> {
-    let echo = echo_binary(&args)?;
+    let declared = sidecars(&args)?;
     let tmp = tempfile::Builder::new().prefix("pim-demo-").tempdir()?;
     let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
     let mesh = Mesh::new();
@@ -96,22 +119,27 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         let node_dir = root.join(name);
         std::fs::create_dir_all(node_dir.join("data"))?;
         let node = mesh.add_node(name, [i as u8 + 1; 32], node_dir.join("data"));
-        let mut config = SidecarConfig::spawn(
-            "echo",
-            ["echo.ping", "echo.pong"],
-            node_dir.join("sock"),
-            CommandSpec::new(&echo).inherit("RUST_LOG"),
-        );
-        config.grants = Grants::default();
-        let plugin = Arc::new(SidecarPlugin::new(config)?);
-        mesh.start_plugin(&node, plugin.clone()).await?;
-        println!(
-            "{name}: echo sidecar pid {:?} on {}",
-            plugin.pid(),
-            plugin.socket_path().display()
-        );
-        plugins.push((node, plugin));
+        for declared in &declared {
+            let mut config = declared.clone();
+            config.socket_dir = node_dir.join("sock");
+            let plugin = Arc::new(SidecarPlugin::new(config)?);
+            mesh.start_plugin(&node, plugin.clone()).await?;
+            println!(
+                "{name}: {} sidecar pid {:?} on {}",
+                plugin.name(),
+                plugin.pid(),
+                plugin.socket_path().display()
+            );
+            if plugin.name() == "echo" {
+                plugins.push((node.clone(), plugin));
+            }
+        }
     }
+    anyhow::ensure!(
+        plugins.len() == 3,
+        "the demo needs the `echo` sidecar in {}",
+        args.config.display()
+    );
     let (alice, alice_echo) = plugins[0].clone();
     println!("\nscenario: alice pings bob and carol");
     for (peer, _) in &plugins[1..] {
