@@ -291,3 +291,73 @@ async fn sidecar_log_lines_reach_the_host_log_with_the_plugin_name() {
     .await;
     host.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_wait_for_a_sidecar_that_is_not_connected_yet() {
+    init_logging();
+    let dir = temp_dir();
+    let config = pim_plugin_bridge::SidecarConfig::external(
+        "late",
+        ["late.cmd", "late.seq"],
+        dir.path().join("sock"),
+    );
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let src = node(1);
+    for i in 0..50 {
+        host.inject_payload(src, "late.seq", i.to_string()).await;
+    }
+    assert_eq!(host.plugin().stats().queue.depth, 50);
+    assert!(!host.plugin().stats().connected);
+    let mut cmd = tokio::process::Command::new(probe_bin());
+    cmd.env_clear()
+        .env("PIM_PLUGIN_SOCKET", host.plugin().socket_path())
+        .env("PIM_PLUGIN_TOKEN_FILE", dir.path().join("sock/late.token"))
+        .env("PIM_PLUGIN_NAME", "late");
+    let _probe = ChildProcess::spawn("late probe", cmd);
+    let seen = host
+        .ports()
+        .wait_until(WAIT, |calls| {
+            (calls.len() >= 50).then(|| seen_by(calls, src, "late.seen"))
+        })
+        .await
+        .unwrap();
+    let values: Vec<String> = seen.into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, (0..50).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert!(host.plugin().stats().connected);
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawned_sidecar_gets_a_clean_environment_without_the_token() {
+    init_logging();
+    let dir = temp_dir();
+    let host = FakeHost::start(probe_named(dir.path(), "clean"), dir.path())
+        .await
+        .unwrap();
+    // This test process has PATH, HOME, CARGO_* and more; none may reach the sidecar.
+    assert!(std::env::var_os("PATH").is_some());
+    let env = command(&host, node(1), "env").await;
+    assert_eq!(
+        env, "env PIM_PLUGIN_NAME,PIM_PLUGIN_PROTOCOL_VERSION,PIM_PLUGIN_SOCKET,RUST_LOG",
+        "only the PIM_PLUGIN_* variables and the configured ones; the SDK removes PIM_PLUGIN_TOKEN"
+    );
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_cancel_token_shuts_the_sidecar_down() {
+    init_logging();
+    let dir = temp_dir();
+    let host = FakeHost::start(probe_named(dir.path(), "cancelled"), dir.path())
+        .await
+        .unwrap();
+    let pid = host.plugin().pid().unwrap();
+    let socket = host.plugin().socket_path();
+    host.cancel_daemon();
+    eventually("the sidecar to exit", || !process_exists(pid)).await;
+    eventually("the socket to be removed", || !socket.exists()).await;
+    assert_eq!(
+        host.plugin().stats().last_exit.as_deref(),
+        Some("exit status 0")
+    );
+}

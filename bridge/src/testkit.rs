@@ -321,6 +321,12 @@ impl FakeHost {
         self.plugin.on_peer_forgotten(node).await;
     }
 
+    /// Cancels the daemon-wide token (`PluginContext::cancel`), as a daemon
+    /// does when it stops; the plugin shuts down on its own.
+    pub fn cancel_daemon(&self) {
+        self.cancel.cancel();
+    }
+
     /// Shuts the sidecar down in order and waits for it.
     pub async fn shutdown(&self) {
         self.plugin.shutdown().await;

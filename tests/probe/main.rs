@@ -8,7 +8,8 @@
 //! (answered with `<name>.seen` carrying `<pid> <body>`, so the handled
 //! order and the handling process are visible). Commands: `lookup <hex
 //! node>`, `direct <hex node>`, `routed <hex node>`, `seed`, `watch`,
-//! `send <kind>` (a payload of that kind to the source), `goodbye`.
+//! `send <kind>` (a payload of that kind to the source), `goodbye`, `env`
+//! (the names of its environment variables).
 //!
 //! `PROBE_MODE` changes its behaviour for the supervision tests:
 //! `crash` exits with status 3 at once; `stall-once` never returns from the
@@ -98,6 +99,13 @@ impl Probe {
                     Ok(()) => "goodbye ok".into(),
                     Err(e) => format!("goodbye error {:?}: {e}", e.code()),
                 }
+            }
+            "env" => {
+                let mut names: Vec<String> = std::env::vars_os()
+                    .map(|(k, _)| k.to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                format!("env {}", names.join(","))
             }
             "seed" => match host.signing_seed().await {
                 Ok(seed) => format!("seed {}", hex(&seed)),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pim_core::NodeId;
+use pim_plugin::DaemonPlugin;
 use pim_plugin_bridge::testkit::{FakeHost, PortCall};
 use pim_plugin_bridge::{CommandSpec, SidecarConfig};
 use pim_protocol::ControlFrame;
@@ -119,20 +120,18 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Sends a probe command from `src` and waits for its `probe.reply`.
 pub async fn command(host: &FakeHost, src: NodeId, cmd: &str) -> String {
-    let before = replies(host, src).len();
-    host.inject_payload(src, "probe.cmd", cmd.to_owned()).await;
+    let name = host.plugin().name();
+    let reply_kind = format!("{name}.reply");
+    let before = sent_direct(&host.ports().calls(), src, &reply_kind).len();
+    host.inject_payload(src, &format!("{name}.cmd"), cmd.to_owned())
+        .await;
     host.ports()
         .wait_until(WAIT, |calls| {
-            let r = sent_direct(calls, src, "probe.reply");
+            let r = sent_direct(calls, src, &reply_kind);
             (r.len() > before).then(|| r[before].clone())
         })
         .await
         .unwrap_or_else(|e| panic!("no reply to `{cmd}`: {e}"))
-}
-
-/// The `probe.reply` bodies sent directly to `to`, in order.
-pub fn replies(host: &FakeHost, to: NodeId) -> Vec<String> {
-    sent_direct(host.ports().calls().as_slice(), to, "probe.reply")
 }
 
 /// Bodies of `kind` payloads sent directly to `to`, in order.
