@@ -124,6 +124,35 @@ impl Default for RestartPolicy {
     }
 }
 
+/// Bounds on what connections to one plugin socket may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once; more are closed at once. Default 16.
+    pub max_connections: usize,
+    /// Concurrent calls (HTTP/2 streams) per connection. Default 64.
+    pub max_streams_per_connection: u32,
+    /// Idle time after which the host pings a connection. Default 20 s.
+    pub keepalive_interval: Duration,
+    /// A connection that does not answer a ping within this is closed.
+    /// Default 10 s.
+    pub keepalive_timeout: Duration,
+    /// Longest time a call may take to produce its response (a stream's
+    /// messages are not bounded by it). Default 30 s.
+    pub request_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            max_streams_per_connection: 64,
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Everything the bridge needs to host one sidecar plugin.
 #[derive(Debug, Clone)]
 pub struct SidecarConfig {
@@ -138,6 +167,11 @@ pub struct SidecarConfig {
     pub launch: Launch,
     /// Extra rights.
     pub grants: Grants,
+    /// Uids whose processes may call (checked with `SO_PEERCRED`); the
+    /// daemon's own effective uid when empty (the default).
+    pub allowed_uids: Vec<u32>,
+    /// Bounds on connections to the socket.
+    pub connections: ConnectionLimits,
     /// Event queue bounds.
     pub queue: QueueLimits,
     /// Restarts of a spawned sidecar.
@@ -189,6 +223,8 @@ impl SidecarConfig {
             socket_dir: socket_dir.into(),
             launch,
             grants: Grants::default(),
+            allowed_uids: Vec::new(),
+            connections: ConnectionLimits::default(),
             queue: QueueLimits::default(),
             restart: RestartPolicy::default(),
             wait_for_register,
@@ -238,6 +274,9 @@ impl SidecarConfig {
             if cmd.program.as_os_str().is_empty() {
                 return Err(ConfigError::new("command.program", "must not be empty"));
             }
+        }
+        if self.connections.max_connections == 0 {
+            return Err(ConfigError::new("connections.max_connections", "must be at least 1"));
         }
         if self.queue.max_events == 0 {
             return Err(ConfigError::new("queue.max_events", "must be at least 1"));

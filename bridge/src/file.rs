@@ -11,6 +11,8 @@
 //! env = { ECHO_MODE = "polite" }
 //! inherit_env = ["RUST_LOG"]
 //! grants = ["signing_seed"]          # and/or "raw_control"
+//! allowed_uids = [1000]              # default: the daemon's own uid
+//! connections = { max_connections = 16, max_streams_per_connection = 64, keepalive_interval = "20s", keepalive_timeout = "10s", request_timeout = "30s" }
 //! startup_timeout = "10s"
 //! shutdown_grace = "5s"
 //! term_grace = "2s"
@@ -57,6 +59,9 @@ struct SidecarDoc {
     socket_dir: Option<PathBuf>,
     #[serde(default)]
     grants: Vec<GrantDoc>,
+    #[serde(default)]
+    allowed_uids: Vec<u32>,
+    connections: Option<ConnectionsDoc>,
     wait_for_register: Option<bool>,
     #[serde(default, deserialize_with = "duration")]
     startup_timeout: Option<Duration>,
@@ -82,6 +87,19 @@ enum GrantDoc {
 struct QueueDoc {
     max_events: Option<usize>,
     max_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionsDoc {
+    max_connections: Option<usize>,
+    max_streams_per_connection: Option<u32>,
+    #[serde(default, deserialize_with = "duration")]
+    keepalive_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    keepalive_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    request_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,6 +241,17 @@ pub fn parse_sidecars(text: &str, base_dir: &Path) -> Result<Vec<SidecarConfig>,
                 GrantDoc::SigningSeed => config.grants.signing_seed = true,
                 GrantDoc::RawControl => config.grants.raw_control = true,
             }
+        }
+        config.allowed_uids = sc.allowed_uids;
+        if let Some(c) = sc.connections {
+            let l = &mut config.connections;
+            l.max_connections = c.max_connections.unwrap_or(l.max_connections);
+            l.max_streams_per_connection = c
+                .max_streams_per_connection
+                .unwrap_or(l.max_streams_per_connection);
+            l.keepalive_interval = c.keepalive_interval.unwrap_or(l.keepalive_interval);
+            l.keepalive_timeout = c.keepalive_timeout.unwrap_or(l.keepalive_timeout);
+            l.request_timeout = c.request_timeout.unwrap_or(l.request_timeout);
         }
         if let Some(w) = sc.wait_for_register {
             config.wait_for_register = w;

@@ -30,7 +30,8 @@ mod supervisor;
 pub mod testkit;
 
 pub use config::{
-    CommandSpec, ConfigError, Grants, Launch, QueueLimits, RestartPolicy, SidecarConfig,
+    CommandSpec, ConfigError, ConnectionLimits, Grants, Launch, QueueLimits, RestartPolicy,
+    SidecarConfig,
 };
 pub use pim_plugin_proto as proto;
 pub use plugin::{SidecarPlugin, SidecarStats};

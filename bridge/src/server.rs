@@ -11,7 +11,6 @@ use pim_plugin_proto::pb::plugin_session_server::PluginSessionServer;
 use pim_plugin_proto::{FILE_DESCRIPTOR_SET, SERVICE_NAMES};
 use tokio::net::UnixListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
@@ -37,8 +36,17 @@ pub(crate) fn serve(
         .build_v1alpha()?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let plugin = host.name;
+    let limits = host.config.connections;
     let router = Server::builder()
-        .layer(InterceptorLayer::new(AuthCheck::new(token, plugin)))
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .timeout(limits.request_timeout)
+        .layer(InterceptorLayer::new(AuthCheck::new(
+            token,
+            plugin,
+            host.config.allowed_uids.clone(),
+        )))
         .add_service(
             PluginSessionServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -60,7 +68,8 @@ pub(crate) fn serve(
                 .set_service_status(service, ServingStatus::Serving)
                 .await;
         }
-        let incoming = UnixListenerStream::new(listener);
+        let incoming =
+            crate::socket::incoming(listener, limits.max_connections, plugin, stopping.clone());
         let shutdown = stopping.clone();
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

@@ -88,3 +88,115 @@ pub(crate) fn write_token(path: &Path, token: &str) -> io::Result<()> {
     file.write_all(token.as_bytes())?;
     Ok(())
 }
+
+/// An accepted connection that holds one of the socket's connection slots
+/// until it closes.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    stream: tokio::net::UnixStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts connections on `listener`, at most `max` open at once: a
+/// connection beyond that is closed at once, and logged.
+pub(crate) fn incoming(
+    listener: UnixListener,
+    max: usize,
+    plugin: &'static str,
+    stopping: tokio_util::sync::CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
+    tokio::spawn(async move {
+        let mut refused: u64 = 0;
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = stopping.cancelled() => break,
+                () = tx.closed() => break,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(plugin, error = %e, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    if tx.send(Ok(Conn { stream, _slot: slot })).await.is_err() {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    refused += 1;
+                    if refused.is_power_of_two() {
+                        tracing::warn!(
+                            plugin,
+                            max,
+                            refused,
+                            "too many connections to the plugin socket: closing new ones"
+                        );
+                    }
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -10,6 +10,8 @@ command = ["./bin/echo-sidecar", "--greeting", "hi"]
 env = { ECHO_MODE = "polite" }
 inherit_env = ["RUST_LOG"]
 grants = ["signing_seed", "raw_control"]
+allowed_uids = [0, 1000]
+connections = { max_connections = 4, request_timeout = "5s" }
 startup_timeout = "3s"
 shutdown_grace = "1500ms"
 term_grace = "1s"
@@ -46,6 +48,10 @@ fn every_setting_is_read() {
     assert_eq!(cmd.env, [("ECHO_MODE".into(), "polite".into())]);
     assert_eq!(cmd.inherit_env, ["RUST_LOG"]);
     assert_eq!(echo.grants.names(), ["signing_seed", "raw_control"]);
+    assert_eq!(echo.allowed_uids, [0, 1000]);
+    assert_eq!(echo.connections.max_connections, 4);
+    assert_eq!(echo.connections.request_timeout, Duration::from_secs(5));
+    assert_eq!(echo.connections.max_streams_per_connection, 64, "default");
     assert_eq!(echo.startup_timeout, Duration::from_secs(3));
     assert_eq!(echo.shutdown_grace, Duration::from_millis(1500));
     assert_eq!(echo.term_grace, Duration::from_secs(1));

@@ -3,13 +3,17 @@
 use std::sync::Arc;
 
 use pim_plugin_proto::auth;
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 
-/// A tonic interceptor that admits only calls carrying the plugin's token.
+/// A tonic interceptor that admits only calls from an allowed uid
+/// (`SO_PEERCRED`) carrying the plugin's token.
 #[derive(Clone)]
 pub(crate) struct AuthCheck {
     token: Arc<str>,
     plugin: &'static str,
+    /// Uids allowed to connect; the daemon's own effective uid when empty.
+    allowed_uids: Arc<[u32]>,
 }
 
 impl std::fmt::Debug for AuthCheck {
@@ -17,18 +21,51 @@ impl std::fmt::Debug for AuthCheck {
         f.debug_struct("AuthCheck")
             .field("plugin", &self.plugin)
             .field("token", &"<redacted>")
+            .field("allowed_uids", &self.allowed_uids)
             .finish()
     }
 }
 
 impl AuthCheck {
-    pub(crate) fn new(token: Arc<str>, plugin: &'static str) -> Self {
-        Self { token, plugin }
+    pub(crate) fn new(token: Arc<str>, plugin: &'static str, allowed_uids: Vec<u32>) -> Self {
+        let allowed_uids = if allowed_uids.is_empty() {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            vec![unsafe { libc::geteuid() }]
+        } else {
+            allowed_uids
+        };
+        Self {
+            token,
+            plugin,
+            allowed_uids: allowed_uids.into(),
+        }
+    }
+
+    fn check_peer(&self, req: &Request<()>) -> Result<(), Status> {
+        let uid = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .map(|cred| cred.uid());
+        match uid {
+            Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
+            Some(uid) => {
+                tracing::warn!(plugin = self.plugin, uid, "refused a call from a process of another uid");
+                Err(Status::permission_denied(format!(
+                    "processes of uid {uid} may not use this plugin socket (allowed uids: {:?})",
+                    self.allowed_uids
+                )))
+            }
+            None => Err(Status::permission_denied(
+                "the peer's credentials (SO_PEERCRED) could not be read",
+            )),
+        }
     }
 }
 
 impl tonic::service::Interceptor for AuthCheck {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        self.check_peer(&req)?;
         let value = req.metadata().get(auth::METADATA_KEY);
         let Some(value) = value else {
             tracing::warn!(
