@@ -276,7 +276,10 @@ impl SidecarConfig {
             }
         }
         if self.connections.max_connections == 0 {
-            return Err(ConfigError::new("connections.max_connections", "must be at least 1"));
+            return Err(ConfigError::new(
+                "connections.max_connections",
+                "must be at least 1",
+            ));
         }
         if self.queue.max_events == 0 {
             return Err(ConfigError::new("queue.max_events", "must be at least 1"));

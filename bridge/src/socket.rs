@@ -180,7 +180,14 @@ pub(crate) fn incoming(
             };
             match slots.clone().try_acquire_owned() {
                 Ok(slot) => {
-                    if tx.send(Ok(Conn { stream, _slot: slot })).await.is_err() {
+                    if tx
+                        .send(Ok(Conn {
+                            stream,
+                            _slot: slot,
+                        }))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }

@@ -205,6 +205,10 @@ impl HostClient {
     }
 
     /// The node's Ed25519 signing seed; needs the SIGNING_SEED capability.
+    ///
+    /// The response buffer is wiped when this client holds the only
+    /// reference to it; wipe the returned copy when done (for example with
+    /// `zeroize::Zeroizing`).
     pub async fn signing_seed(&self) -> Result<[u8; 32], HostError> {
         let resp = IdentitySecretsClient::new(self.channel.clone())
             .signing_seed(self.req(pb::SigningSeedRequest {
@@ -212,7 +216,11 @@ impl HostClient {
             }))
             .await?
             .into_inner();
-        Ok(convert::key("seed", &resp.seed)?)
+        let seed = convert::key("seed", &resp.seed);
+        if let Ok(mut buf) = resp.seed.try_into_mut() {
+            zeroize::Zeroize::zeroize(&mut buf[..]);
+        }
+        Ok(seed?)
     }
 }
 

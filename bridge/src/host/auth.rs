@@ -50,7 +50,11 @@ impl AuthCheck {
         match uid {
             Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
             Some(uid) => {
-                tracing::warn!(plugin = self.plugin, uid, "refused a call from a process of another uid");
+                tracing::warn!(
+                    plugin = self.plugin,
+                    uid,
+                    "refused a call from a process of another uid"
+                );
                 Err(Status::permission_denied(format!(
                     "processes of uid {uid} may not use this plugin socket (allowed uids: {:?})",
                     self.allowed_uids

@@ -1,6 +1,8 @@
 //! The gRPC services a sidecar calls, backed by the daemon's `PluginContext`.
 
 mod auth;
+#[cfg(test)]
+mod fuzz_tests;
 mod ports;
 mod session;
 
