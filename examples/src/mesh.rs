@@ -111,13 +111,11 @@ impl Mesh {
     /// Adds a node named `name` whose seed is `seed`; every node learns every
     /// other (a fully connected mesh of direct neighbours).
     pub fn add_node(&self, name: &str, seed: [u8; 32], data_dir: PathBuf) -> Arc<Node> {
-        // Demo identities: the id and key are derived from the seed by
-        // simple byte mixing; the mesh never checks signatures.
-        let x25519 = seed.map(|b| b ^ 0x5a);
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&x25519[..16]);
+        // The X25519 key is the real one derived from the seed (what ECIES
+        // decryption with the seed expects); the node id is derived from it.
+        let x25519 = pim_crypto::x25519_public_from_seed(&seed);
         let node = Arc::new(Node {
-            id: NodeId::from_bytes(id),
+            id: NodeId::from_public_key(&x25519),
             name: name.to_owned(),
             seed,
             x25519,
@@ -187,6 +185,11 @@ impl Node {
             name: other.name.clone(),
             via: PeerInfoSource::Direct,
         });
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
     }
 
     /// Forgets `peer`, then tells every plugin, like `peers.forget`.

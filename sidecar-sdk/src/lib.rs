@@ -1,11 +1,13 @@
 #![doc = include_str!("../README.md")]
 
+mod adapter;
 mod connect;
 mod error;
 mod host_client;
 mod run;
 mod sidecar;
 
+pub use adapter::{run_daemon_plugin, DaemonPluginSidecar, HostPorts};
 pub use connect::{connect_channel, read_token_file, ConnectOptions};
 pub use error::HostError;
 pub use host_client::{HostClient, PeerWatch};

@@ -210,13 +210,16 @@ async fn connect_and_register(
     Ok((host, resp))
 }
 
-/// The host refused Register: a configuration mismatch a retry cannot fix.
+/// The host's configuration and the sidecar disagree (Register refused, a
+/// needed capability not granted): a retry cannot fix it, so [`run`] exits
+/// with [`pim_plugin_proto::EXIT_REFUSED`] and the supervisor does not
+/// restart the process.
 #[derive(Debug)]
 pub struct RegisterRefused(pub String);
 
 impl std::fmt::Display for RegisterRefused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the host refused Register: {}", self.0)
+        write!(f, "refused by the host's configuration: {}", self.0)
     }
 }
 
