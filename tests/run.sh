@@ -18,7 +18,10 @@ if [ ! -f "$stamp" ] || ! cmp -s tests/requirements.txt "$stamp"; then
     cp tests/requirements.txt "$stamp"
 fi
 export PIM_GRPCURL="$PWD/.venv/bin/grpcurl"
+export PIM_PYTHON="$PWD/.venv/bin/python3"
 "$PIM_GRPCURL" -version
+# The Python sidecar's stubs, generated from proto/ by grpcio-tools.
+"$PIM_PYTHON" -c 'import sys; sys.path.insert(0, "examples/python"); import pim_sidecar'
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

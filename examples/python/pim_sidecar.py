@@ -1,0 +1,316 @@
+"""A pim-daemon sidecar in Python: the pim.plugin.v1 protocol over grpcio.
+
+Subclass `Sidecar`, then `sys.exit(run(MySidecar()))`. `run` reads the
+PIM_PLUGIN_* environment, connects to the plugin socket (with the
+`localhost` authority), registers, delivers events in order to your
+handlers, acks them, drops duplicates after a reconnect, and returns 0 on
+Shutdown (78 when the host refuses the registration, 1 when the host is
+gone for good). `Host` wraps every host RPC.
+
+The gRPC stubs are generated from ../../proto by grpcio-tools into `gen/`
+next to this file on first import (or when a .proto is newer).
+"""
+
+import os
+import pathlib
+import sys
+import time
+
+import grpc
+
+HERE = pathlib.Path(__file__).resolve().parent
+PROTO_ROOT = HERE.parent.parent / "proto"
+GEN = HERE / "gen"
+PROTOCOL_VERSION = 1
+EXIT_REFUSED = 78
+NODE_ID_BYTES = 16
+KEY_BYTES = 32
+MAX_KIND_BYTES = 255
+MAX_BODY_BYTES = 65535
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def _generate_stubs():
+    protos = sorted((PROTO_ROOT / "pim" / "plugin" / "v1").glob("*.proto"))
+    stamp = GEN / ".stamp"
+    newest = max(p.stat().st_mtime for p in protos)
+    if stamp.exists() and stamp.stat().st_mtime >= newest:
+        return
+    from grpc_tools import protoc  # only needed to (re)generate
+
+    # Generate aside, then move into place, so that sidecars starting at the
+    # same moment never import half-written files.
+    tmp = HERE / f".gen-{os.getpid()}"
+    args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={tmp}", f"--grpc_python_out={tmp}"]
+    tmp.mkdir()
+    if protoc.main(args + [str(p) for p in protos]) != 0:
+        raise RuntimeError(f"generating the gRPC stubs from {PROTO_ROOT} failed")
+    (tmp / ".stamp").touch()
+    if GEN.exists():
+        try:
+            GEN.rename(HERE / f".gen-old-{os.getpid()}")
+        except OSError:
+            pass  # another process is replacing it
+    try:
+        tmp.rename(GEN)
+    except OSError:
+        pass  # another process won the race with the same files
+    import shutil
+
+    for leftover in (tmp, HERE / f".gen-old-{os.getpid()}"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+_generate_stubs()
+sys.path.insert(0, str(GEN))
+
+from pim.plugin.v1 import control_sender_pb2 as control_pb  # noqa: E402
+from pim.plugin.v1 import control_sender_pb2_grpc as control_grpc  # noqa: E402
+from pim.plugin.v1 import identity_secrets_pb2 as identity_pb  # noqa: E402
+from pim.plugin.v1 import identity_secrets_pb2_grpc as identity_grpc  # noqa: E402
+from pim.plugin.v1 import peer_directory_pb2 as peers_pb  # noqa: E402
+from pim.plugin.v1 import peer_directory_pb2_grpc as peers_grpc  # noqa: E402
+from pim.plugin.v1 import session_pb2 as session_pb  # noqa: E402
+from pim.plugin.v1 import session_pb2_grpc as session_grpc  # noqa: E402
+
+
+def log(level, message):
+    """One log line on stderr; the host forwards it at `level`."""
+    print(f"{level} {message}", file=sys.stderr, flush=True)
+
+
+class Refused(Exception):
+    """The host's configuration refuses this sidecar: restarting cannot help."""
+
+
+def plugin_payload(kind, body):
+    """A ControlFrame carrying a PluginPayload."""
+    if isinstance(body, str):
+        body = body.encode()
+    return control_pb.ControlFrame(plugin_payload=control_pb.PluginPayload(kind=kind, body=body))
+
+
+class Host:
+    """The daemon's ports, called over the plugin socket."""
+
+    def __init__(self, socket_path, token):
+        self.socket_path = socket_path
+        self._metadata = [("authorization", f"Bearer {token}")]
+        self.session_id = ""
+        self.channel = grpc.insecure_channel(
+            f"unix:{socket_path}",
+            options=[
+                # tonic refuses a socket path as :authority; grpcio sends one by default.
+                ("grpc.default_authority", "localhost"),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self.session = session_grpc.PluginSessionStub(self.channel)
+        self.peers = peers_grpc.PeerDirectoryStub(self.channel)
+        self.control = control_grpc.ControlSenderStub(self.channel)
+        self.identity = identity_grpc.IdentitySecretsStub(self.channel)
+
+    def set_token(self, token):
+        self._metadata = [("authorization", f"Bearer {token}")]
+
+    def register(self, name, kinds):
+        resp = self.session.Register(
+            session_pb.RegisterRequest(
+                protocol_version=PROTOCOL_VERSION,
+                plugin_name=name,
+                payload_kinds=list(kinds),
+                sdk_name="pim_sidecar.py",
+                sdk_version="0.1.0",
+            ),
+            metadata=self._metadata,
+            timeout=10,
+        )
+        self.session_id = resp.session_id
+        return resp
+
+    def events(self):
+        return self.session.Events(
+            session_pb.EventsRequest(session_id=self.session_id), metadata=self._metadata
+        )
+
+    def ack(self, seq):
+        req = session_pb.AckRequest(session_id=self.session_id, seq=seq)
+        return self.session.Ack(req, metadata=self._metadata, timeout=10).acked_seq
+
+    def lookup_x25519(self, node):
+        """The peer's X25519 key (32 bytes), or None when unknown."""
+        req = peers_pb.LookupX25519Request(session_id=self.session_id, node=node)
+        resp = self.peers.LookupX25519(req, metadata=self._metadata, timeout=10)
+        return resp.x25519 if resp.HasField("x25519") else None
+
+    def lookup_name(self, node):
+        """The peer's friendly name, or None when unknown."""
+        req = peers_pb.LookupNameRequest(session_id=self.session_id, node=node)
+        resp = self.peers.LookupName(req, metadata=self._metadata, timeout=10)
+        return resp.name if resp.HasField("name") else None
+
+    def watch(self):
+        """Yields ("seen", node, x25519, name, via), ("forgotten", node) or ("lagged", n)."""
+        req = peers_pb.WatchRequest(session_id=self.session_id)
+        for msg in self.peers.Watch(req, metadata=self._metadata):
+            which = msg.WhichOneof("event")
+            if which == "seen":
+                s = msg.seen
+                yield ("seen", s.node, s.x25519, s.name, s.via)
+            elif which == "forgotten":
+                yield ("forgotten", msg.forgotten.node)
+            elif which == "lagged":
+                yield ("lagged", msg.lagged.missed)
+
+    def send_direct(self, peer, frame):
+        req = control_pb.SendDirectRequest(session_id=self.session_id, peer=peer, frame=frame)
+        self.control.SendDirect(req, metadata=self._metadata, timeout=10)
+
+    def send_routed(self, dst, frame):
+        """True when a route existed and the next-hop send was attempted."""
+        req = control_pb.SendRoutedRequest(session_id=self.session_id, dst=dst, frame=frame)
+        return self.control.SendRouted(req, metadata=self._metadata, timeout=10).attempted
+
+    def signing_seed(self):
+        """The node's signing seed (32 bytes); needs the SIGNING_SEED capability."""
+        req = identity_pb.SigningSeedRequest(session_id=self.session_id)
+        seed = self.identity.SigningSeed(req, metadata=self._metadata, timeout=10).seed
+        if len(seed) != KEY_BYTES:
+            raise ValueError(f"seed: expected {KEY_BYTES} bytes, got {len(seed)}")
+        return seed
+
+
+class Sidecar:
+    """Override these; `name` and `payload_kinds` must match the host's config."""
+
+    name = ""
+    payload_kinds = ()
+
+    def start(self, host, data_dir, granted):
+        pass
+
+    def handle_payload(self, src, kind, body):
+        raise NotImplementedError
+
+    def on_peer_forgotten(self, node):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def _read_token_file(path):
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise Refused(f"token file {path} has mode {mode:o}; it must be 0600 or stricter")
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _options():
+    socket_path = os.environ.get("PIM_PLUGIN_SOCKET")
+    if not socket_path:
+        raise Refused("PIM_PLUGIN_SOCKET is not set: this program is a pim-daemon sidecar")
+    version = os.environ.get("PIM_PLUGIN_PROTOCOL_VERSION", str(PROTOCOL_VERSION))
+    if version != str(PROTOCOL_VERSION):
+        raise Refused(f"the host speaks protocol {version}, this module speaks {PROTOCOL_VERSION}")
+    token = os.environ.pop("PIM_PLUGIN_TOKEN", None)  # children must not inherit it
+    token_file = None
+    if token is None:
+        token_file = os.environ.get("PIM_PLUGIN_TOKEN_FILE")
+        if not token_file:
+            raise Refused("neither PIM_PLUGIN_TOKEN nor PIM_PLUGIN_TOKEN_FILE is set")
+        token = _read_token_file(token_file)
+    spawned = token_file is None
+    return socket_path, token, token_file, (5.0 if spawned else None)
+
+
+def _register(host, sidecar, token_file, give_up_after):
+    started = time.monotonic()
+    delay = 0.02
+    while True:
+        if token_file:
+            try:
+                host.set_token(_read_token_file(token_file))
+            except OSError:
+                pass
+        try:
+            return host.register(sidecar.name, sidecar.payload_kinds)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                raise Refused(e.details()) from None
+            if give_up_after is not None and time.monotonic() - started > give_up_after:
+                raise RuntimeError(f"the host is gone: {e.code().name}: {e.details()}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _check_event(ev):
+    which = ev.WhichOneof("event")
+    if which is None:
+        raise ValueError(f"event {ev.seq}: field `event` is required")
+    if which == "payload":
+        p = ev.payload
+        if len(p.src) != NODE_ID_BYTES:
+            raise ValueError(f"event {ev.seq}: payload.src is {len(p.src)} bytes, not 16")
+        if not 1 <= len(p.kind) <= MAX_KIND_BYTES or not p.kind.isascii():
+            raise ValueError(f"event {ev.seq}: payload.kind breaks 1..=255 ASCII bytes")
+        if len(p.body) > MAX_BODY_BYTES:
+            raise ValueError(f"event {ev.seq}: payload.body is over 65535 bytes")
+    return which
+
+
+def run(sidecar):
+    """Runs `sidecar` until Shutdown; returns the process exit code."""
+    try:
+        socket_path, token, token_file, give_up_after = _options()
+        host = Host(socket_path, token)
+        resp = _register(host, sidecar, token_file, give_up_after)
+        log("INFO", f"registered {sidecar.name} acked={resp.acked_seq}")
+        sidecar.start(host, resp.data_dir, list(resp.granted))
+    except Refused as e:
+        log("ERROR", f"refused by the host's configuration: {e}")
+        return EXIT_REFUSED
+    except Exception as e:  # noqa: BLE001 - report and exit non-zero
+        log("ERROR", f"start failed: {e}")
+        return 1
+    instance, last, duplicates = resp.host_instance, resp.acked_seq, 0
+    while True:
+        try:
+            for batch in host.events():
+                for ev in batch.events:
+                    if ev.seq <= last:
+                        duplicates += 1
+                        continue
+                    which = _check_event(ev)
+                    if which == "payload":
+                        p = ev.payload
+                        try:
+                            sidecar.handle_payload(p.src, p.kind, p.body)
+                        except Exception as e:  # noqa: BLE001 - the event still counts as handled
+                            log("WARN", f"handle_payload failed on seq {ev.seq}: {e}")
+                    elif which == "peer_forgotten":
+                        sidecar.on_peer_forgotten(ev.peer_forgotten.node)
+                    elif which == "shutdown":
+                        sidecar.shutdown()
+                        host.ack(ev.seq)
+                        log("INFO", f"shut down by the host, duplicates={duplicates}")
+                        host.channel.close()
+                        return 0
+                    last = ev.seq
+                host.ack(last)
+            log("WARN", "the host closed the event stream")
+        except grpc.RpcError as e:
+            log("WARN", f"event stream lost: {e.code().name}")
+        try:
+            resp = _register(host, sidecar, token_file, give_up_after)
+        except Refused as e:
+            log("ERROR", f"refused by the host's configuration: {e}")
+            return EXIT_REFUSED
+        except RuntimeError as e:
+            log("ERROR", str(e))
+            return 1
+        if resp.host_instance != instance:
+            log("INFO", "the host restarted: its sequence numbers start over")
+            instance, last = resp.host_instance, resp.acked_seq
+        log("INFO", f"registered again acked={resp.acked_seq}")
