@@ -55,8 +55,8 @@ async fn answer(service: &MessagingService, line: &str) -> String {
                 let (records, _) = service.storage().history(&peer, None, 100)?;
                 let mut out = String::new();
                 for r in records {
-                    let direction = serde_json::to_value(&r.direction)?;
-                    let status = serde_json::to_value(&r.status)?;
+                    let direction = serde_json::to_value(r.direction)?;
+                    let status = serde_json::to_value(r.status)?;
                     out.push_str(&format!(
                         "{} {} {} {}\n",
                         r.id,
