@@ -2,7 +2,7 @@
 # Runs every check and test of the workspace from a fresh clone.
 #
 # Installs the test tools it needs into git-ignored folders of the checkout
-# (.venv/ for PyPI packages), then runs cargo fmt --check, clippy with
+# (.venv/ for PyPI packages, .tools/ for npm packages), then runs cargo fmt --check, clippy with
 # warnings denied, and cargo test for the whole workspace. Under CI=true a
 # test whose tool is missing fails instead of skipping.
 set -euo pipefail
@@ -22,6 +22,15 @@ export PIM_PYTHON="$PWD/.venv/bin/python3"
 "$PIM_GRPCURL" -version
 # The Python sidecar's stubs, generated from proto/ by grpcio-tools.
 "$PIM_PYTHON" -c 'import sys; sys.path.insert(0, "examples/python"); import pim_sidecar'
+
+step "test tools (.tools: npm)"
+if [ ! -x .tools/node_modules/.bin/buf ] || ! cmp -s tests/package.json .tools/package.json; then
+    mkdir -p .tools
+    cp tests/package.json .tools/package.json
+    npm install --prefix .tools --no-audit --no-fund --silent
+fi
+export PIM_BUF="$PWD/.tools/node_modules/.bin/buf"
+"$PIM_BUF" --version
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
