@@ -30,13 +30,20 @@ async fn buf(dir: &Path, args: &[&str]) -> Option<(bool, String)> {
 
 #[tokio::test]
 async fn the_protos_pass_buf_lint() {
-    let Some((ok, out)) = buf(&proto_dir(), &["lint"]).await else { return };
+    let Some((ok, out)) = buf(&proto_dir(), &["lint"]).await else {
+        return;
+    };
     assert!(ok, "buf lint:\n{out}");
 }
 
 #[tokio::test]
 async fn the_protos_have_no_breaking_change_against_the_v1_baseline() {
-    let Some((ok, out)) = buf(&proto_dir(), &["breaking", "--against", "baseline/pim-plugin-v1.binpb"]).await else {
+    let Some((ok, out)) = buf(
+        &proto_dir(),
+        &["breaking", "--against", "baseline/pim-plugin-v1.binpb"],
+    )
+    .await
+    else {
         return;
     };
     assert!(ok, "buf breaking against proto/baseline:\n{out}");
@@ -48,7 +55,14 @@ async fn buf_breaking_catches_a_removed_field() {
     // or the check above proves nothing.
     let dir = temp_dir();
     let copy = dir.path().join("proto");
-    for entry in ["buf.yaml", "baseline/pim-plugin-v1.binpb", "pim/plugin/v1/session.proto", "pim/plugin/v1/peer_directory.proto", "pim/plugin/v1/control_sender.proto", "pim/plugin/v1/identity_secrets.proto"] {
+    for entry in [
+        "buf.yaml",
+        "baseline/pim-plugin-v1.binpb",
+        "pim/plugin/v1/session.proto",
+        "pim/plugin/v1/peer_directory.proto",
+        "pim/plugin/v1/control_sender.proto",
+        "pim/plugin/v1/identity_secrets.proto",
+    ] {
         let to = copy.join(entry);
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(proto_dir().join(entry), &to).unwrap();
@@ -58,7 +72,12 @@ async fn buf_breaking_catches_a_removed_field() {
     let broken = text.replace("  string host_instance = 7;\n", "");
     assert_ne!(text, broken, "the field to remove is in session.proto");
     std::fs::write(&session, broken).unwrap();
-    let Some((ok, out)) = buf(&copy, &["breaking", "--against", "baseline/pim-plugin-v1.binpb"]).await else {
+    let Some((ok, out)) = buf(
+        &copy,
+        &["breaking", "--against", "baseline/pim-plugin-v1.binpb"],
+    )
+    .await
+    else {
         return;
     };
     assert!(!ok, "buf breaking missed a removed field:\n{out}");

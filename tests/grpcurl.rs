@@ -1,5 +1,7 @@
-//! Real grpcurl against a live host socket: list, describe, health, and a
-//! Register followed by LookupName, as the README's debugging section shows.
+//! Real grpcurl against a live host socket: every command of the README's
+//! debugging section, run exactly as written (by bash, with the README's
+//! variables set), plus the errors a user meets without the token or with
+//! a bad field.
 
 mod support;
 
@@ -7,58 +9,89 @@ use pim_plugin_bridge::testkit::FakeHost;
 use pim_plugin_bridge::SidecarConfig;
 use support::*;
 
-struct Grpcurl {
-    bin: std::path::PathBuf,
-    socket: String,
-    token: String,
-}
-
-impl Grpcurl {
-    /// Runs `grpcurl -plaintext -unix -authority localhost [-H auth] <extra> <socket> <rest>`.
-    async fn call(
-        &self,
-        with_token: bool,
-        extra: &[&str],
-        rest: &[&str],
-    ) -> (bool, String, String) {
-        let mut args: Vec<String> = ["-plaintext", "-unix", "-authority", "localhost"]
-            .map(String::from)
-            .to_vec();
-        if with_token {
-            args.push("-H".into());
-            args.push(format!("authorization: Bearer {}", self.token));
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args.push(self.socket.clone());
-        args.extend(rest.iter().map(|s| s.to_string()));
-        run_tool(&self.bin, &args).await
-    }
-
-    async fn ok(&self, extra: &[&str], rest: &[&str]) -> String {
-        let (ok, out, err) = self.call(true, extra, rest).await;
-        assert!(ok, "grpcurl {extra:?} {rest:?} failed:\n{out}\n{err}");
-        out
-    }
+/// The lines of the README block marked `grpcurl-commands`.
+fn readme_commands() -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("<!-- grpcurl-commands")
+        .expect("the README marks its grpcurl block");
+    let block = &readme[start..];
+    let body = &block[block
+        .find("```sh\n")
+        .expect("a sh block follows the marker")
+        + 6..];
+    let body = &body[..body.find("```").expect("the block ends")];
+    body.lines().map(str::to_owned).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpcurl_lists_describes_and_calls_the_host() {
+async fn every_readme_grpcurl_command_works_as_written() {
     init_logging();
-    let Some(bin) = tool("grpcurl", "PIM_GRPCURL") else {
+    let Some(grpcurl) = tool("grpcurl", "PIM_GRPCURL") else {
         return;
     };
     let dir = temp_dir();
-    let config = SidecarConfig::external("probe", ["probe.cmd"], dir.path().join("sock"));
+    let config =
+        SidecarConfig::external("echo", ["echo.ping", "echo.pong"], dir.path().join("sock"));
     let host = FakeHost::start(config, dir.path()).await.unwrap();
     let alice = node(2);
     host.ports().add_peer(alice, [0xa1; 32], "alice");
-    let g = Grpcurl {
-        bin,
-        socket: host.plugin().socket_path().display().to_string(),
-        token: host.plugin().token().to_owned(),
-    };
+    host.inject_payload(alice, "echo.ping", "queued before")
+        .await;
 
-    let list = g.ok(&[], &["list"]).await;
+    let lines = readme_commands();
+    assert!(
+        lines[0].starts_with("export SOCK="),
+        "the block starts by setting its variables"
+    );
+    let path = format!(
+        "{}:{}",
+        grpcurl.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut session = String::new();
+    let mut outputs = Vec::new();
+    for line in &lines[1..] {
+        let script = if line.starts_with("SESSION=") {
+            format!("{line}\nprintf '%s' \"$SESSION\"")
+        } else {
+            line.clone()
+        };
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.args(["-c", &script])
+            .env("PATH", &path)
+            .env("SOCK", host.plugin().socket_path())
+            .env("TOKEN", host.plugin().token())
+            .env("NODE", base64(alice.as_bytes()))
+            .env("SESSION", &session)
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(WAIT, cmd.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        let streaming = line.contains("-max-time");
+        assert!(
+            out.status.success() || (streaming && stderr.contains("DeadlineExceeded")),
+            "README command failed: {line}\n{stdout}\n{stderr}"
+        );
+        if line.starts_with("SESSION=") {
+            session = stdout.trim().to_owned();
+            assert_eq!(session.len(), 32, "no session id from: {line}");
+        }
+        outputs.push((line.clone(), stdout));
+    }
+    let find = |needle: &str| {
+        &outputs
+            .iter()
+            .find(|(l, _)| l.contains(needle))
+            .unwrap_or_else(|| panic!("no README command with {needle}"))
+            .1
+    };
+    let list = find(" list");
     for service in [
         "pim.plugin.v1.PluginSession",
         "pim.plugin.v1.PeerDirectory",
@@ -71,86 +104,73 @@ async fn grpcurl_lists_describes_and_calls_the_host() {
             "{service} not listed:\n{list}"
         );
     }
-
-    let described = g
-        .ok(&[], &["describe", "pim.plugin.v1.PluginSession"])
-        .await;
+    let described = find("describe");
     assert!(described.contains("rpc Register"), "{described}");
     assert!(
         described.contains("Register opens a session"),
         "comments not served:\n{described}"
     );
-    let frame = g.ok(&[], &["describe", "pim.plugin.v1.ControlFrame"]).await;
-    for variant in [
-        "goodbye",
-        "rekey",
-        "ping",
-        "pong",
-        "peer_info",
-        "plugin_payload",
-    ] {
-        assert!(
-            frame.contains(variant),
-            "ControlFrame lacks {variant}:\n{frame}"
-        );
-    }
+    assert!(find("Health/Check").contains("SERVING"));
+    assert!(find("LookupName").contains(r#""name": "alice""#));
+    let events = find("Events");
+    assert!(
+        events.contains(r#""kind": "echo.ping""#) && events.contains(r#""seq": "1""#),
+        "the queued event is streamed:\n{events}"
+    );
+    assert_eq!(
+        host.plugin().stats().queue.acked_seq,
+        0,
+        "grpcurl does not ack"
+    );
+    host.shutdown().await;
+}
 
-    let health = g.ok(&[], &["grpc.health.v1.Health/Check"]).await;
-    assert!(health.contains("SERVING"), "{health}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_shows_clear_errors() {
+    init_logging();
+    let Some(grpcurl) = tool("grpcurl", "PIM_GRPCURL") else {
+        return;
+    };
+    let dir = temp_dir();
+    let config = SidecarConfig::external("probe", ["probe.cmd"], dir.path().join("sock"));
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let sock = host.plugin().socket_path().display().to_string();
+    let base = ["-plaintext", "-unix", "-authority", "localhost"].map(String::from);
+    let auth = format!("authorization: Bearer {}", host.plugin().token());
 
-    let registered = g
-        .ok(
-            &["-d", r#"{"protocol_version": 1, "plugin_name": "probe", "payload_kinds": ["probe.cmd"]}"#],
-            &["pim.plugin.v1.PluginSession/Register"],
-        )
-        .await;
-    let session = registered
+    let mut args = base.to_vec();
+    args.extend([sock.clone(), "list".into()]);
+    let (ok, _, err) = run_tool(&grpcurl, &args).await;
+    assert!(
+        !ok && err.contains("Unauthenticated"),
+        "without the token: {err}"
+    );
+
+    let mut args = base.to_vec();
+    args.extend(["-H".into(), auth.clone(), "-d".into()]);
+    args.push(
+        r#"{"protocol_version": 1, "plugin_name": "probe", "payload_kinds": ["probe.cmd"]}"#.into(),
+    );
+    args.extend([sock.clone(), "pim.plugin.v1.PluginSession/Register".into()]);
+    let (ok, out, err) = run_tool(&grpcurl, &args).await;
+    assert!(ok, "{out}{err}");
+    let session = out
         .split("\"sessionId\": \"")
         .nth(1)
         .and_then(|s| s.split('"').next())
-        .unwrap_or_else(|| panic!("no sessionId in {registered}"))
+        .unwrap()
         .to_owned();
 
-    let lookup = |node: [u8; 16]| {
-        format!(
-            r#"{{"session_id": "{session}", "node": "{}"}}"#,
-            base64(&node)
-        )
-    };
-    let found = g
-        .ok(
-            &["-d", &lookup(*alice.as_bytes())],
-            &["pim.plugin.v1.PeerDirectory/LookupName"],
-        )
-        .await;
-    assert!(found.contains(r#""name": "alice""#), "{found}");
-    let absent = g
-        .ok(
-            &["-d", &lookup([7; 16])],
-            &["pim.plugin.v1.PeerDirectory/LookupName"],
-        )
-        .await;
-    let absent: String = absent.split_whitespace().collect();
-    assert_eq!(absent, "{}", "an unknown peer is an empty answer");
-
-    let (ok, _, err) = g.call(false, &[], &["list"]).await;
-    assert!(!ok, "a call without the token must fail");
-    assert!(err.contains("Unauthenticated"), "{err}");
-
-    let short = format!(
+    let mut args = base.to_vec();
+    args.extend(["-H".into(), auth, "-d".into()]);
+    args.push(format!(
         r#"{{"session_id": "{session}", "node": "{}"}}"#,
         base64(&[1; 3])
-    );
-    let (ok, _, err) = g
-        .call(
-            true,
-            &["-d", &short],
-            &["pim.plugin.v1.PeerDirectory/LookupName"],
-        )
-        .await;
-    assert!(!ok, "a 3-byte node id must be refused");
+    ));
+    args.extend([sock, "pim.plugin.v1.PeerDirectory/LookupName".into()]);
+    let (ok, _, err) = run_tool(&grpcurl, &args).await;
     assert!(
-        err.contains("InvalidArgument")
+        !ok && err.contains("InvalidArgument")
             && err.contains("invalid field `node`: a node id is exactly 16 bytes, got 3"),
         "{err}"
     );

@@ -25,6 +25,7 @@ use pim_plugin::DaemonPlugin;
 use pim_plugin_bridge::file::load_sidecars;
 use pim_plugin_bridge::{Launch, SidecarConfig, SidecarPlugin};
 use pim_protocol::ControlFrame;
+use pim_sidecar_examples::base64;
 use pim_sidecar_examples::mesh::{Mesh, MeshEvent};
 
 struct Args {
@@ -174,11 +175,14 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     }
     if args.serve {
         let sock = alice_echo.socket_path();
-        println!("\nserving; try (Ctrl-C stops):");
         println!(
-            "  grpcurl -plaintext -unix -authority localhost -H 'authorization: Bearer {}' {} list",
+            "\nserving; in another shell (Ctrl-C here stops), then the commands in README.md:"
+        );
+        println!(
+            "export SOCK={} TOKEN={} NODE={}",
+            sock.display(),
             alice_echo.token(),
-            sock.display()
+            base64(plugins[1].0.id.as_bytes())
         );
         let printer = tokio::spawn(async move {
             while let Some(ev) = events.recv().await {

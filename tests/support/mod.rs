@@ -208,27 +208,8 @@ pub fn tool(name: &str, env_var: &str) -> Option<PathBuf> {
     None
 }
 
-/// Standard base64 (for bytes fields in grpcurl's JSON).
-pub fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
+#[allow(unused_imports)]
+pub use pim_sidecar_examples::base64;
 
 /// Runs a command to completion (bounded by [`WAIT`]) and returns its
 /// exit success, stdout and stderr.
