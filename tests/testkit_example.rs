@@ -17,7 +17,7 @@ async fn the_echo_sidecar_pongs_a_known_peer_by_name() -> anyhow::Result<()> {
     let config = SidecarConfig::spawn(
         "echo",
         ["echo.ping", "echo.pong"],
-        dir.path(),
+        dir.path().join("sock"),
         CommandSpec::new(env!("CARGO_BIN_EXE_echo-sidecar")),
     );
     let host = FakeHost::start(config, dir.path()).await?;

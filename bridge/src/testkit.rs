@@ -12,7 +12,7 @@
 //! use pim_core::NodeId;
 //!
 //! let dir = tempfile::tempdir()?;
-//! let config = SidecarConfig::spawn("echo", ["echo.ping", "echo.pong"], dir.path(),
+//! let config = SidecarConfig::spawn("echo", ["echo.ping", "echo.pong"], dir.path().join("sock"),
 //!     CommandSpec::new("target/debug/echo-sidecar"));
 //! let host = FakeHost::start(config, dir.path()).await?;
 //! let alice = NodeId::from_bytes([1; 16]);
