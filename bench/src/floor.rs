@@ -1,0 +1,134 @@
+//! The floors: a plain tonic server (no auth, no session, no queue) for the
+//! raw stream and raw unary measurements, and a raw Unix-socket echo.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use pim_sidecar::proto::pb;
+use pim_sidecar::proto::pb::peer_directory_server::{PeerDirectory, PeerDirectoryServer};
+use pim_sidecar::proto::pb::plugin_session_server::{PluginSession, PluginSessionServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::{Request, Response, Status};
+
+/// The raw stream's server side: Events streams whatever is fed into the
+/// channel, one message per item; Ack reports the end.
+pub(crate) struct FloorSession {
+    events: Mutex<Option<mpsc::Receiver<Result<pb::EventsResponse, Status>>>>,
+    opened: Mutex<Option<oneshot::Sender<()>>>,
+    acked: Mutex<Option<oneshot::Sender<u64>>>,
+}
+
+type EventsStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::EventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PluginSession for FloorSession {
+    async fn register(
+        &self,
+        _: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        Ok(Response::new(pb::RegisterResponse::default()))
+    }
+
+    type EventsStream = EventsStream;
+
+    async fn events(
+        &self,
+        _: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let rx = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Status::failed_precondition("one stream per run"))?;
+        if let Some(opened) = self.opened.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = opened.send(());
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let seq = req.into_inner().seq;
+        if let Some(acked) = self.acked.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = acked.send(seq);
+        }
+        Ok(Response::new(pb::AckResponse { acked_seq: seq }))
+    }
+}
+
+/// The raw unary floor: LookupX25519 answers at once.
+struct FloorPeers;
+
+#[tonic::async_trait]
+impl PeerDirectory for FloorPeers {
+    async fn lookup_x25519(
+        &self,
+        _: Request<pb::LookupX25519Request>,
+    ) -> Result<Response<pb::LookupX25519Response>, Status> {
+        Ok(Response::new(pb::LookupX25519Response { x25519: None }))
+    }
+
+    async fn lookup_name(
+        &self,
+        _: Request<pb::LookupNameRequest>,
+    ) -> Result<Response<pb::LookupNameResponse>, Status> {
+        Ok(Response::new(pb::LookupNameResponse { name: None }))
+    }
+
+    type WatchStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+    async fn watch(&self, _: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("not a floor"))
+    }
+}
+
+/// Handles of one floor server run.
+pub(crate) struct Floor {
+    /// Feed of the raw stream.
+    pub(crate) feed: mpsc::Sender<Result<pb::EventsResponse, Status>>,
+    /// Fires when the client opened the stream.
+    pub(crate) opened: oneshot::Receiver<()>,
+    /// Fires with the client's final ack.
+    pub(crate) acked: oneshot::Receiver<u64>,
+}
+
+/// Serves the floor services on `path` until the process ends.
+pub(crate) fn serve(path: &Path) -> anyhow::Result<Floor> {
+    let (feed, rx) = mpsc::channel(1024);
+    let (opened_tx, opened) = oneshot::channel();
+    let (acked_tx, acked) = oneshot::channel();
+    let session = FloorSession {
+        events: Mutex::new(Some(rx)),
+        opened: Mutex::new(Some(opened_tx)),
+        acked: Mutex::new(Some(acked_tx)),
+    };
+    let listener = tokio::net::UnixListener::bind(path)?;
+    let router = tonic::transport::Server::builder()
+        .add_service(PluginSessionServer::new(session))
+        .add_service(PeerDirectoryServer::new(FloorPeers));
+    tokio::spawn(router.serve_with_incoming(UnixListenerStream::new(listener)));
+    Ok(Floor { feed, opened, acked })
+}
+
+/// A raw Unix-socket echo of 64-byte messages on `path`.
+pub(crate) fn serve_echo(path: &Path) -> anyhow::Result<()> {
+    let listener = tokio::net::UnixListener::bind(path)?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while stream.read_exact(&mut buf).await.is_ok() {
+                    if stream.write_all(&buf).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}

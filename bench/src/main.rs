@@ -1,0 +1,634 @@
+//! `pim-bench`: the sidecar plugin system measured against floors measured
+//! in the same run, printed as figures and ratios.
+//!
+//! ```text
+//! cargo run --release -p pim-sidecar-bench            # the full run (about a minute)
+//! cargo run --release -p pim-sidecar-bench -- --smoke # tiny counts, no targets
+//! ```
+//!
+//! The same executable is also the benchmark's sidecar (`pim-bench
+//! sidecar`), the raw stream floor's client (`pim-bench floor-client`) and
+//! the memory probe (`pim-bench memory`), each a separate process.
+
+mod floor;
+mod sidecar;
+mod stats;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pim_core::NodeId;
+use pim_plugin::{
+    ControlSender, DaemonPlugin, IdentitySecrets, PeerDirectory, PeerDirectoryEvent, PluginContext,
+};
+use pim_plugin_bridge::{CommandSpec, QueueLimits, SidecarConfig, SidecarPlugin};
+use pim_protocol::ControlFrame;
+use pim_sidecar::proto::pb;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::stats::{median_p99, mono_ns};
+
+/// Counts of one run.
+#[derive(Clone, Copy)]
+struct Scale {
+    calls: usize,
+    sizes: [(usize, u64); 4],
+    latency_secs: f64,
+    rtts: usize,
+    spawns: usize,
+}
+
+const FULL: Scale = Scale {
+    calls: 200_000,
+    sizes: [(64, 1_000_000), (1024, 400_000), (16 * 1024, 50_000), (65_535, 15_000)],
+    latency_secs: 2.0,
+    rtts: 20_000,
+    spawns: 20,
+};
+
+const SMOKE: Scale = Scale {
+    calls: 2_000,
+    sizes: [(64, 2_000), (1024, 1_000), (16 * 1024, 200), (65_535, 50)],
+    latency_secs: 0.2,
+    rtts: 200,
+    spawns: 2,
+};
+
+/// Ports whose calls cost next to nothing, so the figures are the plugin
+/// system's own. `bench.result` payloads come back on a channel.
+struct BenchPorts {
+    results: mpsc::UnboundedSender<String>,
+    events: broadcast::Sender<PeerDirectoryEvent>,
+}
+
+#[async_trait]
+impl PeerDirectory for BenchPorts {
+    async fn lookup_x25519(&self, _: &NodeId) -> Option<[u8; 32]> {
+        Some([1; 32])
+    }
+
+    async fn lookup_name(&self, _: &NodeId) -> Option<String> {
+        None
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<PeerDirectoryEvent> {
+        self.events.subscribe()
+    }
+}
+
+#[async_trait]
+impl ControlSender for BenchPorts {
+    async fn send_direct(&self, _: NodeId, frame: ControlFrame) {
+        if let ControlFrame::PluginPayload { kind, body } = frame {
+            if kind == "bench.result" {
+                let _ = self.results.send(String::from_utf8_lossy(&body).into_owned());
+            }
+        }
+    }
+
+    async fn send_routed(&self, _: NodeId, _: ControlFrame) -> bool {
+        true
+    }
+}
+
+impl IdentitySecrets for BenchPorts {
+    fn signing_seed(&self) -> [u8; 32] {
+        [0; 32]
+    }
+}
+
+/// An in-process plugin whose handler does what a minimal one does: hand
+/// the payload to its own task through an mpsc.
+struct InProcess {
+    tx: mpsc::Sender<Bytes>,
+}
+
+#[async_trait]
+impl DaemonPlugin for InProcess {
+    fn name(&self) -> &'static str {
+        "inproc"
+    }
+
+    fn payload_kinds(&self) -> &'static [&'static str] {
+        &["bench.data"]
+    }
+
+    async fn handle_payload(&self, _: NodeId, _: &str, body: Bytes) {
+        let _ = self.tx.try_send(body);
+    }
+
+    async fn start(self: Arc<Self>, _: PluginContext) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn on_peer_forgotten(&self, _: NodeId) {}
+
+    async fn shutdown(&self) {}
+}
+
+struct Host {
+    plugin: Arc<SidecarPlugin>,
+    results: mpsc::UnboundedReceiver<String>,
+    cancel: CancellationToken,
+}
+
+fn sidecar_config(dir: &Path, name_suffix: &str, stall: bool) -> SidecarConfig {
+    let exe = std::env::current_exe().expect("the bench knows its own path");
+    let mut command = CommandSpec::new(exe).arg("sidecar");
+    if stall {
+        command = command.env("BENCH_STALL", "1");
+    }
+    let mut config = SidecarConfig::spawn(
+        "bench",
+        ["bench.data", "bench.cmd"],
+        dir.join(format!("sock{name_suffix}")),
+        command,
+    );
+    config.stuck_timeout = None;
+    config.queue = QueueLimits {
+        max_events: 4 << 20,
+        max_bytes: 2 << 30,
+    };
+    config
+}
+
+async fn start_host(config: SidecarConfig, data_dir: &Path) -> anyhow::Result<Host> {
+    let (results_tx, results) = mpsc::unbounded_channel();
+    let ports = Arc::new(BenchPorts {
+        results: results_tx,
+        events: broadcast::channel(16).0,
+    });
+    let cancel = CancellationToken::new();
+    let plugin = Arc::new(SidecarPlugin::new(config)?);
+    plugin
+        .clone()
+        .start(PluginContext {
+            peers: ports.clone(),
+            control: ports.clone(),
+            identity: ports,
+            data_dir: data_dir.to_owned(),
+            cancel: cancel.clone(),
+        })
+        .await?;
+    Ok(Host {
+        plugin,
+        results,
+        cancel,
+    })
+}
+
+impl Host {
+    async fn command(&mut self, cmd: &str) -> anyhow::Result<String> {
+        self.plugin
+            .handle_payload(NodeId::from_bytes([1; 16]), "bench.cmd", Bytes::from(cmd.to_owned()))
+            .await;
+        tokio::time::timeout(Duration::from_secs(120), self.results.recv())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the bench sidecar went away"))
+    }
+
+    /// Waits until the sidecar acked `seq`. Panics after two minutes: the
+    /// bench must not hang.
+    async fn wait_acked(&self, seq: u64) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.plugin.stats().queue.acked_seq < seq {
+            assert!(
+                Instant::now() < deadline,
+                "the bench sidecar acked {} of {seq} within two minutes",
+                self.plugin.stats().queue.acked_seq
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.plugin.shutdown().await;
+        self.cancel.cancel();
+    }
+}
+
+struct Report {
+    rows: usize,
+    smoke: bool,
+    missed: Vec<String>,
+}
+
+impl Report {
+    fn row(&mut self, what: &str, value: String, floor: String, ratio: String, target: Option<(bool, String)>) {
+        let verdict = match (&target, self.smoke) {
+            (_, true) | (None, _) => String::new(),
+            (Some((true, t)), false) => format!("ok ({t})"),
+            (Some((false, t)), false) => {
+                self.missed.push(format!("{what}: {value} vs target {t}"));
+                format!("MISSED ({t})")
+            }
+        };
+        println!("{what:<44} {value:>22} {floor:>22} {ratio:>8}  {verdict}");
+        self.rows += 1;
+    }
+}
+
+fn ns(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1} µs", v as f64 / 1000.0)
+    } else {
+        format!("{v} ns")
+    }
+}
+
+/// Per-call times of `n` calls of `f`, in ns, each including one clock read.
+async fn time_calls<F, Fut>(n: usize, mut f: F) -> Vec<u64>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        f(i).await;
+        out.push(t.elapsed().as_nanos() as u64);
+    }
+    out
+}
+
+async fn handle_payload_cost(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<()> {
+    println!("\n# daemon-side handle_payload cost ({} calls each, 64 B bodies, consumer draining)", scale.calls);
+    let body = Bytes::from(vec![0u8; 64]);
+    let src = NodeId::from_bytes([2; 16]);
+
+    let mut clock = time_calls(scale.calls, |_| async {}).await;
+    let (clock_med, _) = median_p99(&mut clock);
+
+    let (tx, mut rx) = mpsc::channel::<Bytes>(1 << 20);
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let mut floor = time_calls(scale.calls, |_| {
+        let _ = tx.try_send(body.clone());
+        async {}
+    })
+    .await;
+    drop(tx);
+    let _ = drain.await;
+    let (floor_med, floor_p99) = median_p99(&mut floor);
+
+    let (tx, mut rx) = mpsc::channel::<Bytes>(1 << 20);
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let inproc = InProcess { tx };
+    let mut inproc_t = time_calls(scale.calls, |_| inproc.handle_payload(src, "bench.data", body.clone())).await;
+    drop(inproc);
+    let _ = drain.await;
+    let (in_med, in_p99) = median_p99(&mut inproc_t);
+
+    let mut host = start_host(sidecar_config(dir, "-cost", false), dir).await?;
+    let base = host.plugin.stats().queue.pushed;
+    let plugin = host.plugin.clone();
+    let mut ours = time_calls(scale.calls, |_| plugin.handle_payload(src, "bench.data", body.clone())).await;
+    host.wait_acked(base + scale.calls as u64).await;
+    let (med, p99) = median_p99(&mut ours);
+    let _ = host.command("lat-report").await;
+    host.stop().await;
+
+    report.row("clock read (included in each figure below)", ns(clock_med), String::new(), String::new(), None);
+    report.row("tokio mpsc try_send  median / p99", format!("{} / {}", ns(floor_med), ns(floor_p99)), String::new(), String::new(), None);
+    report.row("in-process DaemonPlugin call  median / p99", format!("{} / {}", ns(in_med), ns(in_p99)), String::new(), String::new(), None);
+    report.row(
+        "SidecarPlugin::handle_payload  median",
+        ns(med),
+        format!("try_send {}", ns(floor_med)),
+        format!("{:.2}x", med as f64 / floor_med.max(1) as f64),
+        Some((med <= 100, "<= 100 ns".into())),
+    );
+    report.row(
+        "SidecarPlugin::handle_payload  p99",
+        ns(p99),
+        format!("try_send {}", ns(floor_p99)),
+        format!("{:.2}x", p99 as f64 / floor_p99.max(1) as f64),
+        Some((p99 <= 2 * floor_p99, "<= 2.0x try_send p99".into())),
+    );
+    Ok(())
+}
+
+fn event(seq: u64, body: &Bytes) -> pb::Event {
+    pb::Event {
+        seq,
+        event: Some(pb::event::Event::Payload(pb::Payload {
+            src: Bytes::from_static(&[2; 16]),
+            kind: "bench.data".into(),
+            body: body.clone(),
+        })),
+    }
+}
+
+/// Payloads per second through a plain tonic stream fed from an mpsc, one
+/// payload per message, to a client process.
+async fn raw_stream_floor(dir: &Path, size: usize, n: u64) -> anyhow::Result<f64> {
+    let sock = dir.join(format!("floor-{size}.sock"));
+    let floor = floor::serve(&sock)?;
+    let exe = std::env::current_exe()?;
+    let mut client = tokio::process::Command::new(exe)
+        .arg("floor-client")
+        .arg(&sock)
+        .arg(n.to_string())
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::timeout(Duration::from_secs(30), floor.opened).await??;
+    let body = Bytes::from(vec![7u8; size]);
+    let started = Instant::now();
+    for seq in 1..=n {
+        let msg = pb::EventsResponse { events: vec![event(seq, &body)] };
+        if floor.feed.send(Ok(msg)).await.is_err() {
+            anyhow::bail!("the floor client went away");
+        }
+    }
+    let acked = tokio::time::timeout(Duration::from_secs(300), floor.acked).await??;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(acked == n, "the floor client acked {acked} of {n}");
+    let _ = client.wait().await;
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+/// Payloads per second from `handle_payload` to the sidecar's handler, acked.
+async fn our_throughput(host: &Host, size: usize, n: u64) -> f64 {
+    let src = NodeId::from_bytes([2; 16]);
+    let base = host.plugin.stats().queue.pushed;
+    let mut body = vec![7u8; size];
+    let started = Instant::now();
+    for i in 0..n {
+        // Keep the queue from growing without bound, as a busy mesh would.
+        if i % 1024 == 0 {
+            while host.plugin.stats().queue.depth > 200_000 {
+                tokio::task::yield_now().await;
+            }
+            body[..8].copy_from_slice(&mono_ns().to_le_bytes());
+        }
+        host.plugin
+            .handle_payload(src, "bench.data", Bytes::copy_from_slice(&body))
+            .await;
+    }
+    host.wait_acked(base + n).await;
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn throughput(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<f64> {
+    println!("\n# end-to-end throughput, handle_payload -> sidecar handler, acks on");
+    let host = start_host(sidecar_config(dir, "-tput", false), dir).await?;
+    let mut max_64 = 0.0;
+    for (i, (size, n)) in scale.sizes.into_iter().enumerate() {
+        let floor = raw_stream_floor(dir, size, n).await?;
+        let ours = our_throughput(&host, size, n).await;
+        if size == 64 {
+            max_64 = ours;
+        }
+        let target = [1.0, 0.9, 0.8, 0.0][i];
+        let mbs = |r: f64| r * size as f64 / 1e6;
+        report.row(
+            &format!("throughput {size} B bodies ({n} payloads)"),
+            format!("{:.0} k/s {:.0} MB/s", ours / 1e3, mbs(ours)),
+            format!("{:.0} k/s {:.0} MB/s", floor / 1e3, mbs(floor)),
+            format!("{:.2}x", ours / floor),
+            (target > 0.0).then(|| (ours >= target * floor, format!(">= {target:.1}x raw stream"))),
+        );
+    }
+    host.stop().await;
+    Ok(max_64)
+}
+
+async fn latency(report: &mut Report, scale: Scale, dir: &Path, max_rate: f64) -> anyhow::Result<()> {
+    println!("\n# delivery latency, handle_payload -> sidecar handler (64 B bodies)");
+    let mut host = start_host(sidecar_config(dir, "-lat", false), dir).await?;
+    let src = NodeId::from_bytes([2; 16]);
+    for (label, rate) in [("light load, 1,000/s", 1000.0), ("80% of max throughput", 0.8 * max_rate)] {
+        host.command("lat-start").await?;
+        let per_ms = (rate / 1000.0).max(1.0) as u64;
+        let ticks = (scale.latency_secs * 1000.0) as u64;
+        let base = host.plugin.stats().queue.pushed;
+        let mut interval = tokio::time::interval(Duration::from_millis(1));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut sent = 0;
+        for _ in 0..ticks {
+            interval.tick().await;
+            for _ in 0..per_ms {
+                let mut body = [0u8; 64];
+                body[..8].copy_from_slice(&mono_ns().to_le_bytes());
+                host.plugin
+                    .handle_payload(src, "bench.data", Bytes::copy_from_slice(&body))
+                    .await;
+                sent += 1;
+            }
+        }
+        host.wait_acked(base + sent).await;
+        let reply = host.command("lat-report").await?;
+        let f: Vec<u64> = reply.split(' ').skip(1).filter_map(|v| v.parse().ok()).collect();
+        report.row(
+            &format!("latency at {label} ({:.0}/s)", rate),
+            format!("{} / {}", ns(f[0]), ns(f[1])),
+            "median / p99".into(),
+            String::new(),
+            None,
+        );
+    }
+    host.stop().await;
+    Ok(())
+}
+
+async fn round_trips(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<()> {
+    println!("\n# sidecar -> host round trips ({} each, the SDK's defaults: one-thread runtime)", scale.rtts);
+    let floor_sock = dir.join("floor-unary.sock");
+    let _floor = floor::serve(&floor_sock)?;
+    let echo_sock = dir.join("echo.sock");
+    floor::serve_echo(&echo_sock)?;
+    let mut host = start_host(sidecar_config(dir, "-rtt", false), dir).await?;
+    let reply = host
+        .command(&format!("rtt {} {} {}", floor_sock.display(), echo_sock.display(), scale.rtts))
+        .await?;
+    host.stop().await;
+    let f: Vec<u64> = reply.split(' ').skip(1).filter_map(|v| v.parse().ok()).collect();
+    anyhow::ensure!(f.len() == 8, "bad rtt reply: {reply}");
+    let (raw_med, raw_p99) = (f[4], f[5]);
+    report.row("raw Unix-socket ping-pong 64 B", format!("{} / {}", ns(f[6]), ns(f[7])), "median / p99".into(), String::new(), None);
+    report.row("raw tonic unary (same runtime)", format!("{} / {}", ns(raw_med), ns(raw_p99)), "median / p99".into(), String::new(), None);
+    for (what, med, p99) in [("LookupX25519", f[0], f[1]), ("SendRouted", f[2], f[3])] {
+        report.row(
+            &format!("{what} round trip  median / p99"),
+            format!("{} / {}", ns(med), ns(p99)),
+            format!("raw unary {}", ns(raw_med)),
+            format!("{:.2}x", med as f64 / raw_med.max(1) as f64),
+            Some((
+                med as f64 <= 1.2 * raw_med as f64 && med <= 42_600,
+                "<= 1.2x raw unary and <= 42.6 µs (0.6x go-plugin's 71 µs)".into(),
+            )),
+        );
+    }
+    Ok(())
+}
+
+async fn spawn_to_registered(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<()> {
+    println!("\n# spawn -> registered ({} starts)", scale.spawns);
+    let mut times = Vec::new();
+    for i in 0..scale.spawns {
+        let config = sidecar_config(dir, &format!("-spawn{i}"), false);
+        let started = Instant::now();
+        let host = start_host(config, dir).await?;
+        times.push(started.elapsed().as_nanos() as u64);
+        host.stop().await;
+    }
+    let (med, p99) = median_p99(&mut times);
+    report.row(
+        "spawn -> registered  median / max",
+        format!("{} / {}", ns(med), ns(p99)),
+        String::new(),
+        String::new(),
+        Some((med <= 2_000_000, "<= 2 ms".into())),
+    );
+    Ok(())
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `pim-bench memory`: in a fresh process, fills the queue of a stalled
+/// sidecar past its bound and prints `rss <baseline KiB> <peak KiB> <bound KiB>`.
+async fn memory_probe(bound_mib: usize) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("pim-bench-mem-").tempdir()?;
+    let mut config = sidecar_config(dir.path(), "", true);
+    config.queue = QueueLimits {
+        max_events: 1 << 22,
+        max_bytes: bound_mib << 20,
+    };
+    config.shutdown_grace = Duration::from_millis(100);
+    config.term_grace = Duration::from_millis(100);
+    let host = start_host(config, dir.path()).await?;
+    let baseline = status_kib("VmRSS:");
+    let src = NodeId::from_bytes([2; 16]);
+    let body = vec![3u8; 1024];
+    let total = 3 * (bound_mib << 20) / 1024;
+    for _ in 0..total {
+        host.plugin
+            .handle_payload(src, "bench.data", Bytes::copy_from_slice(&body))
+            .await;
+    }
+    let stats = host.plugin.stats();
+    anyhow::ensure!(stats.queue.dropped_overflow > 0, "the queue never filled");
+    let peak = status_kib("VmHWM:");
+    println!("rss {baseline} {peak} {}", bound_mib * 1024);
+    host.stop().await;
+    Ok(())
+}
+
+async fn memory(report: &mut Report, smoke: bool) -> anyhow::Result<()> {
+    let bound_mib = if smoke { 8 } else { 64 };
+    println!("\n# daemon-side memory with a stalled sidecar and a full queue ({bound_mib} MiB bound, 1 KiB payloads, 3x the bound pushed)");
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("memory")
+        .arg(bound_mib.to_string())
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("rss "))
+        .ok_or_else(|| anyhow::anyhow!("the memory probe failed: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
+    let f: Vec<u64> = line.split(' ').skip(1).filter_map(|v| v.parse().ok()).collect();
+    let growth = f[1].saturating_sub(f[0]);
+    report.row(
+        "peak RSS growth with a full queue",
+        format!("{:.1} MiB", growth as f64 / 1024.0),
+        format!("bound {:.0} MiB", f[2] as f64 / 1024.0),
+        format!("{:.2}x", growth as f64 / f[2] as f64),
+        Some((growth as f64 <= 1.1 * f[2] as f64, "<= bound + 10%".into())),
+    );
+    Ok(())
+}
+
+async fn bench(smoke: bool) -> anyhow::Result<Report> {
+    let scale = if smoke { SMOKE } else { FULL };
+    let dir = tempfile::Builder::new().prefix("pim-bench-").tempdir()?;
+    let mut report = Report { rows: 0, smoke, missed: Vec::new() };
+    println!(
+        "pim-bench: {} run, {} cores, {}",
+        if smoke { "smoke (tiny counts, no targets)" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if cfg!(debug_assertions) { "DEBUG build: figures are not meaningful" } else { "release build" }
+    );
+    println!("{:<44} {:>22} {:>22} {:>8}  target", "measure", "value", "floor", "ratio");
+    handle_payload_cost(&mut report, scale, dir.path()).await?;
+    let max_rate = throughput(&mut report, scale, dir.path()).await?;
+    latency(&mut report, scale, dir.path(), max_rate).await?;
+    round_trips(&mut report, scale, dir.path()).await?;
+    spawn_to_registered(&mut report, scale, dir.path()).await?;
+    memory(&mut report, smoke).await?;
+    Ok(report)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("sidecar") => return sidecar::main(),
+        Some("floor-client") => {
+            let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(0);
+            return match sidecar::floor_client(args.get(1).map_or("", String::as_str), n) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("floor client: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.first().map(String::as_str) == Some("memory") {
+        let mib = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(64);
+        return match runtime.block_on(memory_probe(mib)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("memory probe: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let smoke = args.iter().any(|a| a == "--smoke");
+    match runtime.block_on(bench(smoke)) {
+        Ok(report) => {
+            println!();
+            if smoke {
+                println!("smoke run: {} figures printed, no targets checked", report.rows);
+            } else if report.missed.is_empty() {
+                println!("every target met");
+            } else {
+                println!("targets missed ({}):", report.missed.len());
+                for m in &report.missed {
+                    println!("  {m}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pim-bench failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

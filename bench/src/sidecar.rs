@@ -1,0 +1,177 @@
+//! The benchmark's sidecar process (`pim-bench sidecar`), written with the
+//! SDK and its defaults (single-threaded runtime). It counts `bench.data`
+//! payloads, records their latency from the timestamp in the first 8 bytes
+//! of the body, and runs the round-trip loops on command; results go back
+//! to the host as `bench.result` payloads through SendDirect.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use pim_core::NodeId;
+use pim_protocol::ControlFrame;
+use pim_sidecar::proto::pb;
+use pim_sidecar::proto::pb::peer_directory_client::PeerDirectoryClient;
+use pim_sidecar::{async_trait, Context, HostClient, Sidecar};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OnceCell;
+
+use crate::stats::{encode, mono_ns};
+
+#[derive(Default)]
+struct Bench {
+    host: OnceCell<HostClient>,
+    latencies: Mutex<Option<Vec<u64>>>,
+}
+
+fn result(body: String) -> ControlFrame {
+    ControlFrame::PluginPayload {
+        kind: "bench.result".into(),
+        body: body.into(),
+    }
+}
+
+impl Bench {
+    fn host(&self) -> &HostClient {
+        self.host.get().expect("start runs before any payload")
+    }
+
+    async fn round_trips(&self, floor_sock: &Path, uds_echo: &Path, n: usize) -> anyhow::Result<String> {
+        let host = self.host();
+        let node = NodeId::from_bytes([9; 16]);
+        let mut out = Vec::new();
+
+        let mut lookups = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = mono_ns();
+            host.lookup_x25519(&node).await?;
+            lookups.push(mono_ns() - t);
+        }
+        out.push(encode(&mut lookups));
+
+        let mut routed = Vec::with_capacity(n);
+        let frame = ControlFrame::PluginPayload {
+            kind: "bench.rtt".into(),
+            body: Bytes::from_static(&[0; 64]),
+        };
+        for _ in 0..n {
+            let t = mono_ns();
+            host.send_routed(node, frame.clone()).await?;
+            routed.push(mono_ns() - t);
+        }
+        out.push(encode(&mut routed));
+
+        // Raw tonic unary on the same kind of channel, to a server with a
+        // trivial handler: no auth, no session, no conversion.
+        let channel = pim_sidecar::connect_channel(floor_sock).await?;
+        let mut raw = PeerDirectoryClient::new(channel);
+        let mut raws = Vec::with_capacity(n);
+        let req = pb::LookupX25519Request {
+            session_id: String::new(),
+            node: Bytes::from_static(&[9; 16]),
+        };
+        for _ in 0..n {
+            let t = mono_ns();
+            raw.lookup_x25519(req.clone()).await?;
+            raws.push(mono_ns() - t);
+        }
+        out.push(encode(&mut raws));
+
+        // Raw Unix-socket ping-pong, 64 bytes each way.
+        let mut stream = tokio::net::UnixStream::connect(uds_echo).await?;
+        let mut buf = [0u8; 64];
+        let mut pings = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = mono_ns();
+            stream.write_all(&buf).await?;
+            stream.read_exact(&mut buf).await?;
+            pings.push(mono_ns() - t);
+        }
+        out.push(encode(&mut pings));
+        Ok(format!("rtt {}", out.join(" ")))
+    }
+}
+
+#[async_trait]
+impl Sidecar for Bench {
+    fn name(&self) -> &str {
+        "bench"
+    }
+
+    fn payload_kinds(&self) -> &[&str] {
+        &["bench.data", "bench.cmd"]
+    }
+
+    async fn start(&self, ctx: Context) -> anyhow::Result<()> {
+        let _ = self.host.set(ctx.host);
+        Ok(())
+    }
+
+    async fn handle_payload(&self, src: NodeId, kind: &str, body: Bytes) -> anyhow::Result<()> {
+        if kind == "bench.data" {
+            if std::env::var_os("BENCH_STALL").is_some() {
+                std::future::pending::<()>().await;
+            }
+            if let Some(samples) = self.latencies.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                if let Some(sent) = body.get(..8) {
+                    let sent = u64::from_le_bytes(sent.try_into().expect("8 bytes"));
+                    samples.push(mono_ns().saturating_sub(sent));
+                }
+            }
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let mut words = text.split(' ');
+        let reply = match words.next() {
+            Some("lat-start") => {
+                *self.latencies.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+                "lat-started".to_owned()
+            }
+            Some("lat-report") => {
+                let samples = self.latencies.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let mut samples = samples.unwrap_or_default();
+                let count = samples.len();
+                format!("lat {} {count}", encode(&mut samples))
+            }
+            Some("rtt") => {
+                let floor = words.next().unwrap_or_default();
+                let echo = words.next().unwrap_or_default();
+                let n = words.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
+                self.round_trips(Path::new(floor), Path::new(echo), n).await?
+            }
+            other => format!("unknown command {other:?}"),
+        };
+        self.host().send_direct(src, result(reply)).await?;
+        Ok(())
+    }
+}
+
+/// `pim-bench sidecar`: run as the benchmark's sidecar.
+pub(crate) fn main() -> std::process::ExitCode {
+    pim_sidecar::run(Bench::default())
+}
+
+/// `pim-bench floor-client <socket> <n>`: the raw stream floor's client:
+/// reads `n` events from a plain tonic Events stream, then acks once so the
+/// server sees the end.
+pub(crate) fn floor_client(socket: &str, n: u64) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let channel = pim_sidecar::connect_channel(Path::new(socket)).await?;
+        let mut client = pb::plugin_session_client::PluginSessionClient::new(channel)
+            .max_decoding_message_size(pim_sidecar::proto::limits::MAX_MESSAGE_BYTES);
+        let mut stream = client
+            .events(pb::EventsRequest::default())
+            .await?
+            .into_inner();
+        let mut seen = 0;
+        while seen < n {
+            let Some(batch) = stream.message().await? else {
+                anyhow::bail!("the floor stream ended after {seen} of {n}");
+            };
+            seen += batch.events.len() as u64;
+        }
+        client.ack(pb::AckRequest { session_id: String::new(), seq: seen }).await?;
+        Ok(())
+    })
+}
