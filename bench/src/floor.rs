@@ -82,7 +82,10 @@ impl PeerDirectory for FloorPeers {
     type WatchStream =
         Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
-    async fn watch(&self, _: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        _: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         Err(Status::unimplemented("not a floor"))
     }
 }
@@ -112,7 +115,11 @@ pub(crate) fn serve(path: &Path) -> anyhow::Result<Floor> {
         .add_service(PluginSessionServer::new(session))
         .add_service(PeerDirectoryServer::new(FloorPeers));
     tokio::spawn(router.serve_with_incoming(UnixListenerStream::new(listener)));
-    Ok(Floor { feed, opened, acked })
+    Ok(Floor {
+        feed,
+        opened,
+        acked,
+    })
 }
 
 /// A raw Unix-socket echo of 64-byte messages on `path`.

@@ -45,7 +45,12 @@ struct Scale {
 
 const FULL: Scale = Scale {
     calls: 200_000,
-    sizes: [(64, 1_000_000), (1024, 400_000), (16 * 1024, 50_000), (65_535, 15_000)],
+    sizes: [
+        (64, 1_000_000),
+        (1024, 400_000),
+        (16 * 1024, 50_000),
+        (65_535, 15_000),
+    ],
     latency_secs: 2.0,
     rtts: 20_000,
     spawns: 20,
@@ -86,7 +91,9 @@ impl ControlSender for BenchPorts {
     async fn send_direct(&self, _: NodeId, frame: ControlFrame) {
         if let ControlFrame::PluginPayload { kind, body } = frame {
             if kind == "bench.result" {
-                let _ = self.results.send(String::from_utf8_lossy(&body).into_owned());
+                let _ = self
+                    .results
+                    .send(String::from_utf8_lossy(&body).into_owned());
             }
         }
     }
@@ -185,7 +192,11 @@ async fn start_host(config: SidecarConfig, data_dir: &Path) -> anyhow::Result<Ho
 impl Host {
     async fn command(&mut self, cmd: &str) -> anyhow::Result<String> {
         self.plugin
-            .handle_payload(NodeId::from_bytes([1; 16]), "bench.cmd", Bytes::from(cmd.to_owned()))
+            .handle_payload(
+                NodeId::from_bytes([1; 16]),
+                "bench.cmd",
+                Bytes::from(cmd.to_owned()),
+            )
             .await;
         tokio::time::timeout(Duration::from_secs(120), self.results.recv())
             .await?
@@ -219,7 +230,14 @@ struct Report {
 }
 
 impl Report {
-    fn row(&mut self, what: &str, value: String, floor: String, ratio: String, target: Option<(bool, String)>) {
+    fn row(
+        &mut self,
+        what: &str,
+        value: String,
+        floor: String,
+        ratio: String,
+        target: Option<(bool, String)>,
+    ) {
         let verdict = match (&target, self.smoke) {
             (_, true) | (None, _) => String::new(),
             (Some((true, t)), false) => format!("ok ({t})"),
@@ -257,7 +275,10 @@ where
 }
 
 async fn handle_payload_cost(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<()> {
-    println!("\n# daemon-side handle_payload cost ({} calls each, 64 B bodies, consumer draining)", scale.calls);
+    println!(
+        "\n# daemon-side handle_payload cost ({} calls each, 64 B bodies, consumer draining)",
+        scale.calls
+    );
     let body = Bytes::from(vec![0u8; 64]);
     let src = NodeId::from_bytes([2; 16]);
 
@@ -278,7 +299,10 @@ async fn handle_payload_cost(report: &mut Report, scale: Scale, dir: &Path) -> a
     let (tx, mut rx) = mpsc::channel::<Bytes>(1 << 20);
     let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
     let inproc = InProcess { tx };
-    let mut inproc_t = time_calls(scale.calls, |_| inproc.handle_payload(src, "bench.data", body.clone())).await;
+    let mut inproc_t = time_calls(scale.calls, |_| {
+        inproc.handle_payload(src, "bench.data", body.clone())
+    })
+    .await;
     drop(inproc);
     let _ = drain.await;
     let (in_med, in_p99) = median_p99(&mut inproc_t);
@@ -286,15 +310,36 @@ async fn handle_payload_cost(report: &mut Report, scale: Scale, dir: &Path) -> a
     let mut host = start_host(sidecar_config(dir, "-cost", false), dir).await?;
     let base = host.plugin.stats().queue.pushed;
     let plugin = host.plugin.clone();
-    let mut ours = time_calls(scale.calls, |_| plugin.handle_payload(src, "bench.data", body.clone())).await;
+    let mut ours = time_calls(scale.calls, |_| {
+        plugin.handle_payload(src, "bench.data", body.clone())
+    })
+    .await;
     host.wait_acked(base + scale.calls as u64).await;
     let (med, p99) = median_p99(&mut ours);
     let _ = host.command("lat-report").await;
     host.stop().await;
 
-    report.row("clock read (included in each figure below)", ns(clock_med), String::new(), String::new(), None);
-    report.row("tokio mpsc try_send  median / p99", format!("{} / {}", ns(floor_med), ns(floor_p99)), String::new(), String::new(), None);
-    report.row("in-process DaemonPlugin call  median / p99", format!("{} / {}", ns(in_med), ns(in_p99)), String::new(), String::new(), None);
+    report.row(
+        "clock read (included in each figure below)",
+        ns(clock_med),
+        String::new(),
+        String::new(),
+        None,
+    );
+    report.row(
+        "tokio mpsc try_send  median / p99",
+        format!("{} / {}", ns(floor_med), ns(floor_p99)),
+        String::new(),
+        String::new(),
+        None,
+    );
+    report.row(
+        "in-process DaemonPlugin call  median / p99",
+        format!("{} / {}", ns(in_med), ns(in_p99)),
+        String::new(),
+        String::new(),
+        None,
+    );
     report.row(
         "SidecarPlugin::handle_payload  median",
         ns(med),
@@ -339,7 +384,9 @@ async fn raw_stream_floor(dir: &Path, size: usize, n: u64) -> anyhow::Result<f64
     let body = Bytes::from(vec![7u8; size]);
     let started = Instant::now();
     for seq in 1..=n {
-        let msg = pb::EventsResponse { events: vec![event(seq, &body)] };
+        let msg = pb::EventsResponse {
+            events: vec![event(seq, &body)],
+        };
         if floor.feed.send(Ok(msg)).await.is_err() {
             anyhow::bail!("the floor client went away");
         }
@@ -355,18 +402,22 @@ async fn raw_stream_floor(dir: &Path, size: usize, n: u64) -> anyhow::Result<f64
 async fn our_throughput(host: &Host, size: usize, n: u64) -> f64 {
     let src = NodeId::from_bytes([2; 16]);
     let base = host.plugin.stats().queue.pushed;
-    let mut body = vec![7u8; size];
+    let mut raw = vec![7u8; size];
+    let mut body = Bytes::new();
     let started = Instant::now();
     for i in 0..n {
-        // Keep the queue from growing without bound, as a busy mesh would.
+        // Keep the queue from growing without bound, as a busy mesh would;
+        // a fresh body (and timestamp) every 1,024 payloads, shared between
+        // them like the raw stream's.
         if i % 1024 == 0 {
             while host.plugin.stats().queue.depth > 200_000 {
                 tokio::task::yield_now().await;
             }
-            body[..8].copy_from_slice(&mono_ns().to_le_bytes());
+            raw[..8].copy_from_slice(&mono_ns().to_le_bytes());
+            body = Bytes::copy_from_slice(&raw);
         }
         host.plugin
-            .handle_payload(src, "bench.data", Bytes::copy_from_slice(&body))
+            .handle_payload(src, "bench.data", body.clone())
             .await;
     }
     host.wait_acked(base + n).await;
@@ -390,18 +441,31 @@ async fn throughput(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Re
             format!("{:.0} k/s {:.0} MB/s", ours / 1e3, mbs(ours)),
             format!("{:.0} k/s {:.0} MB/s", floor / 1e3, mbs(floor)),
             format!("{:.2}x", ours / floor),
-            (target > 0.0).then(|| (ours >= target * floor, format!(">= {target:.1}x raw stream"))),
+            (target > 0.0).then(|| {
+                (
+                    ours >= target * floor,
+                    format!(">= {target:.1}x raw stream"),
+                )
+            }),
         );
     }
     host.stop().await;
     Ok(max_64)
 }
 
-async fn latency(report: &mut Report, scale: Scale, dir: &Path, max_rate: f64) -> anyhow::Result<()> {
+async fn latency(
+    report: &mut Report,
+    scale: Scale,
+    dir: &Path,
+    max_rate: f64,
+) -> anyhow::Result<()> {
     println!("\n# delivery latency, handle_payload -> sidecar handler (64 B bodies)");
     let mut host = start_host(sidecar_config(dir, "-lat", false), dir).await?;
     let src = NodeId::from_bytes([2; 16]);
-    for (label, rate) in [("light load, 1,000/s", 1000.0), ("80% of max throughput", 0.8 * max_rate)] {
+    for (label, rate) in [
+        ("light load, 1,000/s", 1000.0),
+        ("80% of max throughput", 0.8 * max_rate),
+    ] {
         host.command("lat-start").await?;
         let per_ms = (rate / 1000.0).max(1.0) as u64;
         let ticks = (scale.latency_secs * 1000.0) as u64;
@@ -422,7 +486,11 @@ async fn latency(report: &mut Report, scale: Scale, dir: &Path, max_rate: f64) -
         }
         host.wait_acked(base + sent).await;
         let reply = host.command("lat-report").await?;
-        let f: Vec<u64> = reply.split(' ').skip(1).filter_map(|v| v.parse().ok()).collect();
+        let f: Vec<u64> = reply
+            .split(' ')
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
         report.row(
             &format!("latency at {label} ({:.0}/s)", rate),
             format!("{} / {}", ns(f[0]), ns(f[1])),
@@ -436,21 +504,45 @@ async fn latency(report: &mut Report, scale: Scale, dir: &Path, max_rate: f64) -
 }
 
 async fn round_trips(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<()> {
-    println!("\n# sidecar -> host round trips ({} each, the SDK's defaults: one-thread runtime)", scale.rtts);
+    println!(
+        "\n# sidecar -> host round trips ({} each, the SDK's defaults: one-thread runtime)",
+        scale.rtts
+    );
     let floor_sock = dir.join("floor-unary.sock");
     let _floor = floor::serve(&floor_sock)?;
     let echo_sock = dir.join("echo.sock");
     floor::serve_echo(&echo_sock)?;
     let mut host = start_host(sidecar_config(dir, "-rtt", false), dir).await?;
     let reply = host
-        .command(&format!("rtt {} {} {}", floor_sock.display(), echo_sock.display(), scale.rtts))
+        .command(&format!(
+            "rtt {} {} {}",
+            floor_sock.display(),
+            echo_sock.display(),
+            scale.rtts
+        ))
         .await?;
     host.stop().await;
-    let f: Vec<u64> = reply.split(' ').skip(1).filter_map(|v| v.parse().ok()).collect();
+    let f: Vec<u64> = reply
+        .split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     anyhow::ensure!(f.len() == 8, "bad rtt reply: {reply}");
     let (raw_med, raw_p99) = (f[4], f[5]);
-    report.row("raw Unix-socket ping-pong 64 B", format!("{} / {}", ns(f[6]), ns(f[7])), "median / p99".into(), String::new(), None);
-    report.row("raw tonic unary (same runtime)", format!("{} / {}", ns(raw_med), ns(raw_p99)), "median / p99".into(), String::new(), None);
+    report.row(
+        "raw Unix-socket ping-pong 64 B",
+        format!("{} / {}", ns(f[6]), ns(f[7])),
+        "median / p99".into(),
+        String::new(),
+        None,
+    );
+    report.row(
+        "raw tonic unary (same runtime)",
+        format!("{} / {}", ns(raw_med), ns(raw_p99)),
+        "median / p99".into(),
+        String::new(),
+        None,
+    );
     for (what, med, p99) in [("LookupX25519", f[0], f[1]), ("SendRouted", f[2], f[3])] {
         report.row(
             &format!("{what} round trip  median / p99"),
@@ -501,7 +593,9 @@ fn status_kib(field: &str) -> u64 {
 /// `pim-bench memory`: in a fresh process, fills the queue of a stalled
 /// sidecar past its bound and prints `rss <baseline KiB> <peak KiB> <bound KiB>`.
 async fn memory_probe(bound_mib: usize) -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("pim-bench-mem-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("pim-bench-mem-")
+        .tempdir()?;
     let mut config = sidecar_config(dir.path(), "", true);
     config.queue = QueueLimits {
         max_events: 1 << 22,
@@ -540,8 +634,17 @@ async fn memory(report: &mut Report, smoke: bool) -> anyhow::Result<()> {
     let line = text
         .lines()
         .find(|l| l.starts_with("rss "))
-        .ok_or_else(|| anyhow::anyhow!("the memory probe failed: {text}{}", String::from_utf8_lossy(&out.stderr)))?;
-    let f: Vec<u64> = line.split(' ').skip(1).filter_map(|v| v.parse().ok()).collect();
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the memory probe failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let f: Vec<u64> = line
+        .split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     let growth = f[1].saturating_sub(f[0]);
     report.row(
         "peak RSS growth with a full queue",
@@ -556,14 +659,29 @@ async fn memory(report: &mut Report, smoke: bool) -> anyhow::Result<()> {
 async fn bench(smoke: bool) -> anyhow::Result<Report> {
     let scale = if smoke { SMOKE } else { FULL };
     let dir = tempfile::Builder::new().prefix("pim-bench-").tempdir()?;
-    let mut report = Report { rows: 0, smoke, missed: Vec::new() };
+    let mut report = Report {
+        rows: 0,
+        smoke,
+        missed: Vec::new(),
+    };
     println!(
         "pim-bench: {} run, {} cores, {}",
-        if smoke { "smoke (tiny counts, no targets)" } else { "full" },
+        if smoke {
+            "smoke (tiny counts, no targets)"
+        } else {
+            "full"
+        },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        if cfg!(debug_assertions) { "DEBUG build: figures are not meaningful" } else { "release build" }
+        if cfg!(debug_assertions) {
+            "DEBUG build: figures are not meaningful"
+        } else {
+            "release build"
+        }
     );
-    println!("{:<44} {:>22} {:>22} {:>8}  target", "measure", "value", "floor", "ratio");
+    println!(
+        "{:<44} {:>22} {:>22} {:>8}  target",
+        "measure", "value", "floor", "ratio"
+    );
     handle_payload_cost(&mut report, scale, dir.path()).await?;
     let max_rate = throughput(&mut report, scale, dir.path()).await?;
     latency(&mut report, scale, dir.path(), max_rate).await?;
@@ -593,7 +711,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_max_level(tracing::Level::WARN)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("runtime: {e}");
@@ -615,7 +736,10 @@ fn main() -> ExitCode {
         Ok(report) => {
             println!();
             if smoke {
-                println!("smoke run: {} figures printed, no targets checked", report.rows);
+                println!(
+                    "smoke run: {} figures printed, no targets checked",
+                    report.rows
+                );
             } else if report.missed.is_empty() {
                 println!("every target met");
             } else {

@@ -36,7 +36,12 @@ impl Bench {
         self.host.get().expect("start runs before any payload")
     }
 
-    async fn round_trips(&self, floor_sock: &Path, uds_echo: &Path, n: usize) -> anyhow::Result<String> {
+    async fn round_trips(
+        &self,
+        floor_sock: &Path,
+        uds_echo: &Path,
+        n: usize,
+    ) -> anyhow::Result<String> {
         let host = self.host();
         let node = NodeId::from_bytes([9; 16]);
         let mut out = Vec::new();
@@ -112,7 +117,12 @@ impl Sidecar for Bench {
             if std::env::var_os("BENCH_STALL").is_some() {
                 std::future::pending::<()>().await;
             }
-            if let Some(samples) = self.latencies.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            if let Some(samples) = self
+                .latencies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
                 if let Some(sent) = body.get(..8) {
                     let sent = u64::from_le_bytes(sent.try_into().expect("8 bytes"));
                     samples.push(mono_ns().saturating_sub(sent));
@@ -128,7 +138,11 @@ impl Sidecar for Bench {
                 "lat-started".to_owned()
             }
             Some("lat-report") => {
-                let samples = self.latencies.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let samples = self
+                    .latencies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
                 let mut samples = samples.unwrap_or_default();
                 let count = samples.len();
                 format!("lat {} {count}", encode(&mut samples))
@@ -137,7 +151,8 @@ impl Sidecar for Bench {
                 let floor = words.next().unwrap_or_default();
                 let echo = words.next().unwrap_or_default();
                 let n = words.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
-                self.round_trips(Path::new(floor), Path::new(echo), n).await?
+                self.round_trips(Path::new(floor), Path::new(echo), n)
+                    .await?
             }
             other => format!("unknown command {other:?}"),
         };
@@ -155,7 +170,9 @@ pub(crate) fn main() -> std::process::ExitCode {
 /// reads `n` events from a plain tonic Events stream, then acks once so the
 /// server sees the end.
 pub(crate) fn floor_client(socket: &str, n: u64) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let channel = pim_sidecar::connect_channel(Path::new(socket)).await?;
         let mut client = pb::plugin_session_client::PluginSessionClient::new(channel)
@@ -171,7 +188,12 @@ pub(crate) fn floor_client(socket: &str, n: u64) -> anyhow::Result<()> {
             };
             seen += batch.events.len() as u64;
         }
-        client.ack(pb::AckRequest { session_id: String::new(), seq: seen }).await?;
+        client
+            .ack(pb::AckRequest {
+                session_id: String::new(),
+                seq: seen,
+            })
+            .await?;
         Ok(())
     })
 }

@@ -71,6 +71,8 @@ pub struct EventQueue {
     notify: Notify,
     /// Mirrors `state.acked` for lock-free reads.
     acked: AtomicU64,
+    /// Mirrors the newest seq for lock-free reads.
+    newest: AtomicU64,
 }
 
 impl std::fmt::Debug for EventQueue {
@@ -108,6 +110,7 @@ impl EventQueue {
             }),
             notify: Notify::new(),
             acked: AtomicU64::new(0),
+            newest: AtomicU64::new(0),
         }
     }
 
@@ -123,14 +126,20 @@ impl EventQueue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends an event without ever waiting. A payload that does not fit
-    /// drops the oldest queued payloads; lifecycle events are never dropped
-    /// and always fit.
+    /// Appends an event without ever waiting on the sidecar. A payload that
+    /// does not fit drops the oldest queued payloads; lifecycle events are
+    /// never dropped and always fit.
     pub fn push(&self, event: PluginEvent) -> Pushed {
         let size = cost(&event);
         let mut st = self.lock();
+        // Acked events are forgotten a few at a time, so that no call holds
+        // the lock for long (an ack may cover many thousands of events).
+        trim_acked(&mut st, TRIM_PER_PUSH);
         let mut dropped = 0;
         while st.events.len() >= self.limits.max_events || st.bytes + size > self.limits.max_bytes {
+            if trim_acked(&mut st, 1) == 1 {
+                continue;
+            }
             let Some(pos) = st.events.iter().position(|e| e.event.is_payload()) else {
                 break;
             };
@@ -139,7 +148,8 @@ impl EventQueue {
                 dropped += 1;
             }
         }
-        if st.events.is_empty() {
+        if st.next_seq - 1 == st.acked {
+            // Nothing was pending: the sidecar has not fallen behind yet.
             st.last_progress = Instant::now();
         }
         let seq = st.next_seq;
@@ -148,14 +158,16 @@ impl EventQueue {
         st.events.push_back(SequencedEvent { seq, event });
         st.stats.pushed += 1;
         st.stats.dropped_overflow += dropped;
+        self.newest.store(seq, Ordering::Release);
         drop(st);
         self.notify.notify_one();
         Pushed { seq, dropped }
     }
 
-    /// Records a cumulative ack and forgets the events it covers. An ack
-    /// beyond the last pushed event is clamped; an older one changes
-    /// nothing. Returns the acked position.
+    /// Records a cumulative ack. An ack beyond the last pushed event is
+    /// clamped; an older one changes nothing. The events it covers are
+    /// forgotten incrementally (here and on later calls). Returns the acked
+    /// position.
     pub fn ack(&self, seq: u64) -> u64 {
         let mut st = self.lock();
         let seq = seq.min(st.next_seq - 1);
@@ -163,13 +175,9 @@ impl EventQueue {
             st.acked = seq;
             st.last_ack_at = Instant::now();
             st.last_progress = st.last_ack_at;
-            while st.events.front().is_some_and(|e| e.seq <= seq) {
-                if let Some(old) = st.events.pop_front() {
-                    st.bytes -= cost(&old.event);
-                }
-            }
             self.acked.store(seq, Ordering::Release);
         }
+        trim_acked(&mut st, TRIM_PER_ACK);
         st.acked
     }
 
@@ -182,7 +190,12 @@ impl EventQueue {
     /// returns its cursor. Events it gets again count as replayed.
     pub fn open_stream(&self) -> u64 {
         let mut st = self.lock();
-        let replays = st.events.iter().take_while(|e| e.seq <= st.sent).count();
+        let (acked, sent) = (st.acked, st.sent);
+        let replays = st
+            .events
+            .iter()
+            .filter(|e| e.seq > acked && e.seq <= sent)
+            .count();
         st.stats.replayed += replays as u64;
         st.last_progress = Instant::now();
         st.acked
@@ -190,36 +203,59 @@ impl EventQueue {
 
     /// Events after `cursor`, as one wire batch bounded by `max_events` and
     /// `max_bytes` of body (at least one event when any is waiting).
+    ///
+    /// The lock is held only to clone a few events at a time (reference
+    /// counts, no copies), and they are turned into wire messages after it
+    /// is released, so `push` never waits long.
     pub fn batch_after(&self, cursor: u64, max_events: usize, max_bytes: usize) -> Vec<pb::Event> {
-        let mut st = self.lock();
-        let start = st.events.partition_point(|e| e.seq <= cursor);
-        let mut batch = Vec::new();
+        const CLONES_PER_LOCK: usize = 32;
+        let mut picked: Vec<SequencedEvent> = Vec::new();
         let mut bytes = 0;
-        for ev in st.events.range(start..) {
-            if !batch.is_empty()
-                && (batch.len() >= max_events || bytes + ev.event.body_len() > max_bytes)
-            {
+        let mut after = cursor;
+        'fill: loop {
+            let st = self.lock();
+            let start = st.events.partition_point(|e| e.seq <= after);
+            let before = picked.len();
+            for ev in st.events.range(start..).take(CLONES_PER_LOCK) {
+                if !picked.is_empty()
+                    && (picked.len() >= max_events || bytes + ev.event.body_len() > max_bytes)
+                {
+                    break 'fill;
+                }
+                bytes += ev.event.body_len();
+                picked.push(ev.clone());
+            }
+            if picked.len() == before || picked.len() >= max_events {
                 break;
             }
-            bytes += ev.event.body_len();
-            batch.push(pb::Event::from(ev));
+            after = picked.last().map_or(after, |e| e.seq);
+            drop(st);
         }
-        if let Some(last) = batch.last() {
+        if let Some(last) = picked.last() {
+            let mut st = self.lock();
             st.sent = st.sent.max(last.seq);
-            st.stats.delivered += batch.len() as u64;
+            st.stats.delivered += picked.len() as u64;
+            trim_acked(&mut st, TRIM_PER_PUSH);
         }
-        batch
+        picked.iter().map(pb::Event::from).collect()
     }
 
     /// Waits until an event after `cursor` may be there. Returns at once if
     /// one is; may return spuriously.
+    ///
+    /// It first yields to the runtime a few times, checking without the
+    /// lock: during a burst the next event is usually there by then, and
+    /// the producer's `push` then finds no parked task to wake (a wake of a
+    /// parked runtime thread is a syscall on the daemon's hot path).
     pub async fn wait_after(&self, cursor: u64) {
+        for _ in 0..SPINS_BEFORE_PARKING {
+            if self.newest.load(Ordering::Acquire) > cursor {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
         let notified = self.notify.notified();
-        let waiting = {
-            let st = self.lock();
-            st.next_seq - 1 <= cursor
-        };
-        if waiting {
+        if self.newest.load(Ordering::Acquire) <= cursor {
             notified.await;
         }
     }
@@ -231,7 +267,7 @@ impl EventQueue {
 
     /// The sequence number of the newest event, 0 when none was pushed.
     pub fn last_seq(&self) -> u64 {
-        self.lock().next_seq - 1
+        self.newest.load(Ordering::Acquire)
     }
 
     /// Time since the ack position last moved.
@@ -243,21 +279,43 @@ impl EventQueue {
     /// on it; `None` when nothing is pending.
     pub fn stalled(&self) -> Option<(u64, Duration)> {
         let st = self.lock();
+        let first = st.events.partition_point(|e| e.seq <= st.acked);
         st.events
-            .front()
+            .get(first)
             .map(|e| (e.seq, st.last_progress.elapsed()))
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> QueueStats {
         let st = self.lock();
+        let acked_kept = st.events.partition_point(|e| e.seq <= st.acked);
         QueueStats {
             acked_seq: st.acked,
-            depth: st.events.len(),
+            depth: st.events.len() - acked_kept,
             bytes: st.bytes,
             ..st.stats
         }
     }
+}
+
+/// Times a caught-up stream yields before it parks (see `wait_after`).
+const SPINS_BEFORE_PARKING: usize = 16;
+
+/// Acked events forgotten per push and per ack: enough to keep up (each
+/// push adds one event), few enough to keep every lock hold short.
+const TRIM_PER_PUSH: usize = 4;
+const TRIM_PER_ACK: usize = 256;
+
+/// Forgets up to `limit` acked events from the front; returns how many.
+fn trim_acked(st: &mut State, limit: usize) -> usize {
+    let mut n = 0;
+    while n < limit && st.events.front().is_some_and(|e| e.seq <= st.acked) {
+        if let Some(old) = st.events.pop_front() {
+            st.bytes -= cost(&old.event);
+        }
+        n += 1;
+    }
+    n
 }
 
 /// A payload event for `kind`, borrowing the kind from `static_kinds` when it
@@ -369,6 +427,36 @@ mod tests {
             [1],
             "one event always fits"
         );
+    }
+
+    #[test]
+    fn a_large_ack_is_forgotten_incrementally_and_never_counts_as_a_drop() {
+        let q = EventQueue::new(QueueLimits {
+            max_events: 2_000,
+            max_bytes: usize::MAX,
+        });
+        for i in 0..2_000 {
+            q.push(payload(i as u8, 10));
+        }
+        q.ack(2_000);
+        let st = q.stats();
+        assert_eq!(
+            (st.depth, st.acked_seq),
+            (0, 2_000),
+            "acked events are not pending"
+        );
+        // A full queue of acked events makes room without dropping anything.
+        for i in 0..2_000 {
+            q.push(payload(i as u8, 10));
+        }
+        assert_eq!(q.stats().dropped_overflow, 0);
+        assert_eq!(q.stats().depth, 2_000);
+        q.ack(4_000);
+        for _ in 0..20 {
+            q.ack(4_000);
+        }
+        assert_eq!(q.stats().bytes, 0, "every acked event was forgotten");
+        assert_eq!(q.stalled(), None);
     }
 
     #[test]

@@ -1,0 +1,52 @@
+//! A tiny run of the benchmark (small counts, no targets) so that it cannot
+//! rot: every section must run and print its figures.
+
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn the_benchmark_runs_end_to_end_in_smoke_mode() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pim-bench"))
+        .arg("--smoke")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting pim-bench");
+    // Bounded: a wedged bench fails the test instead of hanging CI.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if child.try_wait().expect("polling pim-bench").is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("pim-bench --smoke did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("reading pim-bench output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "pim-bench --smoke failed:\n{stdout}\n{stderr}"
+    );
+    for section in [
+        "SidecarPlugin::handle_payload  median",
+        "tokio mpsc try_send",
+        "in-process DaemonPlugin call",
+        "throughput 64 B bodies",
+        "throughput 65535 B bodies",
+        "latency at light load",
+        "latency at 80% of max throughput",
+        "raw Unix-socket ping-pong",
+        "raw tonic unary",
+        "LookupX25519 round trip",
+        "SendRouted round trip",
+        "spawn -> registered",
+        "peak RSS growth with a full queue",
+    ] {
+        assert!(stdout.contains(section), "no `{section}` in:\n{stdout}");
+    }
+    assert!(stdout.contains("smoke run: 17 figures printed"), "{stdout}");
+}
