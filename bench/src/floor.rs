@@ -110,11 +110,25 @@ pub(crate) fn serve(path: &Path) -> anyhow::Result<Floor> {
         opened: Mutex::new(Some(opened_tx)),
         acked: Mutex::new(Some(acked_tx)),
     };
-    let listener = tokio::net::UnixListener::bind(path)?;
-    let router = tonic::transport::Server::builder()
-        .add_service(PluginSessionServer::new(session))
-        .add_service(PeerDirectoryServer::new(FloorPeers));
-    tokio::spawn(router.serve_with_incoming(UnixListenerStream::new(listener)));
+    // The same runtime flavour as the host's socket server: a thread of its
+    // own with a single-threaded runtime.
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the floor server");
+        runtime.block_on(async move {
+            let listener = tokio::net::UnixListener::from_std(listener).expect("the floor socket");
+            let router = tonic::transport::Server::builder()
+                .add_service(PluginSessionServer::new(session))
+                .add_service(PeerDirectoryServer::new(FloorPeers));
+            let _ = router
+                .serve_with_incoming(UnixListenerStream::new(listener))
+                .await;
+        });
+    });
     Ok(Floor {
         feed,
         opened,

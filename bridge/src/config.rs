@@ -172,6 +172,11 @@ pub struct SidecarConfig {
     pub allowed_uids: Vec<u32>,
     /// Bounds on connections to the socket.
     pub connections: ConnectionLimits,
+    /// Serve the socket from a thread of its own with a single-threaded
+    /// runtime (the default), which answers a sidecar's calls without
+    /// hand-overs between the daemon's runtime threads; `false` serves it
+    /// on the daemon's runtime.
+    pub server_thread: bool,
     /// Event queue bounds.
     pub queue: QueueLimits,
     /// Restarts of a spawned sidecar.
@@ -225,6 +230,7 @@ impl SidecarConfig {
             grants: Grants::default(),
             allowed_uids: Vec::new(),
             connections: ConnectionLimits::default(),
+            server_thread: true,
             queue: QueueLimits::default(),
             restart: RestartPolicy::default(),
             wait_for_register,

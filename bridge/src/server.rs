@@ -62,7 +62,7 @@ pub(crate) fn serve(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    Ok(tokio::spawn(async move {
+    let serve = async move |listener: UnixListener| {
         for service in SERVICE_NAMES.into_iter().chain([""]) {
             health_reporter
                 .set_service_status(service, ServingStatus::Serving)
@@ -77,5 +77,48 @@ pub(crate) fn serve(
         {
             tracing::error!(plugin, error = %e, "sidecar socket server failed");
         }
+    };
+    if !host.config.server_thread {
+        return Ok(tokio::spawn(serve(listener)));
+    }
+    // A thread of its own with a single-threaded runtime: a sidecar's call
+    // is read, served and answered on one thread, with no hand-over between
+    // the daemon runtime's I/O driver and its workers. The listener moves to
+    // this runtime so its connections are driven here.
+    let listener = listener.into_std()?;
+    let hard_stop = CancellationToken::new();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = hard_stop.clone();
+    let span = tracing::Span::current();
+    std::thread::Builder::new()
+        .name(format!("pim-sidecar-{plugin}"))
+        .spawn(move || {
+            let _span = span.entered();
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(plugin, error = %e, "building the socket server runtime failed");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match UnixListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(plugin, error = %e, "moving the socket to its runtime failed");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    () = serve(listener) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+    // Dropping (or aborting) this task ends the server thread at once.
+    Ok(tokio::spawn(async move {
+        let _stop_on_drop = hard_stop.drop_guard();
+        let _ = done_rx.await;
     }))
 }
