@@ -22,6 +22,8 @@ use crate::stats::{encode, mono_ns};
 struct Bench {
     host: OnceCell<HostClient>,
     latencies: Mutex<Option<Vec<u64>>>,
+    /// `BENCH_STALL` set: never return from a data handler (read once).
+    stall: bool,
 }
 
 fn result(body: String) -> ControlFrame {
@@ -114,7 +116,7 @@ impl Sidecar for Bench {
 
     async fn handle_payload(&self, src: NodeId, kind: &str, body: Bytes) -> anyhow::Result<()> {
         if kind == "bench.data" {
-            if std::env::var_os("BENCH_STALL").is_some() {
+            if self.stall {
                 std::future::pending::<()>().await;
             }
             if let Some(samples) = self
@@ -163,7 +165,10 @@ impl Sidecar for Bench {
 
 /// `pim-bench sidecar`: run as the benchmark's sidecar.
 pub(crate) fn main() -> std::process::ExitCode {
-    pim_sidecar::run(Bench::default())
+    pim_sidecar::run(Bench {
+        stall: std::env::var_os("BENCH_STALL").is_some(),
+        ..Bench::default()
+    })
 }
 
 /// `pim-bench floor-client <socket> <n>`: the raw stream floor's client:

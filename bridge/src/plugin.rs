@@ -118,6 +118,13 @@ impl SidecarPlugin {
         self.running()?.supervisor.as_ref()?.state().pid
     }
 
+    /// The newest event's sequence number and the acked position, read
+    /// without taking the queue's lock (cheap enough to poll; `stats` gives
+    /// everything).
+    pub fn progress(&self) -> (u64, u64) {
+        (self.queue.last_seq(), self.queue.acked())
+    }
+
     /// Current figures.
     pub fn stats(&self) -> SidecarStats {
         let running = self.running();

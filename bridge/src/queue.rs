@@ -99,7 +99,7 @@ impl EventQueue {
             limits,
             instance: crate::secret::random_hex(8),
             state: Mutex::new(State {
-                events: VecDeque::new(),
+                events: VecDeque::with_capacity(limits.max_events.min(1024)),
                 next_seq: 1,
                 acked: 0,
                 sent: 0,
@@ -237,7 +237,7 @@ impl EventQueue {
             st.stats.delivered += picked.len() as u64;
             trim_acked(&mut st, TRIM_PER_PUSH);
         }
-        picked.iter().map(pb::Event::from).collect()
+        pim_plugin_proto::convert::events_to_wire(&picked)
     }
 
     /// Waits until an event after `cursor` may be there. Returns at once if

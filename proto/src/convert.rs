@@ -166,25 +166,44 @@ pub struct SequencedEvent {
 
 impl From<&SequencedEvent> for pb::Event {
     fn from(ev: &SequencedEvent) -> Self {
-        use pb::event::Event as E;
-        let event = match &ev.event {
-            PluginEvent::Payload { src, kind, body } => E::Payload(pb::Payload {
-                src: Bytes::copy_from_slice(src.as_bytes()),
-                kind: kind.to_string(),
-                body: body.clone(),
-            }),
-            PluginEvent::PeerForgotten { node } => E::PeerForgotten(pb::PeerForgotten {
-                node: Bytes::copy_from_slice(node.as_bytes()),
-            }),
-            PluginEvent::Shutdown { grace } => E::Shutdown(pb::Shutdown {
-                grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
-            }),
-        };
-        pb::Event {
-            seq: ev.seq,
-            event: Some(event),
-        }
+        events_to_wire(std::slice::from_ref(ev))
+            .pop()
+            .expect("one event in, one event out")
     }
+}
+
+/// Wire messages for `events`, in order. All their node ids share one
+/// allocation, so a batch costs one allocation for them rather than one
+/// per event.
+pub fn events_to_wire(events: &[SequencedEvent]) -> Vec<pb::Event> {
+    let mut ids = bytes::BytesMut::with_capacity(events.len() * NODE_ID_BYTES);
+    let mut id = |node: &NodeId| {
+        ids.extend_from_slice(node.as_bytes());
+        ids.split().freeze()
+    };
+    events
+        .iter()
+        .map(|ev| {
+            use pb::event::Event as E;
+            let event = match &ev.event {
+                PluginEvent::Payload { src, kind, body } => E::Payload(pb::Payload {
+                    src: id(src),
+                    kind: kind.to_string(),
+                    body: body.clone(),
+                }),
+                PluginEvent::PeerForgotten { node } => {
+                    E::PeerForgotten(pb::PeerForgotten { node: id(node) })
+                }
+                PluginEvent::Shutdown { grace } => E::Shutdown(pb::Shutdown {
+                    grace_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
+                }),
+            };
+            pb::Event {
+                seq: ev.seq,
+                event: Some(event),
+            }
+        })
+        .collect()
 }
 
 impl TryFrom<pb::Event> for SequencedEvent {

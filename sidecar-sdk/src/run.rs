@@ -11,6 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{ConnectOptions, Context, HostClient, HostError, Sidecar};
 
+/// Within a batch, the handled position is published for acking every
+/// this many events (and always at the end of the batch).
+const ACK_EVERY: u64 = 32;
+
 /// Name the SDK reports in Register.
 const SDK_NAME: &str = "pim-sidecar (Rust)";
 
@@ -183,9 +187,14 @@ async fn deliver<S: Sidecar + ?Sized>(
                 }
             }
             delivery.last_handled = seq;
-            // The ack task sends the newest position whenever it gets to run.
-            ack.send_replace(seq);
+            // The ack task sends the newest position whenever it gets to run;
+            // publishing it every few events keeps acks flowing through a
+            // long batch without waking the ack task for each event.
+            if seq % ACK_EVERY == 0 {
+                ack.send_replace(seq);
+            }
         }
+        ack.send_replace(delivery.last_handled);
     }
     Ok(Ended::StreamClosed)
 }
