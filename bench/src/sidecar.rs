@@ -38,63 +38,57 @@ impl Bench {
         self.host.get().expect("start runs before any payload")
     }
 
+    /// The four round trips, measured in interleaved rounds so that a slow
+    /// moment of the machine weighs on all of them alike.
     async fn round_trips(
         &self,
         floor_sock: &Path,
         uds_echo: &Path,
         n: usize,
     ) -> anyhow::Result<String> {
+        const ROUNDS: usize = 10;
         let host = self.host();
         let node = NodeId::from_bytes([9; 16]);
-        let mut out = Vec::new();
-
-        let mut lookups = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = mono_ns();
-            host.lookup_x25519(&node).await?;
-            lookups.push(mono_ns() - t);
-        }
-        out.push(encode(&mut lookups));
-
-        let mut routed = Vec::with_capacity(n);
         let frame = ControlFrame::PluginPayload {
             kind: "bench.rtt".into(),
             body: Bytes::from_static(&[0; 64]),
         };
-        for _ in 0..n {
-            let t = mono_ns();
-            host.send_routed(node, frame.clone()).await?;
-            routed.push(mono_ns() - t);
-        }
-        out.push(encode(&mut routed));
-
         // Raw tonic unary on the same kind of channel, to a server with a
         // trivial handler: no auth, no session, no conversion.
-        let channel = pim_sidecar::connect_channel(floor_sock).await?;
-        let mut raw = PeerDirectoryClient::new(channel);
-        let mut raws = Vec::with_capacity(n);
-        let req = pb::LookupX25519Request {
+        let mut raw = PeerDirectoryClient::new(pim_sidecar::connect_channel(floor_sock).await?);
+        let raw_req = pb::LookupX25519Request {
             session_id: String::new(),
             node: Bytes::from_static(&[9; 16]),
         };
-        for _ in 0..n {
-            let t = mono_ns();
-            raw.lookup_x25519(req.clone()).await?;
-            raws.push(mono_ns() - t);
-        }
-        out.push(encode(&mut raws));
-
         // Raw Unix-socket ping-pong, 64 bytes each way.
         let mut stream = tokio::net::UnixStream::connect(uds_echo).await?;
         let mut buf = [0u8; 64];
-        let mut pings = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = mono_ns();
-            stream.write_all(&buf).await?;
-            stream.read_exact(&mut buf).await?;
-            pings.push(mono_ns() - t);
+        let mut samples: [Vec<u64>; 4] = Default::default();
+        let per_round = n.div_ceil(ROUNDS);
+        for _ in 0..ROUNDS {
+            for _ in 0..per_round {
+                let t = mono_ns();
+                host.lookup_x25519(&node).await?;
+                samples[0].push(mono_ns() - t);
+            }
+            for _ in 0..per_round {
+                let t = mono_ns();
+                host.send_routed(node, frame.clone()).await?;
+                samples[1].push(mono_ns() - t);
+            }
+            for _ in 0..per_round {
+                let t = mono_ns();
+                raw.lookup_x25519(raw_req.clone()).await?;
+                samples[2].push(mono_ns() - t);
+            }
+            for _ in 0..per_round {
+                let t = mono_ns();
+                stream.write_all(&buf).await?;
+                stream.read_exact(&mut buf).await?;
+                samples[3].push(mono_ns() - t);
+            }
         }
-        out.push(encode(&mut pings));
+        let out: Vec<String> = samples.iter_mut().map(|s| encode(s)).collect();
         Ok(format!("rtt {}", out.join(" ")))
     }
 }
