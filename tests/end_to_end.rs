@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pim_plugin::DaemonPlugin;
 use pim_plugin_bridge::testkit::{FakeHost, PortCall};
-use pim_plugin_bridge::{CommandSpec, Grants, SidecarConfig};
+use pim_plugin_bridge::{Grants, SidecarConfig};
 use pim_protocol::ControlFrame;
 use support::*;
 
@@ -201,16 +201,13 @@ async fn shutdown_leaves_no_process_and_no_socket() {
 async fn a_sidecar_with_the_wrong_name_gets_a_clear_error() {
     init_logging();
     let dir = temp_dir();
-    let config = SidecarConfig::spawn(
+    let err = start_error(
+        dir.path(),
         "greeter",
-        ["echo.ping", "echo.pong"],
-        dir.path().join("sock"),
-        CommandSpec::new(echo_bin()),
-    );
-    let err = FakeHost::start(config, dir.path())
-        .await
-        .unwrap_err()
-        .to_string();
+        &["echo.ping", "echo.pong"],
+        echo_bin(),
+    )
+    .await;
     assert!(
         err.contains("plugin name mismatch: the sidecar registered as `echo`, this socket is configured for `greeter`"),
         "unclear error: {err}"
@@ -226,16 +223,7 @@ async fn a_sidecar_with_the_wrong_name_gets_a_clear_error() {
 async fn a_sidecar_with_the_wrong_kinds_gets_a_clear_error() {
     init_logging();
     let dir = temp_dir();
-    let config = SidecarConfig::spawn(
-        "echo",
-        ["echo.ping", "echo.other"],
-        dir.path().join("sock"),
-        CommandSpec::new(echo_bin()),
-    );
-    let err = FakeHost::start(config, dir.path())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = start_error(dir.path(), "echo", &["echo.ping", "echo.other"], echo_bin()).await;
     assert!(
         err.contains(r#"payload kinds mismatch for plugin `echo`: configured but not registered ["echo.other"]; registered but not configured ["echo.pong"]"#),
         "unclear error: {err}"
@@ -246,16 +234,13 @@ async fn a_sidecar_with_the_wrong_kinds_gets_a_clear_error() {
 async fn a_command_that_does_not_start_gets_a_clear_error() {
     init_logging();
     let dir = temp_dir();
-    let config = SidecarConfig::spawn(
+    let err = start_error(
+        dir.path(),
         "echo",
-        ["echo.ping"],
-        dir.path().join("sock"),
-        CommandSpec::new(dir.path().join("no-such-binary")),
-    );
-    let err = FakeHost::start(config, dir.path())
-        .await
-        .unwrap_err()
-        .to_string();
+        &["echo.ping"],
+        dir.path().join("no-such-binary"),
+    )
+    .await;
     assert!(
         err.contains("spawning sidecar `echo`") && err.contains("no-such-binary"),
         "unclear error: {err}"

@@ -57,11 +57,6 @@ async fn register(host: &FakeHost, ch: &Channel, name: &str) -> pb::RegisterResp
         .into_inner()
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[track_caller]
 fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
     let status = result.expect_err("the call must be refused");
@@ -107,12 +102,7 @@ async fn files_are_private_and_loose_directories_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_directory_of_another_owner_is_refused() {
     init_logging();
-    if !is_root() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI runs as root"
-        );
-        eprintln!("SKIPPED: only root can give a directory to another owner");
+    if !root_or_skip("only root can give a directory to another owner") {
         return;
     }
     let dir = temp_dir();
@@ -232,12 +222,7 @@ async fn processes_of_a_uid_not_allowed_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_running_as_nobody_is_refused() {
     init_logging();
-    if !is_root() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI runs as root"
-        );
-        eprintln!("SKIPPED: dropping to nobody needs root");
+    if !root_or_skip("dropping to nobody needs root") {
         return;
     }
     let Some(grpcurl) = tool("grpcurl", "PIM_GRPCURL") else {

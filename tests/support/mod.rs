@@ -372,3 +372,34 @@ impl Drop for ChildProcess {
 pub fn test_host_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_test-host"))
 }
+
+/// Whether this process runs as root. A test that needs root returns early
+/// when it does not, saying why, except under `CI=true` (CI runs as root),
+/// where it fails instead.
+pub fn root_or_skip(why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true runs as root, but this test does not: {why}"
+    );
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+/// Starts `program` as the sidecar `name` claiming `kinds` and returns the
+/// error the start fails with.
+pub async fn start_error(dir: &Path, name: &str, kinds: &[&str], program: PathBuf) -> String {
+    let config = SidecarConfig::spawn(
+        name,
+        kinds.iter().copied(),
+        dir.join("sock"),
+        CommandSpec::new(program),
+    );
+    FakeHost::start(config, dir)
+        .await
+        .expect_err("the start must fail")
+        .to_string()
+}
