@@ -18,6 +18,35 @@ use tonic_health::ServingStatus;
 
 use crate::host::{AuthCheck, Host, HostServices};
 
+/// The value `build` makes, built once per process and type, then cloned.
+/// (The reflection services' types cannot be named, so they are cached by
+/// `TypeId`.)
+fn built_once<T, E>(build: impl FnOnce() -> Result<T, E>) -> Result<T, E>
+where
+    T: Clone + Send + Sync + 'static,
+{
+    use std::any::{Any, TypeId};
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Cache = Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Cache::default);
+    if let Some(hit) = cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&TypeId::of::<T>())
+        .and_then(|v| v.downcast_ref::<T>())
+    {
+        return Ok(hit.clone());
+    }
+    let value = build()?;
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(TypeId::of::<T>(), Box::new(value.clone()));
+    Ok(value)
+}
+
 /// Starts serving on `listener` until `stopping` is cancelled.
 pub(crate) fn serve(
     host: Arc<Host>,
@@ -26,14 +55,20 @@ pub(crate) fn serve(
     stopping: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
     let services = HostServices(host.clone());
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    // Reflection decodes the descriptor sets when it is built (about 0.4 ms):
+    // build it once per process and clone it for every plugin.
+    let reflection_v1 = built_once(|| {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+    })?;
+    let reflection_v1alpha = built_once(|| {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+    })?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let plugin = host.name;
     let limits = host.config.connections;
