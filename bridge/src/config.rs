@@ -79,6 +79,21 @@ pub struct Grants {
     pub raw_control: bool,
 }
 
+impl Grants {
+    /// The sidecars file's names of the granted capabilities
+    /// (`signing_seed`, `raw_control`).
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.signing_seed {
+            names.push("signing_seed");
+        }
+        if self.raw_control {
+            names.push("raw_control");
+        }
+        names
+    }
+}
+
 /// Bounds of the per-plugin event queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueLimits {

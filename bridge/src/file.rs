@@ -341,20 +341,5 @@ pub fn plugins_from_file(path: &Path) -> Result<Vec<Arc<dyn DaemonPlugin>>, Conf
     plugins(load_sidecars(path)?).map_err(ConfigFileError::Invalid)
 }
 
-/// Grants as the file spells them, for messages.
-impl Grants {
-    /// The file's names of the granted capabilities.
-    pub fn names(&self) -> Vec<&'static str> {
-        let mut names = Vec::new();
-        if self.signing_seed {
-            names.push("signing_seed");
-        }
-        if self.raw_control {
-            names.push("raw_control");
-        }
-        names
-    }
-}
-
 #[cfg(test)]
 mod tests;
