@@ -32,7 +32,7 @@ use std::time::Duration;
 use pim_plugin::DaemonPlugin;
 use serde::Deserialize;
 
-use crate::{CommandSpec, ConfigError, Grants, Launch, SidecarConfig, SidecarPlugin};
+use crate::{CommandSpec, ConfigError, Launch, SidecarConfig, SidecarPlugin};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
