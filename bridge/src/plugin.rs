@@ -312,6 +312,7 @@ impl DaemonPlugin for SidecarPlugin {
                     shutdown_grace: self.config.shutdown_grace,
                     term_grace: self.config.term_grace,
                 })
+                .await
                 .inspect_err(|_| {
                     stopping.cancel();
                     let _ = std::fs::remove_file(&socket_path);

@@ -63,9 +63,9 @@ pub(crate) struct SpawnSpec {
 
 impl Supervisor {
     /// Spawns the first process and supervises it from a task.
-    pub(crate) fn start(spec: SpawnSpec) -> std::io::Result<Self> {
+    pub(crate) async fn start(spec: SpawnSpec) -> std::io::Result<Self> {
         let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let child = spawn(&spec, &tail)?;
+        let child = spawn(&spec, &tail).await?;
         let (state_tx, state) = watch::channel(SupervisorState {
             spawns: 1,
             pid: child.child.id(),
@@ -209,7 +209,7 @@ async fn supervise(
             () = stop.cancelled() => return,
         }
         backoff = (backoff * 2).min(spec.restart.max_backoff);
-        match spawn(&spec, &tail) {
+        match spawn(&spec, &tail).await {
             Ok(r) => {
                 running = r;
                 state.send_modify(|s| {
@@ -291,7 +291,7 @@ fn jitter(d: Duration) -> Duration {
     d + Duration::from_millis(if spread == 0 { 0 } else { nanos % spread })
 }
 
-fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Result<Running> {
+async fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Result<Running> {
     let cmd = &spec.command;
     let mut command = Command::new(&cmd.program);
     command
@@ -319,7 +319,7 @@ fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Resu
         command.current_dir(dir);
     }
     set_parent_death_signal(&mut command);
-    let mut child = spawn_from_stable_thread(command).map_err(|e| {
+    let mut child = spawn_from_stable_thread(command).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!(
@@ -356,7 +356,7 @@ fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Resu
 /// the child exits, not the process. Runtime threads can come and go
 /// (`block_in_place`, blocking-pool threads), so every sidecar is forked
 /// from a thread that lives as long as the process.
-fn spawn_from_stable_thread(mut command: Command) -> std::io::Result<Child> {
+async fn spawn_from_stable_thread(mut command: Command) -> std::io::Result<Child> {
     type Job = Box<dyn FnOnce() + Send>;
     static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> =
         std::sync::OnceLock::new();
@@ -373,7 +373,9 @@ fn spawn_from_stable_thread(mut command: Command) -> std::io::Result<Child> {
         Mutex::new(tx)
     });
     let handle = tokio::runtime::Handle::current();
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    // The caller awaits the fork and exec instead of blocking its runtime
+    // thread on them.
+    let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Job = Box::new(move || {
         let _runtime = handle.enter();
         let _ = tx.send(command.spawn());
@@ -383,7 +385,7 @@ fn spawn_from_stable_thread(mut command: Command) -> std::io::Result<Child> {
         .unwrap_or_else(|e| e.into_inner())
         .send(job)
         .map_err(|_| std::io::Error::other("the sidecar spawner thread is gone"))?;
-    rx.recv()
+    rx.await
         .map_err(|_| std::io::Error::other("the sidecar spawner thread is gone"))?
 }
 
