@@ -15,6 +15,9 @@ use crate::{ConnectOptions, Context, HostClient, HostError, Sidecar};
 /// this many events (and always at the end of the batch).
 const ACK_EVERY: u64 = 32;
 
+/// Least time between two Ack calls.
+const ACK_INTERVAL: Duration = Duration::from_millis(2);
+
 /// Name the SDK reports in Register.
 const SDK_NAME: &str = "pim-sidecar (Rust)";
 
@@ -206,6 +209,10 @@ async fn ack_loop(host: HostClient, mut handled: watch::Receiver<u64>) {
         if let Err(e) = host.ack(seq).await {
             tracing::debug!(seq, "ack failed (retried after reconnect): {e}");
         }
+        // Under load, one ack per interval covers everything handled in it:
+        // a busy stream then costs a few hundred Ack calls a second, not one
+        // per batch. An idle sidecar's first ack still goes out at once.
+        tokio::time::sleep(ACK_INTERVAL).await;
     }
 }
 
