@@ -279,3 +279,61 @@ async fn register_checks_the_protocol_version() {
     );
     host.shutdown().await;
 }
+
+/// Lists the services through one reflection version, as a client of it.
+macro_rules! list_services {
+    ($version:ident, $channel:expr, $token:expr) => {{
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut req = tonic::Request::new(tokio_stream::iter([request]));
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", $token).parse().unwrap(),
+        );
+        let mut answers = ServerReflectionClient::new($channel)
+            .server_reflection_info(req)
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().unwrap();
+        match answer.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+            }
+            other => panic!("unexpected reflection answer {other:?}"),
+        }
+    }};
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_is_served_in_v1_and_v1alpha() {
+    init_logging();
+    let dir = temp_dir();
+    let config = SidecarConfig::external("refl", ["refl.cmd"], dir.path().join("sock"));
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let channel = pim_sidecar::connect_channel(&host.plugin().socket_path())
+        .await
+        .unwrap();
+    let token = host.plugin().token().to_owned();
+    let v1 = list_services!(v1, channel.clone(), token);
+    let v1alpha = list_services!(v1alpha, channel, token);
+    for services in [&v1, &v1alpha] {
+        for name in pim_sidecar::proto::SERVICE_NAMES {
+            assert!(
+                services.iter().any(|s| s == name),
+                "{name} not listed: {services:?}"
+            );
+        }
+        assert!(
+            services.iter().any(|s| s == "grpc.health.v1.Health"),
+            "{services:?}"
+        );
+    }
+    host.shutdown().await;
+}
