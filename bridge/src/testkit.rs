@@ -146,26 +146,6 @@ impl RecordingPorts {
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The `PluginPayload` frames sent so far (direct or routed), in order,
-    /// as `(destination, kind, body)`.
-    pub fn sent_payloads(&self) -> Vec<(NodeId, String, Bytes)> {
-        self.calls()
-            .into_iter()
-            .filter_map(|c| match c {
-                PortCall::SendDirect {
-                    peer: to,
-                    frame: ControlFrame::PluginPayload { kind, body },
-                }
-                | PortCall::SendRouted {
-                    dst: to,
-                    frame: ControlFrame::PluginPayload { kind, body },
-                    ..
-                } => Some((to, kind, body)),
-                _ => None,
-            })
-            .collect()
-    }
-
     /// Waits until a recorded call matches `pred` and returns it.
     pub async fn wait_for(
         &self,
