@@ -576,8 +576,9 @@ async fn latency(
 
 async fn round_trips(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<()> {
     println!(
-        "\n# sidecar -> host round trips ({} each, the SDK's defaults: one-thread runtime)",
-        scale.rtts
+        "\n# sidecar -> host round trips ({} each, the SDK's defaults: one-thread runtime, port calls busy-poll {} µs)",
+        scale.rtts,
+        pim_sidecar::default_busy_poll().as_micros()
     );
     let floor_sock = dir.join("floor-unary.sock");
     let _floor = floor::serve(&floor_sock)?;
@@ -598,7 +599,7 @@ async fn round_trips(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::R
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    anyhow::ensure!(f.len() == 8, "bad rtt reply: {reply}");
+    anyhow::ensure!(f.len() == 10, "bad rtt reply: {reply}");
     let (raw_med, raw_p99) = (f[4], f[5]);
     report.row(
         "raw Unix-socket ping-pong 64 B",
@@ -614,6 +615,14 @@ async fn round_trips(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::R
         String::new(),
         None,
     );
+    let (polled_med, polled_p99) = (f[8], f[9]);
+    report.row(
+        "raw tonic unary, busy-polled like the SDK",
+        format!("{} / {}", ns(polled_med), ns(polled_p99)),
+        "median / p99".into(),
+        String::new(),
+        None,
+    );
     for (what, med, p99) in [("LookupX25519", f[0], f[1]), ("SendRouted", f[2], f[3])] {
         report.row(
             &format!("{what} round trip  median / p99"),
@@ -621,6 +630,13 @@ async fn round_trips(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::R
             format!("raw unary {}", ns(raw_med)),
             format!("{:.2}x", med as f64 / raw_med.max(1) as f64),
             Target::at_most(med as f64, 1.2 * raw_med as f64, "<= 1.2x raw unary"),
+        );
+        report.row(
+            &format!("{what} median vs polled raw"),
+            ns(med),
+            format!("polled raw {}", ns(polled_med)),
+            format!("{:.2}x", med as f64 / polled_med.max(1) as f64),
+            None,
         );
         report.row(
             &format!("{what} round trip  median, absolute"),

@@ -38,7 +38,7 @@ impl Bench {
         self.host.get().expect("start runs before any payload")
     }
 
-    /// The four round trips, measured in interleaved rounds so that a slow
+    /// The five round trips, measured in interleaved rounds so that a slow
     /// moment of the machine weighs on all of them alike.
     async fn round_trips(
         &self,
@@ -63,7 +63,7 @@ impl Bench {
         // Raw Unix-socket ping-pong, 64 bytes each way.
         let mut stream = tokio::net::UnixStream::connect(uds_echo).await?;
         let mut buf = [0u8; 64];
-        let mut samples: [Vec<u64>; 4] = Default::default();
+        let mut samples: [Vec<u64>; 5] = Default::default();
         let per_round = n.div_ceil(ROUNDS);
         for _ in 0..ROUNDS {
             for _ in 0..per_round {
@@ -80,6 +80,13 @@ impl Bench {
                 let t = mono_ns();
                 raw.lookup_x25519(raw_req.clone()).await?;
                 samples[2].push(mono_ns() - t);
+            }
+            // The same raw call, busy-polled as the SDK's port calls are.
+            for _ in 0..per_round {
+                let t = mono_ns();
+                pim_sidecar::busy_poll(raw.lookup_x25519(raw_req.clone()), host.busy_poll())
+                    .await?;
+                samples[4].push(mono_ns() - t);
             }
             for _ in 0..per_round {
                 let t = mono_ns();

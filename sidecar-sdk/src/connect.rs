@@ -25,6 +25,11 @@ pub struct ConnectOptions {
     /// How long to keep retrying a lost host before exiting. `None` retries
     /// forever. Default: 5 s for a spawned sidecar, forever otherwise.
     pub reconnect_timeout: Option<Duration>,
+    /// How long a host call polls for its answer before the runtime may
+    /// sleep (see [`HostClient::with_busy_poll`](crate::HostClient::with_busy_poll)).
+    /// Default: [`default_busy_poll`], or `PIM_SIDECAR_BUSY_POLL_US`
+    /// microseconds when that is set (`0` turns it off).
+    pub busy_poll: Duration,
 }
 
 impl std::fmt::Debug for ConnectOptions {
@@ -35,6 +40,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("token_file", &self.token_file)
             .field("spawned", &self.spawned)
             .field("reconnect_timeout", &self.reconnect_timeout)
+            .field("busy_poll", &self.busy_poll)
             .finish()
     }
 }
@@ -85,8 +91,50 @@ impl ConnectOptions {
             token_file,
             spawned,
             reconnect_timeout: spawned.then(|| Duration::from_secs(5)),
+            busy_poll: busy_poll_from_env()?,
         })
     }
+}
+
+/// Environment variable that sets [`ConnectOptions::busy_poll`], in
+/// microseconds.
+pub const BUSY_POLL_ENV: &str = "PIM_SIDECAR_BUSY_POLL_US";
+
+/// The largest busy-poll budget accepted from [`BUSY_POLL_ENV`].
+const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
+
+/// The default busy-poll budget: 100 µs on a machine with two CPUs or
+/// more, none on a single CPU (where polling would only keep the host from
+/// running).
+pub fn default_busy_poll() -> Duration {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus > 1 {
+        Duration::from_micros(100)
+    } else {
+        Duration::ZERO
+    }
+}
+
+fn busy_poll_from_env() -> anyhow::Result<Duration> {
+    match std::env::var_os(BUSY_POLL_ENV) {
+        Some(raw) => parse_busy_poll(&raw.to_string_lossy()),
+        None => Ok(default_busy_poll()),
+    }
+}
+
+/// Parses a [`BUSY_POLL_ENV`] value: whole microseconds, at most 10 ms.
+fn parse_busy_poll(raw: &str) -> anyhow::Result<Duration> {
+    let us: u64 = raw.trim().parse().map_err(|_| {
+        anyhow::anyhow!("{BUSY_POLL_ENV}={raw:?}: expected a whole number of microseconds")
+    })?;
+    let budget = Duration::from_micros(us);
+    if budget > MAX_BUSY_POLL {
+        anyhow::bail!(
+            "{BUSY_POLL_ENV}={us}: at most {} microseconds",
+            MAX_BUSY_POLL.as_micros()
+        );
+    }
+    Ok(budget)
 }
 
 /// Reads a token file, which must not be readable by group or others.
@@ -116,4 +164,28 @@ pub async fn connect_channel(path: &Path) -> Result<Channel, tonic::transport::E
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
         }))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{parse_busy_poll, BUSY_POLL_ENV};
+
+    #[test]
+    fn busy_poll_budget_from_the_environment() {
+        assert_eq!(parse_busy_poll("250").unwrap(), Duration::from_micros(250));
+        assert_eq!(parse_busy_poll(" 0 ").unwrap(), Duration::ZERO);
+        let e = parse_busy_poll("fast").unwrap_err().to_string();
+        assert!(
+            e.contains(BUSY_POLL_ENV) && e.contains("microseconds"),
+            "{e}"
+        );
+        let e = parse_busy_poll("10001").unwrap_err().to_string();
+        assert!(
+            e.contains(BUSY_POLL_ENV) && e.contains("at most 10000"),
+            "{e}"
+        );
+        assert_eq!(parse_busy_poll("10000").unwrap(), Duration::from_millis(10));
+    }
 }

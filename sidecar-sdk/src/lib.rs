@@ -6,9 +6,12 @@ mod error;
 mod host_client;
 mod run;
 mod sidecar;
+mod spin;
 
 pub use adapter::{run_daemon_plugin, DaemonPluginSidecar, HostPorts};
-pub use connect::{connect_channel, read_token_file, ConnectOptions};
+pub use connect::{
+    connect_channel, default_busy_poll, read_token_file, ConnectOptions, BUSY_POLL_ENV,
+};
 pub use error::HostError;
 pub use host_client::{HostClient, PeerWatch};
 pub use pim_plugin_proto as proto;
@@ -16,4 +19,5 @@ pub use pim_plugin_proto::convert::WatchEvent;
 pub use pim_plugin_proto::pb::Capability;
 pub use run::{run, run_async, RegisterRefused};
 pub use sidecar::{Context, Sidecar};
+pub use spin::busy_poll;
 pub use {async_trait::async_trait, bytes::Bytes, pim_core::NodeId, pim_protocol::ControlFrame};

@@ -266,7 +266,7 @@ async fn retry_connect(options: &ConnectOptions) -> anyhow::Result<HostClient> {
     let mut delay = Duration::from_millis(20);
     loop {
         match HostClient::connect(&options.socket, &options.token).await {
-            Ok(host) => return Ok(host),
+            Ok(host) => return Ok(host.with_busy_poll(options.busy_poll)),
             Err(e) => {
                 if options
                     .reconnect_timeout
