@@ -154,8 +154,9 @@ impl Sidecar for Bench {
                 let floor = words.next().unwrap_or_default();
                 let echo = words.next().unwrap_or_default();
                 let n = words.next().and_then(|n| n.parse().ok()).unwrap_or(1000);
-                self.round_trips(Path::new(floor), Path::new(echo), n)
-                    .await?
+                // Boxed: its state is kilobytes, and inlined it would make
+                // every call of this handler allocate and copy that much.
+                Box::pin(self.round_trips(Path::new(floor), Path::new(echo), n)).await?
             }
             other => format!("unknown command {other:?}"),
         };

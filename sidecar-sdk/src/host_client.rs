@@ -87,11 +87,17 @@ impl HostClient {
     }
 
     /// Awaits a port call, busy-polling for up to the budget first.
-    async fn port_call<T>(
+    ///
+    /// The call's future (kilobytes of tonic state) goes in a box, so that
+    /// the future of a handler that calls a port stays small: the SDK boxes
+    /// a handler's future for every event it delivers, and copies it there.
+    fn port_call<T: Send>(
         &self,
-        call: impl Future<Output = Result<Response<T>, Status>>,
-    ) -> Result<T, HostError> {
-        Ok(crate::busy_poll(call, self.busy_poll).await?.into_inner())
+        call: impl Future<Output = Result<Response<T>, Status>> + Send + 'static,
+    ) -> impl Future<Output = Result<T, HostError>> + Send {
+        let call = Box::pin(call);
+        let budget = self.busy_poll;
+        async move { Ok(crate::busy_poll(call, budget).await?.into_inner()) }
     }
 
     fn bearer(token: &str) -> MetadataValue<Ascii> {
@@ -174,12 +180,13 @@ impl HostClient {
 
     /// The X25519 public key of `node`, `None` when the peer is unknown.
     pub async fn lookup_x25519(&self, node: &NodeId) -> Result<Option<[u8; 32]>, HostError> {
+        let req = self.req(pb::LookupX25519Request {
+            session_id: self.session_id().to_string(),
+            node: Bytes::copy_from_slice(node.as_bytes()),
+        });
         let mut client = PeerDirectoryClient::new(self.channel.clone());
         let resp = self
-            .port_call(client.lookup_x25519(self.req(pb::LookupX25519Request {
-                session_id: self.session_id().to_string(),
-                node: Bytes::copy_from_slice(node.as_bytes()),
-            })))
+            .port_call(async move { client.lookup_x25519(req).await })
             .await?;
         Ok(resp
             .x25519
@@ -189,12 +196,13 @@ impl HostClient {
 
     /// The friendly name of `node`, `None` when the peer is unknown.
     pub async fn lookup_name(&self, node: &NodeId) -> Result<Option<String>, HostError> {
+        let req = self.req(pb::LookupNameRequest {
+            session_id: self.session_id().to_string(),
+            node: Bytes::copy_from_slice(node.as_bytes()),
+        });
         let mut client = PeerDirectoryClient::new(self.channel.clone());
         let resp = self
-            .port_call(client.lookup_name(self.req(pb::LookupNameRequest {
-                session_id: self.session_id().to_string(),
-                node: Bytes::copy_from_slice(node.as_bytes()),
-            })))
+            .port_call(async move { client.lookup_name(req).await })
             .await?;
         if let Some(name) = &resp.name {
             convert::friendly_name("name", name)?;
@@ -215,25 +223,27 @@ impl HostClient {
 
     /// Sends `frame` to a directly connected peer (best effort).
     pub async fn send_direct(&self, peer: NodeId, frame: ControlFrame) -> Result<(), HostError> {
-        let mut client = ControlSenderClient::new(self.channel.clone());
-        self.port_call(client.send_direct(self.req(pb::SendDirectRequest {
+        let req = self.req(pb::SendDirectRequest {
             session_id: self.session_id().to_string(),
             peer: Bytes::copy_from_slice(peer.as_bytes()),
             frame: Some(frame.into()),
-        })))
-        .await?;
+        });
+        let mut client = ControlSenderClient::new(self.channel.clone());
+        self.port_call(async move { client.send_direct(req).await })
+            .await?;
         Ok(())
     }
 
     /// Sends `frame` through the routing table; `false` when there is no route.
     pub async fn send_routed(&self, dst: NodeId, frame: ControlFrame) -> Result<bool, HostError> {
+        let req = self.req(pb::SendRoutedRequest {
+            session_id: self.session_id().to_string(),
+            dst: Bytes::copy_from_slice(dst.as_bytes()),
+            frame: Some(frame.into()),
+        });
         let mut client = ControlSenderClient::new(self.channel.clone());
         let resp = self
-            .port_call(client.send_routed(self.req(pb::SendRoutedRequest {
-                session_id: self.session_id().to_string(),
-                dst: Bytes::copy_from_slice(dst.as_bytes()),
-                frame: Some(frame.into()),
-            })))
+            .port_call(async move { client.send_routed(req).await })
             .await?;
         Ok(resp.attempted)
     }
@@ -244,11 +254,12 @@ impl HostClient {
     /// reference to it; wipe the returned copy when done (for example with
     /// `zeroize::Zeroizing`).
     pub async fn signing_seed(&self) -> Result<[u8; 32], HostError> {
+        let req = self.req(pb::SigningSeedRequest {
+            session_id: self.session_id().to_string(),
+        });
         let mut client = IdentitySecretsClient::new(self.channel.clone());
         let resp = self
-            .port_call(client.signing_seed(self.req(pb::SigningSeedRequest {
-                session_id: self.session_id().to_string(),
-            })))
+            .port_call(async move { client.signing_seed(req).await })
             .await?;
         let seed = convert::key("seed", &resp.seed);
         if let Ok(mut buf) = resp.seed.try_into_mut() {
@@ -270,6 +281,51 @@ impl PeerWatch {
         match self.stream.message().await? {
             Some(msg) => Ok(Some(WatchEvent::try_from(msg)?)),
             None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use pim_core::NodeId;
+    use pim_protocol::ControlFrame;
+    use tonic::transport::Endpoint;
+
+    use super::HostClient;
+
+    /// The SDK boxes a handler's future for every event and copies it there:
+    /// a handler that calls a port must not carry the call's tonic state.
+    #[tokio::test(flavor = "current_thread")]
+    async fn port_call_futures_stay_small() {
+        let channel = Endpoint::from_static("http://localhost").connect_lazy();
+        let host = HostClient::with_channel(channel, "00");
+        let node = NodeId::from_bytes([1; 16]);
+        let frame = ControlFrame::PluginPayload {
+            kind: "t.k".into(),
+            body: Bytes::new(),
+        };
+        let sizes = [
+            (
+                "lookup_x25519",
+                std::mem::size_of_val(&host.lookup_x25519(&node)),
+            ),
+            (
+                "lookup_name",
+                std::mem::size_of_val(&host.lookup_name(&node)),
+            ),
+            (
+                "send_direct",
+                std::mem::size_of_val(&host.send_direct(node, frame.clone())),
+            ),
+            (
+                "send_routed",
+                std::mem::size_of_val(&host.send_routed(node, frame)),
+            ),
+            ("signing_seed", std::mem::size_of_val(&host.signing_seed())),
+        ];
+        for (call, size) in sizes {
+            assert!(size <= 512, "the future of {call} is {size} bytes");
         }
     }
 }

@@ -45,6 +45,11 @@ pub trait Sidecar: Send + Sync + 'static {
 
     /// Handles an inbound payload of one of [`Sidecar::payload_kinds`].
     /// An error is logged; the event still counts as handled.
+    ///
+    /// Its future is boxed for every payload, so its size is a per-event
+    /// cost: [`HostClient`] calls keep their state in a box of their own,
+    /// and a rarely taken branch with large state of its own (kilobytes)
+    /// is best awaited through `Box::pin` too.
     async fn handle_payload(&self, src: NodeId, kind: &str, body: Bytes) -> anyhow::Result<()>;
 
     /// The daemon forgot `peer`: drop per-peer state.
