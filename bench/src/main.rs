@@ -12,6 +12,9 @@
 //! sidecar`), the raw stream floor's client (`pim-bench floor-client`) and
 //! the memory probe (`pim-bench memory`), each a separate process.
 
+/// The echo sidecar of `examples/`, compiled in: `pim-bench echo`.
+#[path = "../../examples/echo/main.rs"]
+mod echo;
 mod floor;
 mod sidecar;
 mod stats;
@@ -651,13 +654,20 @@ async fn round_trips(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::R
 
 async fn spawn_to_registered(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<()> {
     println!(
-        "\n# spawn -> registered ({} starts; daemon RSS {} MiB)",
+        "\n# spawn -> registered, the Rust echo sidecar ({} starts; daemon RSS {} MiB)",
         scale.spawns,
         status_kib("VmRSS:") / 1024
     );
+    let exe = std::env::current_exe()?;
     let mut times = Vec::new();
     for i in 0..scale.spawns {
-        let config = sidecar_config(dir, &format!("-spawn{i}"), false);
+        let mut config = SidecarConfig::spawn(
+            "echo",
+            ["echo.ping", "echo.pong"],
+            dir.join(format!("sock-spawn{i}")),
+            CommandSpec::new(&exe).arg("echo"),
+        );
+        config.stuck_timeout = None;
         let started = Instant::now();
         let host = start_host(config, dir).await?;
         times.push(started.elapsed().as_nanos() as u64);
@@ -811,6 +821,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("sidecar") => return sidecar::main(),
+        Some("echo") => return echo::main(),
         Some("floor-client") => {
             let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(0);
             return match sidecar::floor_client(args.get(1).map_or("", String::as_str), n) {

@@ -62,6 +62,8 @@ impl Sidecar for Echo {
     }
 }
 
-fn main() -> ExitCode {
+/// Runs the echo sidecar (`pub(crate)`: the benchmark compiles this file in
+/// too, to time its start).
+pub(crate) fn main() -> ExitCode {
     pim_sidecar::run(Echo::default())
 }
