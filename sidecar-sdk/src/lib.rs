@@ -4,9 +4,9 @@ mod adapter;
 mod connect;
 mod error;
 mod host_client;
+mod poll;
 mod run;
 mod sidecar;
-mod spin;
 
 pub use adapter::{run_daemon_plugin, DaemonPluginSidecar, HostPorts};
 pub use connect::{
@@ -17,7 +17,7 @@ pub use host_client::{HostClient, PeerWatch};
 pub use pim_plugin_proto as proto;
 pub use pim_plugin_proto::convert::WatchEvent;
 pub use pim_plugin_proto::pb::Capability;
+pub use poll::busy_poll;
 pub use run::{run, run_async, RegisterRefused};
 pub use sidecar::{Context, Sidecar};
-pub use spin::busy_poll;
 pub use {async_trait::async_trait, bytes::Bytes, pim_core::NodeId, pim_protocol::ControlFrame};

@@ -45,6 +45,7 @@ pub async fn busy_poll<F: Future>(fut: F, budget: Duration) -> F::Output {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
@@ -59,8 +60,6 @@ mod tests {
         })
         .await;
     }
-
-    use std::future::Future;
 
     #[tokio::test(flavor = "current_thread")]
     async fn without_a_budget_it_waits_like_await() {
