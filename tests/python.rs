@@ -210,6 +210,7 @@ async fn the_python_echo_with_the_wrong_name_is_refused_clearly() {
     let dir = temp_dir();
     let mut config = echo_config(dir.path(), &Echo::Python(python));
     config.name = "greeter".into();
+    config.required = true;
     let err = FakeHost::start(config, dir.path())
         .await
         .unwrap_err()

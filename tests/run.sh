@@ -2,8 +2,10 @@
 # Runs every check and test of the workspace from a fresh clone.
 #
 # Installs the test tools it needs into git-ignored folders of the checkout
-# (.venv/ for PyPI packages, .tools/ for npm packages), then runs cargo fmt --check, clippy with
-# warnings denied, and cargo test for the whole workspace. Under CI=true a
+# (.venv/ for PyPI packages, .tools/ for npm packages), builds the real
+# pim-daemon with the sidecar patch (integrations/pim-daemon/build.sh, into
+# target/), then runs cargo fmt --check, clippy with warnings denied, and
+# cargo test for the whole workspace. Under CI=true a
 # test whose tool is missing fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +33,11 @@ if [ ! -x .tools/node_modules/.bin/buf ] || ! cmp -s tests/package.json .tools/p
 fi
 export PIM_BUF="$PWD/.tools/node_modules/.bin/buf"
 "$PIM_BUF" --version
+
+step "the real pim-daemon, patched for sidecars (target/pim-daemon, cached)"
+bins="$(integrations/pim-daemon/build.sh | tail -n 1)"
+export PIM_DAEMON_BIN_DIR="$bins"
+ls "$PIM_DAEMON_BIN_DIR"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

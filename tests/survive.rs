@@ -95,6 +95,7 @@ async fn a_crash_loop_backs_off_then_marks_the_plugin_failed() {
         window: Duration::from_secs(60),
         initial_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_secs(1),
+        ..RestartPolicy::default()
     };
     let host = FakeHost::start(config, dir.path()).await.unwrap();
     eventually("the plugin to be marked failed", || {
@@ -213,6 +214,84 @@ async fn a_spawned_sidecar_dies_with_its_daemon_even_on_sigkill() {
         !process_exists(sidecar)
     })
     .await;
+}
+
+/// A test-host whose probe sidecar runs in `mode`, with the given graces.
+fn test_host(
+    dir: &std::path::Path,
+    name: &str,
+    mode: &str,
+    grace_ms: u64,
+    term_ms: u64,
+) -> ChildProcess {
+    let mut cmd = tokio::process::Command::new(test_host_bin());
+    cmd.arg("--dir")
+        .arg(dir)
+        .args(["--name", name, "--spawn"])
+        .arg(probe_bin())
+        .args(["--mode", mode])
+        .args([
+            "--grace",
+            &grace_ms.to_string(),
+            "--term",
+            &term_ms.to_string(),
+        ]);
+    ChildProcess::spawn("test-host", cmd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_only_cancels_and_exits_still_gives_its_sidecar_the_grace() {
+    init_logging();
+    let dir = temp_dir();
+    // pim-daemon 0.1.18 on SIGTERM: cancel, exit ~100 ms later, no shutdown().
+    let mut daemon = test_host(dir.path(), "tidy", "slow-shutdown", 5000, 1000);
+    let ready = daemon.wait_line("ready", |l| l.starts_with("ready ")).await;
+    let sidecar: u32 = ready["ready ".len()..].parse().unwrap();
+    daemon.send("cancel-exit").await;
+    assert!(daemon.wait().await.success());
+    // The sidecar got the Shutdown event and finishes its 1.5 s clean-up
+    // although its daemon is gone.
+    let marker = dir.path().join("marker");
+    eventually("the sidecar's clean-up to finish", || marker.exists()).await;
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap(),
+        "clean-up finished"
+    );
+    eventually("the sidecar to exit", || !process_exists(sidecar)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_ignoring_sigterm_dies_within_both_graces_of_a_sigkilled_daemon() {
+    init_logging();
+    let dir = temp_dir();
+    let (grace, term) = (Duration::from_millis(800), Duration::from_millis(800));
+    let mut daemon = test_host(
+        dir.path(),
+        "stubborn",
+        "stubborn",
+        grace.as_millis() as u64,
+        term.as_millis() as u64,
+    );
+    let ready = daemon.wait_line("ready", |l| l.starts_with("ready ")).await;
+    let sidecar: u32 = ready["ready ".len()..].parse().unwrap();
+    let started = std::time::Instant::now();
+    daemon.kill().await;
+    eventually("the stubborn sidecar to be killed", || {
+        !process_exists(sidecar)
+    })
+    .await;
+    let took = started.elapsed();
+    println!("figure: a SIGTERM-ignoring sidecar outlived its SIGKILLed daemon by {} ms (shutdown_grace + term_grace = {} ms)", took.as_millis(), (grace + term).as_millis());
+    // It is given the whole kill order, and not much more (the SDK itself
+    // would only give up on the host after 5 s).
+    assert!(
+        took >= grace + term,
+        "killed after {took:?}, before both graces"
+    );
+    assert!(
+        took < grace + term + Duration::from_secs(2),
+        "killed only after {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,6 +126,11 @@ pub struct RestartPolicy {
     pub initial_backoff: Duration,
     /// Longest delay between restarts. Default 10 s.
     pub max_backoff: Duration,
+    /// A failed plugin (crash loop, refused Register, a command that cannot
+    /// be spawned) is started again after this long, with a fresh crash-loop
+    /// count. Default 5 minutes; `None` leaves it down until
+    /// [`crate::SidecarPlugin::restart`].
+    pub retry_failed_after: Option<Duration>,
 }
 
 impl Default for RestartPolicy {
@@ -135,6 +140,35 @@ impl Default for RestartPolicy {
             window: Duration::from_secs(60),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            retry_failed_after: Some(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// Where a plugin keeps its own files: `RegisterResponse.data_dir`, the
+/// SDK's `Context::data_dir`, and the `PluginContext::data_dir` of a plugin
+/// run unchanged out of process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DataDir {
+    /// `<daemon data_dir>/plugins/<name>/`, created 0700 at start (the
+    /// default): the plugin sees none of the daemon's files.
+    #[default]
+    Own,
+    /// The daemon's own data directory, for a plugin that takes over a
+    /// daemon file such as `messages.db`. Only when configured explicitly.
+    Daemon,
+    /// This directory, created 0700 at start if it does not exist.
+    Path(PathBuf),
+}
+
+impl DataDir {
+    /// The directory for plugin `name` of a daemon whose data directory is
+    /// `daemon_dir`.
+    pub fn resolve(&self, daemon_dir: &std::path::Path, name: &str) -> PathBuf {
+        match self {
+            Self::Own => daemon_dir.join("plugins").join(name),
+            Self::Daemon => daemon_dir.to_owned(),
+            Self::Path(path) => path.clone(),
         }
     }
 }
@@ -182,6 +216,14 @@ pub struct SidecarConfig {
     pub launch: Launch,
     /// Extra rights.
     pub grants: Grants,
+    /// Where the plugin keeps its files. Default: a directory of its own.
+    pub data_dir: DataDir,
+    /// Whether the daemon needs this plugin: a required plugin whose sidecar
+    /// cannot start fails `start()` (and so, in pim-daemon, the daemon's
+    /// start). An optional one (the default) is marked failed in
+    /// `stats()`, logged once with its last output, retried after
+    /// `restart.retry_failed_after`, and `start()` returns `Ok`.
+    pub required: bool,
     /// Uids whose processes may call (checked with `SO_PEERCRED`); the
     /// daemon's own effective uid when empty (the default).
     pub allowed_uids: Vec<u32>,
@@ -243,6 +285,8 @@ impl SidecarConfig {
             socket_dir: socket_dir.into(),
             launch,
             grants: Grants::default(),
+            data_dir: DataDir::Own,
+            required: false,
             allowed_uids: Vec::new(),
             connections: ConnectionLimits::default(),
             server_thread: true,
@@ -279,6 +323,9 @@ impl SidecarConfig {
             if self.payload_kinds[..i].contains(kind) {
                 return Err(ConfigError::new(field, format!("`{kind}` is listed twice")));
             }
+        }
+        if matches!(&self.data_dir, DataDir::Path(p) if p.as_os_str().is_empty()) {
+            return Err(ConfigError::new("data_dir", "must not be empty"));
         }
         if self.socket_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("socket_dir", "must not be empty"));

@@ -11,6 +11,8 @@
 //! env = { ECHO_MODE = "polite" }
 //! inherit_env = ["RUST_LOG"]
 //! grants = ["signing_seed"]          # and/or "raw_control"
+//! data_dir = "own"                   # <daemon data_dir>/plugins/<name>/; or "daemon", or a path
+//! required = false                   # true: the daemon does not start without it
 //! allowed_uids = [1000]              # default: the daemon's own uid
 //! connections = { max_connections = 16, max_streams_per_connection = 64, keepalive_interval = "20s", keepalive_timeout = "10s", request_timeout = "30s" }
 //! startup_timeout = "10s"
@@ -18,7 +20,7 @@
 //! term_grace = "2s"
 //! stuck_timeout = "30s"              # or "off"
 //! queue = { max_events = 65536, max_bytes = 67108864 }
-//! restart = { max_restarts = 5, window = "60s", initial_backoff = "100ms", max_backoff = "10s" }
+//! restart = { max_restarts = 5, window = "60s", initial_backoff = "100ms", max_backoff = "10s", retry_failed_after = "5m" }
 //! ```
 //!
 //! A relative program path with a `/` in it is resolved against the file's
@@ -59,6 +61,8 @@ struct SidecarDoc {
     socket_dir: Option<PathBuf>,
     #[serde(default)]
     grants: Vec<GrantDoc>,
+    data_dir: Option<String>,
+    required: Option<bool>,
     #[serde(default)]
     allowed_uids: Vec<u32>,
     connections: Option<ConnectionsDoc>,
@@ -112,6 +116,8 @@ struct RestartDoc {
     initial_backoff: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
     max_backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_or_off")]
+    retry_failed_after: Option<Option<Duration>>,
 }
 
 /// Parses `"250ms"`, `"5s"`, `"2m"` or `"1h"`.
@@ -243,6 +249,22 @@ pub fn parse_sidecars(text: &str, base_dir: &Path) -> Result<Vec<SidecarConfig>,
             }
         }
         config.allowed_uids = sc.allowed_uids;
+        if let Some(dir) = sc.data_dir {
+            config.data_dir = match dir.as_str() {
+                "own" => crate::DataDir::Own,
+                "daemon" => crate::DataDir::Daemon,
+                "" => {
+                    return Err(invalid(
+                        at("data_dir"),
+                        "must be \"own\", \"daemon\" or a path",
+                    ))
+                }
+                path => crate::DataDir::Path(base_dir.join(path)),
+            };
+        }
+        if let Some(required) = sc.required {
+            config.required = required;
+        }
         if let Some(c) = sc.connections {
             let l = &mut config.connections;
             l.max_connections = c.max_connections.unwrap_or(l.max_connections);
@@ -278,6 +300,7 @@ pub fn parse_sidecars(text: &str, base_dir: &Path) -> Result<Vec<SidecarConfig>,
             p.window = r.window.unwrap_or(p.window);
             p.initial_backoff = r.initial_backoff.unwrap_or(p.initial_backoff);
             p.max_backoff = r.max_backoff.unwrap_or(p.max_backoff);
+            p.retry_failed_after = r.retry_failed_after.unwrap_or(p.retry_failed_after);
         }
         config
             .validate()

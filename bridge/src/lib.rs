@@ -20,6 +20,8 @@
 mod config;
 pub mod file;
 mod host;
+mod kinds;
+mod output;
 mod overflow;
 mod plugin;
 pub mod queue;
@@ -28,10 +30,11 @@ mod server;
 mod socket;
 mod supervisor;
 pub mod testkit;
+mod watchdog;
 
 pub use config::{
-    CommandSpec, ConfigError, ConnectionLimits, Grants, Launch, QueueLimits, RestartPolicy,
-    SidecarConfig,
+    CommandSpec, ConfigError, ConnectionLimits, DataDir, Grants, Launch, QueueLimits,
+    RestartPolicy, SidecarConfig,
 };
 pub use pim_plugin_proto as proto;
 pub use plugin::{SidecarPlugin, SidecarStats};

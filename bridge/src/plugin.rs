@@ -12,11 +12,11 @@ use pim_plugin_proto::convert::PluginEvent;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigError, Launch, SidecarConfig};
+use crate::config::{ConfigError, DataDir, Launch, SidecarConfig};
 use crate::host::Host;
 use crate::queue::{intern_kind, EventQueue, QueueStats};
 use crate::supervisor::{SpawnSpec, Supervisor};
-use crate::{secret, server, socket};
+use crate::{kinds, secret, server, socket};
 
 /// A daemon-side plugin whose implementation runs in a separate process.
 ///
@@ -25,6 +25,8 @@ use crate::{secret, server, socket};
 /// never wait on the sidecar; the sidecar receives the events in order over
 /// the `Events` stream and calls the daemon's ports back over gRPC.
 pub struct SidecarPlugin {
+    /// Identifies this plugin's claims on payload kinds.
+    id: u64,
     name: &'static str,
     kinds: &'static [&'static str],
     config: SidecarConfig,
@@ -63,8 +65,17 @@ pub struct SidecarStats {
     pub restarts: u64,
     /// Whether a sidecar holds an Events stream open now.
     pub connected: bool,
-    /// Whether the supervisor gave up after a crash loop.
+    /// Whether the plugin is failed: its sidecar could not be spawned, its
+    /// Register was refused, or it crashed in a loop. It is retried after
+    /// `restart.retry_failed_after`, or by [`SidecarPlugin::restart`].
     pub failed: bool,
+    /// Why it failed, while it is failed.
+    pub failure: Option<String>,
+    /// Whether the configuration marks the plugin required (a failure to
+    /// start then fails `start()`), or optional (the daemon runs on).
+    pub required: bool,
+    /// Processes replaced by [`SidecarPlugin::restart`].
+    pub replacements: u64,
     /// Time since the ack position last moved.
     pub last_ack_age: Duration,
     /// How the last sidecar process ended, if one has.
@@ -91,6 +102,7 @@ impl SidecarPlugin {
             .map(|k| &*Box::leak(k.clone().into_boxed_str()))
             .collect();
         Ok(Self {
+            id: kinds::claimant_id(),
             name,
             kinds: Box::leak(kinds.into_boxed_slice()),
             queue: Arc::new(EventQueue::new(config.queue)),
@@ -137,6 +149,9 @@ impl SidecarPlugin {
             restarts: sup.as_ref().map_or(0, |s| s.spawns.saturating_sub(1)),
             connected: running.as_ref().is_some_and(|r| r.host.connected()),
             failed: sup.as_ref().is_some_and(|s| s.failed),
+            failure: sup.as_ref().and_then(|s| s.failure.clone()),
+            required: self.config.required,
+            replacements: sup.as_ref().map_or(0, |s| s.replacements),
             last_ack_age: self.queue.last_ack_age(),
             last_exit: sup.as_ref().and_then(|s| s.last_exit.clone()),
             restart_delays: sup.as_ref().map(|s| s.delays.clone()).unwrap_or_default(),
@@ -152,12 +167,15 @@ impl SidecarPlugin {
             .clone()
     }
 
-    async fn wait_registered(&self, running: &Running) -> anyhow::Result<()> {
+    /// Waits until the sidecar registered more than `since` times, the
+    /// supervisor marked it failed, or `startup_timeout` ran out; the error
+    /// says what the process did and shows its last output.
+    async fn wait_registered(&self, running: &Running, since: u64) -> anyhow::Result<()> {
         let mut registrations = running.host.registrations();
         let mut sup_state = running.supervisor.as_ref().map(Supervisor::watch);
         let wait = async {
             loop {
-                if *registrations.borrow_and_update() > 0 {
+                if *registrations.borrow_and_update() > since {
                     return true;
                 }
                 if sup_state.as_ref().is_some_and(|s| s.borrow().failed) {
@@ -177,7 +195,14 @@ impl SidecarPlugin {
         let timeout = self.config.startup_timeout;
         let mut msg = match tokio::time::timeout(timeout, wait).await {
             Ok(true) => return Ok(()),
-            Ok(false) => format!("sidecar `{}` failed to start", self.name),
+            Ok(false) => {
+                let why = running
+                    .supervisor
+                    .as_ref()
+                    .and_then(|s| s.state().failure)
+                    .unwrap_or_else(|| "its supervisor gave up".into());
+                format!("sidecar `{}` failed to start: {why}", self.name)
+            }
             Err(_) => format!(
                 "sidecar `{}` did not register within {timeout:?} on {}",
                 self.name,
@@ -204,11 +229,93 @@ impl SidecarPlugin {
         anyhow::bail!(msg)
     }
 
+    /// Replaces the running sidecar process with a new one, for example after
+    /// its binary was upgraded: the old process gets SIGTERM (and SIGKILL
+    /// after `term_grace`), the new one is spawned at once and resumes after
+    /// the last acked event, so no event is lost (events the old process
+    /// handled but had not acked yet are delivered again). A failed plugin
+    /// is started again. Returns once the new process registered (bounded
+    /// by `startup_timeout`), or at once without `wait_for_register`.
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        let Some(running) = self.running() else {
+            anyhow::bail!("sidecar plugin `{}` is not started", self.name);
+        };
+        let Some(sup) = &running.supervisor else {
+            anyhow::bail!(
+                "sidecar plugin `{}` is external: restart its process where it runs; it resumes after the last ack",
+                self.name
+            );
+        };
+        let since = *running.host.registrations().borrow();
+        sup.replace().await?;
+        if self.config.wait_for_register {
+            self.wait_registered(&running, since).await?;
+        }
+        tracing::info!(plugin = self.name, "sidecar process replaced");
+        Ok(())
+    }
+
+    /// Prepares the directories, binds the socket, serves it and starts the
+    /// supervisor.
+    async fn serve(&self, ctx: &PluginContext) -> anyhow::Result<Arc<Running>> {
+        let socket_path = self.config.socket_path();
+        socket::prepare_dir(&self.config.socket_dir)?;
+        let data_dir = self.config.data_dir.resolve(&ctx.data_dir, self.name);
+        match &self.config.data_dir {
+            DataDir::Own => socket::prepare_data_dir(&data_dir, true)?,
+            DataDir::Path(_) => socket::prepare_data_dir(&data_dir, false)?,
+            DataDir::Daemon => {}
+        }
+        let listener = socket::bind(&socket_path)?;
+        if matches!(self.config.launch, Launch::External) {
+            socket::write_token(&self.config.token_path(), &self.token)?;
+        }
+        let stopping = CancellationToken::new();
+        let host = Arc::new(Host::new(
+            self.name,
+            self.kinds,
+            self.config.clone(),
+            ctx.clone(),
+            data_dir,
+            self.queue.clone(),
+            stopping.clone(),
+        ));
+        let server = server::serve(host.clone(), self.token.clone(), listener, stopping.clone())
+            .inspect_err(|_| {
+                let _ = std::fs::remove_file(&socket_path);
+            })?;
+        tracing::info!(plugin = self.name, socket = %socket_path.display(), "serving sidecar socket");
+        let supervisor = match &self.config.launch {
+            Launch::Spawn(command) => Some(Supervisor::start(SpawnSpec {
+                plugin: self.name,
+                command: command.clone(),
+                socket: socket_path.clone(),
+                token: self.token.clone(),
+                restart: self.config.restart,
+                queue: self.queue.clone(),
+                stuck_timeout: self.config.stuck_timeout,
+                shutdown_grace: self.config.shutdown_grace,
+                term_grace: self.config.term_grace,
+            })),
+            Launch::External => None,
+        };
+        Ok(Arc::new(Running {
+            host,
+            supervisor,
+            server: Mutex::new(Some(server)),
+            stopping,
+            socket: socket_path,
+        }))
+    }
+
     async fn stop(&self) {
         let Some(running) = self.running() else {
             return;
         };
         let grace = self.config.shutdown_grace;
+        if let Some(sup) = &running.supervisor {
+            sup.begin_stop();
+        }
         let shutdown_seq = self.queue.push(PluginEvent::Shutdown { grace }).seq;
         match &running.supervisor {
             Some(sup) => sup.stop().await,
@@ -243,6 +350,7 @@ impl SidecarPlugin {
                 }
             }
         }
+        kinds::release(self.id);
         let stats = self.stats();
         tracing::info!(
             plugin = self.name,
@@ -282,51 +390,15 @@ impl DaemonPlugin for SidecarPlugin {
         if self.running().is_some() {
             anyhow::bail!("sidecar plugin `{}` is already started", self.name);
         }
-        let socket_path = self.config.socket_path();
-        socket::prepare_dir(&self.config.socket_dir)?;
-        let listener = socket::bind(&socket_path)?;
-        if matches!(self.config.launch, Launch::External) {
-            socket::write_token(&self.config.token_path(), &self.token)?;
-        }
-        let stopping = CancellationToken::new();
-        let host = Arc::new(Host::new(
-            self.name,
-            self.kinds,
-            self.config.clone(),
-            ctx.clone(),
-            self.queue.clone(),
-            stopping.clone(),
-        ));
-        let server = server::serve(host.clone(), self.token.clone(), listener, stopping.clone())?;
-        tracing::info!(plugin = self.name, socket = %socket_path.display(), "serving sidecar socket");
-        let supervisor = match &self.config.launch {
-            Launch::Spawn(command) => Some(
-                Supervisor::start(SpawnSpec {
-                    plugin: self.name,
-                    command: command.clone(),
-                    socket: socket_path.clone(),
-                    token: self.token.clone(),
-                    restart: self.config.restart,
-                    queue: self.queue.clone(),
-                    stuck_timeout: self.config.stuck_timeout,
-                    shutdown_grace: self.config.shutdown_grace,
-                    term_grace: self.config.term_grace,
-                })
-                .await
-                .inspect_err(|_| {
-                    stopping.cancel();
-                    let _ = std::fs::remove_file(&socket_path);
-                })?,
-            ),
-            Launch::External => None,
+        kinds::claim(kinds::daemon_of(&ctx), self.id, self.name, self.kinds)?;
+        let started = self.serve(&ctx).await;
+        let running = match started {
+            Ok(running) => running,
+            Err(e) => {
+                kinds::release(self.id);
+                return Err(e);
+            }
         };
-        let running = Arc::new(Running {
-            host,
-            supervisor,
-            server: Mutex::new(Some(server)),
-            stopping,
-            socket: socket_path,
-        });
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());
         // The daemon-wide cancellation shuts the sidecar down too.
         let this = self.clone();
@@ -335,9 +407,19 @@ impl DaemonPlugin for SidecarPlugin {
             this.shutdown().await;
         });
         if self.config.wait_for_register {
-            if let Err(e) = self.wait_registered(&running).await {
-                self.shutdown().await;
-                return Err(e);
+            if let Err(e) = self.wait_registered(&running, 0).await {
+                if self.config.required {
+                    self.shutdown().await;
+                    return Err(e);
+                }
+                if !self.stats().failed {
+                    // A failure was logged by the supervisor; a slow start
+                    // is logged here, and the sidecar may still register.
+                    tracing::error!(
+                        plugin = self.name,
+                        "{e:#}; the daemon runs on without it for now (required = false)"
+                    );
+                }
             }
         }
         Ok(())

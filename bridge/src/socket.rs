@@ -48,6 +48,25 @@ pub(crate) fn prepare_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates a plugin's data directory with mode 0700; with `close`, an
+/// existing one is closed to group and others too.
+pub(crate) fn prepare_data_dir(dir: &Path, close: bool) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir)
+        .and_then(|()| match close {
+            true => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)),
+            false => Ok(()),
+        })
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("preparing the plugin data directory {}: {e}", dir.display()),
+            )
+        })
+}
+
 /// Binds `path` with mode 0600. A socket file left by a dead host is
 /// replaced; one that a live host still accepts on is not taken over.
 pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {

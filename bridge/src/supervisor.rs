@@ -1,5 +1,6 @@
 //! Spawning and supervising a sidecar process: clean environment, log
-//! forwarding, restart with backoff, and the kill order at shutdown.
+//! forwarding, restart with backoff, the failed state and its retry,
+//! replacement on request, and the kill order at shutdown.
 
 use std::collections::VecDeque;
 use std::process::{ExitStatus, Stdio};
@@ -7,17 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pim_plugin_proto::{env, EXIT_REFUSED, PROTOCOL_VERSION};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{CommandSpec, RestartPolicy};
+use crate::output::forward;
 use crate::queue::EventQueue;
-
-/// Lines of the sidecar's output kept for error messages.
-const TAIL_LINES: usize = 20;
 
 /// What the supervisor has seen so far.
 #[derive(Debug, Clone, Default)]
@@ -26,8 +24,11 @@ pub(crate) struct SupervisorState {
     pub(crate) spawns: u64,
     /// How the last process ended, if one has.
     pub(crate) last_exit: Option<String>,
-    /// Whether the crash-loop limit was reached; the plugin stays down.
+    /// Whether the plugin is down for good, or until its retry: a crash
+    /// loop, a refused Register, or a command that cannot be spawned.
     pub(crate) failed: bool,
+    /// Why it failed, while it is failed.
+    pub(crate) failure: Option<String>,
     /// The running process's id.
     pub(crate) pid: Option<u32>,
     /// Delays before the most recent restarts (at most 16).
@@ -36,6 +37,8 @@ pub(crate) struct SupervisorState {
     pub(crate) stuck_restarts: u64,
     /// The seq it was last stuck on.
     pub(crate) last_stuck_seq: Option<u64>,
+    /// Processes replaced on request ([`Supervisor::replace`]).
+    pub(crate) replacements: u64,
 }
 
 /// A handle to the supervising task.
@@ -44,6 +47,7 @@ pub(crate) struct Supervisor {
     state: watch::Receiver<SupervisorState>,
     tail: Arc<Mutex<VecDeque<String>>>,
     stop: CancellationToken,
+    replace: mpsc::UnboundedSender<oneshot::Sender<std::io::Result<()>>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -62,26 +66,32 @@ pub(crate) struct SpawnSpec {
 }
 
 impl Supervisor {
-    /// Spawns the first process and supervises it from a task.
-    pub(crate) async fn start(spec: SpawnSpec) -> std::io::Result<Self> {
+    /// Starts supervising: the task spawns the first process at once.
+    pub(crate) fn start(spec: SpawnSpec) -> Self {
         let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let child = spawn(&spec, &tail).await?;
-        let (state_tx, state) = watch::channel(SupervisorState {
-            spawns: 1,
-            pid: child.child.id(),
-            ..SupervisorState::default()
-        });
+        let (state_tx, state) = watch::channel(SupervisorState::default());
         let stop = CancellationToken::new();
+        let (replace, replace_rx) = mpsc::unbounded_channel();
         let span = tracing::info_span!("sidecar", plugin = spec.plugin);
         let task = tokio::spawn(
-            supervise(spec, child, state_tx, tail.clone(), stop.clone()).instrument(span),
+            Supervision {
+                spec,
+                state: state_tx,
+                tail: tail.clone(),
+                stop: stop.clone(),
+                replace: replace_rx,
+                crashes: CrashWindow::default(),
+            }
+            .run()
+            .instrument(span),
         );
-        Ok(Self {
+        Self {
             state,
             tail,
             stop,
+            replace,
             task: Mutex::new(Some(task)),
-        })
+        }
     }
 
     /// A snapshot of the state.
@@ -104,6 +114,13 @@ impl Supervisor {
             .collect()
     }
 
+    /// Marks the supervision as stopping: a process that exits from now on
+    /// is not restarted. Call it before the Shutdown event is queued, so a
+    /// sidecar that exits right after that event is never taken for a crash.
+    pub(crate) fn begin_stop(&self) {
+        self.stop.cancel();
+    }
+
     /// Stops supervising: waits up to the shutdown grace for the process to
     /// exit by itself, then SIGTERM, then SIGKILL after the term grace.
     /// Idempotent.
@@ -112,6 +129,242 @@ impl Supervisor {
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(task) = task {
             let _ = task.await;
+        }
+    }
+
+    /// Replaces the running process (SIGTERM, `term_grace`, SIGKILL) with a
+    /// new one at once, or starts a failed plugin again; the crash-loop
+    /// count and the backoff start afresh. Returns once the new process is
+    /// spawned.
+    pub(crate) async fn replace(&self) -> std::io::Result<()> {
+        let gone = || std::io::Error::other("the sidecar is stopping");
+        if self.stop.is_cancelled() {
+            return Err(gone());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.replace.send(tx).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+/// Exits within the restart window, and the backoff before the next restart.
+#[derive(Debug, Default)]
+struct CrashWindow {
+    exits: VecDeque<Instant>,
+    backoff: Option<Duration>,
+}
+
+impl CrashWindow {
+    /// Records an exit; `false` once more than `max_restarts` fall in the window.
+    fn record(&mut self, policy: &RestartPolicy) -> bool {
+        let now = Instant::now();
+        self.exits.push_back(now);
+        while self
+            .exits
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.window)
+        {
+            self.exits.pop_front();
+        }
+        self.exits.len() <= policy.max_restarts as usize
+    }
+
+    /// The delay before the next restart: the initial backoff, doubling up
+    /// to the maximum.
+    fn next_delay(&mut self, policy: &RestartPolicy) -> Duration {
+        let delay = self.backoff.unwrap_or(policy.initial_backoff);
+        self.backoff = Some((delay * 2).min(policy.max_backoff));
+        jitter(delay)
+    }
+}
+
+/// The supervising task's state.
+struct Supervision {
+    spec: SpawnSpec,
+    state: watch::Sender<SupervisorState>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    stop: CancellationToken,
+    replace: mpsc::UnboundedReceiver<oneshot::Sender<std::io::Result<()>>>,
+    crashes: CrashWindow,
+}
+
+/// What the supervisor does after a process ended or could not start.
+enum Next {
+    /// Start a process now (a replacement, or a failed plugin's retry).
+    SpawnNow(Option<oneshot::Sender<std::io::Result<()>>>),
+    /// Supervision is over.
+    Stop,
+}
+
+impl Supervision {
+    async fn run(mut self) {
+        let mut reply: Option<oneshot::Sender<std::io::Result<()>>> = None;
+        loop {
+            let spawned = spawn(&self.spec, &self.tail).await;
+            let mut running = match spawned {
+                Ok(running) => {
+                    self.state.send_modify(|s| {
+                        s.spawns += 1;
+                        s.pid = running.child.id();
+                        s.failed = false;
+                        s.failure = None;
+                    });
+                    if let Some(reply) = reply.take() {
+                        let _: Result<_, _> = reply.send(Ok(()));
+                    }
+                    running
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    if let Some(reply) = reply.take() {
+                        let _: Result<_, _> = reply.send(Err(e));
+                    }
+                    match self.fail(why).await {
+                        Next::SpawnNow(r) => {
+                            reply = r;
+                            continue;
+                        }
+                        Next::Stop => return,
+                    }
+                }
+            };
+            match self.watch(&mut running).await {
+                Next::SpawnNow(r) => reply = r,
+                Next::Stop => return,
+            }
+        }
+    }
+
+    /// Watches one process until it ends, is replaced, or supervision stops.
+    async fn watch(&mut self, running: &mut Running) -> Next {
+        let status = tokio::select! {
+            // Stopping wins over an exit seen at the same moment: a sidecar
+            // that exits on its Shutdown event is not restarted.
+            biased;
+            () = self.stop.cancelled() => {
+                let how = terminate(&mut running.child, &self.spec).await;
+                running.drain().await;
+                self.state.send_modify(|s| {
+                    s.pid = None;
+                    s.last_exit = Some(how);
+                });
+                return Next::Stop;
+            }
+            Some(reply) = self.replace.recv() => {
+                tracing::info!("replacing the sidecar process");
+                let how = signal_then_kill(&mut running.child, self.spec.term_grace).await;
+                running.drain().await;
+                self.crashes = CrashWindow::default();
+                self.state.send_modify(|s| {
+                    s.pid = None;
+                    s.last_exit = Some(how);
+                    s.replacements += 1;
+                });
+                return Next::SpawnNow(Some(reply));
+            }
+            status = running.child.wait() => status,
+            seq = stuck(&self.spec) => {
+                tracing::error!(
+                    seq,
+                    timeout_ms = self.spec.stuck_timeout.unwrap_or_default().as_millis() as u64,
+                    "sidecar stuck: no ack progress on seq {seq}; killing it to restart"
+                );
+                self.state.send_modify(|s| {
+                    s.stuck_restarts += 1;
+                    s.last_stuck_seq = Some(seq);
+                });
+                let _ = running.child.kill().await;
+                running.child.wait().await
+            }
+        };
+        running.drain().await;
+        let how = describe_exit(&status);
+        self.state.send_modify(|s| {
+            s.last_exit = Some(how.clone());
+            s.pid = None;
+        });
+        if self.stop.is_cancelled() {
+            tracing::info!(exit = %how, "sidecar exited");
+            return Next::Stop;
+        }
+        tracing::warn!(exit = %how, "sidecar process ended");
+        if matches!(&status, Ok(s) if s.code() == Some(i32::from(EXIT_REFUSED))) {
+            return self
+                .fail(format!(
+                    "the host refused the sidecar's Register ({how}); it is not restarted until its configuration changes"
+                ))
+                .await;
+        }
+        if !self.crashes.record(&self.spec.restart) {
+            return self
+                .fail(format!(
+                    "crash loop: more than {} restarts within {:?} (last: {how})",
+                    self.spec.restart.max_restarts, self.spec.restart.window
+                ))
+                .await;
+        }
+        let delay = self.crashes.next_delay(&self.spec.restart);
+        tracing::info!(delay_ms = delay.as_millis() as u64, "restarting sidecar");
+        self.state.send_modify(|s| {
+            if s.delays.len() == 16 {
+                s.delays.remove(0);
+            }
+            s.delays.push(delay);
+        });
+        tokio::select! {
+            () = tokio::time::sleep(delay) => Next::SpawnNow(None),
+            () = self.stop.cancelled() => Next::Stop,
+            Some(reply) = self.replace.recv() => {
+                self.crashes = CrashWindow::default();
+                Next::SpawnNow(Some(reply))
+            }
+        }
+    }
+
+    /// Marks the plugin failed, logs why once with the sidecar's last
+    /// output, and waits for a retry: the policy's `retry_failed_after`, or
+    /// a replacement on request.
+    async fn fail(&mut self, why: String) -> Next {
+        let tail = self
+            .tail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>();
+        let retry = self.spec.restart.retry_failed_after;
+        let retry_note =
+            retry.map_or_else(|| "not retried".to_owned(), |d| format!("retried in {d:?}"));
+        if tail.is_empty() {
+            tracing::error!("plugin marked failed ({retry_note}): {why}");
+        } else {
+            tracing::error!(
+                "plugin marked failed ({retry_note}): {why}; its last output:\n  {}",
+                tail.join("\n  ")
+            );
+        }
+        self.state.send_modify(|s| {
+            s.failed = true;
+            s.failure = Some(why);
+            s.pid = None;
+        });
+        let retry_sleep = async {
+            match retry {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = self.stop.cancelled() => Next::Stop,
+            Some(reply) = self.replace.recv() => {
+                self.crashes = CrashWindow::default();
+                Next::SpawnNow(Some(reply))
+            }
+            () = retry_sleep => {
+                tracing::info!("retrying the failed plugin");
+                self.crashes = CrashWindow::default();
+                Next::SpawnNow(None)
+            }
         }
     }
 }
@@ -128,100 +381,6 @@ impl Running {
     async fn drain(&mut self) {
         for task in self.forwarders.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
-        }
-    }
-}
-
-async fn supervise(
-    spec: SpawnSpec,
-    mut running: Running,
-    state: watch::Sender<SupervisorState>,
-    tail: Arc<Mutex<VecDeque<String>>>,
-    stop: CancellationToken,
-) {
-    let mut recent_exits: VecDeque<Instant> = VecDeque::new();
-    let mut backoff = spec.restart.initial_backoff;
-    loop {
-        let status = tokio::select! {
-            status = running.child.wait() => status,
-            () = stop.cancelled() => {
-                let how = terminate(&mut running.child, &spec).await;
-                running.drain().await;
-                state.send_modify(|s| {
-                    s.pid = None;
-                    s.last_exit = Some(how);
-                });
-                return;
-            }
-            seq = stuck(&spec) => {
-                tracing::error!(
-                    seq,
-                    timeout_ms = spec.stuck_timeout.unwrap_or_default().as_millis() as u64,
-                    "sidecar stuck: no ack progress on seq {seq}; killing it to restart"
-                );
-                state.send_modify(|s| {
-                    s.stuck_restarts += 1;
-                    s.last_stuck_seq = Some(seq);
-                });
-                let _ = running.child.kill().await;
-                running.child.wait().await
-            }
-        };
-        running.drain().await;
-        let how = describe_exit(&status);
-        tracing::warn!(exit = %how, "sidecar process ended");
-        state.send_modify(|s| {
-            s.last_exit = Some(how);
-            s.pid = None;
-        });
-        if matches!(&status, Ok(s) if s.code() == Some(i32::from(EXIT_REFUSED))) {
-            tracing::error!("the host refused the sidecar's Register (see its output above): not restarting; plugin marked failed");
-            state.send_modify(|s| s.failed = true);
-            return;
-        }
-        let now = Instant::now();
-        recent_exits.push_back(now);
-        while recent_exits
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > spec.restart.window)
-        {
-            recent_exits.pop_front();
-        }
-        if recent_exits.len() > spec.restart.max_restarts as usize {
-            tracing::error!(
-                restarts = spec.restart.max_restarts,
-                window_s = spec.restart.window.as_secs_f64(),
-                "sidecar crash loop: restart limit reached, plugin marked failed"
-            );
-            state.send_modify(|s| s.failed = true);
-            return;
-        }
-        let delay = jitter(backoff);
-        tracing::info!(delay_ms = delay.as_millis() as u64, "restarting sidecar");
-        state.send_modify(|s| {
-            if s.delays.len() == 16 {
-                s.delays.remove(0);
-            }
-            s.delays.push(delay);
-        });
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = stop.cancelled() => return,
-        }
-        backoff = (backoff * 2).min(spec.restart.max_backoff);
-        match spawn(&spec, &tail).await {
-            Ok(r) => {
-                running = r;
-                state.send_modify(|s| {
-                    s.spawns += 1;
-                    s.pid = running.child.id();
-                });
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "respawning the sidecar failed; plugin marked failed");
-                state.send_modify(|s| s.failed = true);
-                return;
-            }
         }
     }
 }
@@ -251,15 +410,20 @@ async fn terminate(child: &mut Child, spec: &SpawnSpec) -> String {
         tracing::info!(exit = %how, "sidecar exited");
         return how;
     }
+    tracing::warn!(
+        grace_ms = spec.shutdown_grace.as_millis() as u64,
+        "sidecar still running after the grace period: SIGTERM"
+    );
+    signal_then_kill(child, spec.term_grace).await
+}
+
+/// SIGTERM, up to `term_grace` for the process to exit, then SIGKILL.
+async fn signal_then_kill(child: &mut Child, term_grace: Duration) -> String {
     if let Some(pid) = child.id() {
-        tracing::warn!(
-            grace_ms = spec.shutdown_grace.as_millis() as u64,
-            "sidecar still running after the grace period: SIGTERM"
-        );
         // SAFETY: kill has no memory-safety preconditions; `pid` is our own
         // child, not yet reaped, so it cannot have been reused.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-        if let Ok(status) = tokio::time::timeout(spec.term_grace, child.wait()).await {
+        if let Ok(status) = tokio::time::timeout(term_grace, child.wait()).await {
             let how = describe_exit(&status);
             tracing::info!(exit = %how, "sidecar exited after SIGTERM");
             return how;
@@ -318,8 +482,7 @@ async fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io
     if let Some(dir) = &cmd.current_dir {
         command.current_dir(dir);
     }
-    set_parent_death_signal(&mut command);
-    let mut child = spawn_from_stable_thread(command).await.map_err(|e| {
+    let failed = |e: std::io::Error| {
         std::io::Error::new(
             e.kind(),
             format!(
@@ -328,53 +491,44 @@ async fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io
                 cmd.program.display()
             ),
         )
-    })?;
-    tracing::info!(plugin = spec.plugin, pid = child.id(), program = %cmd.program.display(), "sidecar spawned");
+    };
+    crate::watchdog::arm(&mut command, spec.shutdown_grace, spec.term_grace).map_err(failed)?;
+    let mut child = spawn_from_spawner_thread(command).await.map_err(failed)?;
+    tracing::info!(pid = child.id(), program = %cmd.program.display(), "sidecar spawned");
     let mut forwarders = Vec::new();
     if let Some(out) = child.stdout.take() {
-        forwarders.push(tokio::spawn(forward(
-            out,
-            spec.plugin,
-            "stdout",
-            tail.clone(),
-        )));
+        forwarders.push(tokio::spawn(
+            forward(out, "stdout", tail.clone()).in_current_span(),
+        ));
     }
     if let Some(err) = child.stderr.take() {
-        forwarders.push(tokio::spawn(forward(
-            err,
-            spec.plugin,
-            "stderr",
-            tail.clone(),
-        )));
+        forwarders.push(tokio::spawn(
+            forward(err, "stderr", tail.clone()).in_current_span(),
+        ));
     }
     Ok(Running { child, forwarders })
 }
 
-/// Spawns `command` from one long-lived thread.
-///
-/// The kernel sends the parent-death signal when the *thread* that forked
-/// the child exits, not the process. Runtime threads can come and go
-/// (`block_in_place`, blocking-pool threads), so every sidecar is forked
-/// from a thread that lives as long as the process.
-async fn spawn_from_stable_thread(mut command: Command) -> std::io::Result<Child> {
+/// Spawns `command` from one long-lived thread, so that the daemon's
+/// runtime threads never block in fork and exec.
+async fn spawn_from_spawner_thread(mut command: Command) -> std::io::Result<Child> {
     type Job = Box<dyn FnOnce() + Send>;
     static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> =
         std::sync::OnceLock::new();
     let sender = SPAWNER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
+        // A thread that cannot start leaves the receiver to drop: every
+        // spawn then fails with the error below instead of panicking.
+        let _ = std::thread::Builder::new()
             .name("pim-sidecar-spawner".into())
             .spawn(move || {
                 for job in rx {
                     job();
                 }
-            })
-            .expect("starting the sidecar spawner thread");
+            });
         Mutex::new(tx)
     });
     let handle = tokio::runtime::Handle::current();
-    // The caller awaits the fork and exec instead of blocking its runtime
-    // thread on them.
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Job = Box::new(move || {
         let _runtime = handle.enter();
@@ -387,135 +541,4 @@ async fn spawn_from_stable_thread(mut command: Command) -> std::io::Result<Child
         .map_err(|_| std::io::Error::other("the sidecar spawner thread is gone"))?;
     rx.await
         .map_err(|_| std::io::Error::other("the sidecar spawner thread is gone"))?
-}
-
-/// Asks the kernel to SIGKILL the child when the daemon dies, even by SIGKILL.
-fn set_parent_death_signal(command: &mut Command) {
-    // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (prctl, getppid, _exit-free returns).
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() == 1 {
-                return Err(std::io::Error::other("the daemon exited during spawn"));
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Level and message of a JSON log line (`{"level": "WARN", "message": …}`,
-/// or tracing-subscriber's `{"level": …, "fields": {"message": …}}`).
-fn json_line(line: &str) -> Option<(tracing::Level, String)> {
-    let value: serde_json::Value = serde_json::from_str(line.trim()).ok()?;
-    let obj = value.as_object()?;
-    let level = obj
-        .get("level")
-        .or_else(|| obj.get("severity"))
-        .and_then(|l| l.as_str())
-        .and_then(|l| l.to_ascii_uppercase().parse::<tracing::Level>().ok())
-        .unwrap_or(tracing::Level::INFO);
-    let message = obj
-        .get("message")
-        .or_else(|| obj.get("msg"))
-        .or_else(|| obj.get("fields").and_then(|f| f.get("message")))
-        .and_then(|m| m.as_str())
-        .map_or_else(|| line.trim().to_owned(), str::to_owned);
-    Some((level, message))
-}
-
-/// Splits a leading level word (`ERROR`, `WARN`, `INFO`, `DEBUG`, `TRACE`,
-/// as the Rust SDK and most loggers print) off a line.
-fn level_of(line: &str) -> (tracing::Level, &str) {
-    let trimmed = line.trim_start();
-    for (word, level) in [
-        ("ERROR", tracing::Level::ERROR),
-        ("WARN", tracing::Level::WARN),
-        ("INFO", tracing::Level::INFO),
-        ("DEBUG", tracing::Level::DEBUG),
-        ("TRACE", tracing::Level::TRACE),
-    ] {
-        if let Some(rest) = trimmed.strip_prefix(word) {
-            if rest.is_empty() || rest.starts_with([' ', ':']) {
-                return (level, rest.trim_start_matches([' ', ':']));
-            }
-        }
-    }
-    (tracing::Level::INFO, line)
-}
-
-/// Forwards each output line into `tracing`, at the line's own level, and
-/// keeps the last few.
-async fn forward(
-    out: impl AsyncRead + Unpin,
-    plugin: &'static str,
-    stream: &'static str,
-    tail: Arc<Mutex<VecDeque<String>>>,
-) {
-    let mut lines = BufReader::new(out).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let parsed = if line.trim_start().starts_with('{') {
-            json_line(&line)
-        } else {
-            None
-        };
-        let (level, msg) = match &parsed {
-            Some((level, msg)) => (*level, msg.as_str()),
-            None => level_of(&line),
-        };
-        macro_rules! emit {
-            ($lvl:expr) => {
-                tracing::event!(target: "pim_sidecar::output", $lvl, plugin, stream, "{msg}")
-            };
-        }
-        match level {
-            tracing::Level::ERROR => emit!(tracing::Level::ERROR),
-            tracing::Level::WARN => emit!(tracing::Level::WARN),
-            tracing::Level::DEBUG => emit!(tracing::Level::DEBUG),
-            tracing::Level::TRACE => emit!(tracing::Level::TRACE),
-            _ => emit!(tracing::Level::INFO),
-        }
-        let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
-        if tail.len() == TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(line);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{json_line, level_of};
-    use tracing::Level;
-
-    #[test]
-    fn output_lines_keep_their_level() {
-        assert_eq!(level_of(" WARN slow peer"), (Level::WARN, "slow peer"));
-        assert_eq!(level_of("ERROR: boom"), (Level::ERROR, "boom"));
-        assert_eq!(level_of("DEBUG"), (Level::DEBUG, ""));
-        assert_eq!(level_of("INFORMATION"), (Level::INFO, "INFORMATION"));
-        assert_eq!(level_of("plain line"), (Level::INFO, "plain line"));
-    }
-
-    #[test]
-    fn json_lines_keep_their_level() {
-        assert_eq!(
-            json_line(r#"{"level":"warn","message":"disk low"}"#),
-            Some((Level::WARN, "disk low".into()))
-        );
-        assert_eq!(
-            json_line(
-                r#"{"timestamp":"t","level":"ERROR","fields":{"message":"boom"},"target":"x"}"#
-            ),
-            Some((Level::ERROR, "boom".into()))
-        );
-        assert_eq!(
-            json_line(r#"{"msg":"hi"}"#),
-            Some((Level::INFO, "hi".into()))
-        );
-        assert_eq!(json_line("{not json"), None);
-    }
 }

@@ -14,10 +14,14 @@ pub use connect::{
 };
 pub use error::HostError;
 pub use host_client::{HostClient, PeerWatch};
+pub use pim_plugin::{PeerDirectoryEvent, PeerInfoSource};
 pub use pim_plugin_proto as proto;
 pub use pim_plugin_proto::convert::WatchEvent;
 pub use pim_plugin_proto::pb::Capability;
 pub use poll::busy_poll;
 pub use run::{run, run_async, RegisterRefused};
 pub use sidecar::{Context, Sidecar};
-pub use {async_trait::async_trait, bytes::Bytes, pim_core::NodeId, pim_protocol::ControlFrame};
+pub use tokio_util::sync::CancellationToken;
+pub use {
+    anyhow, async_trait::async_trait, bytes::Bytes, pim_core::NodeId, pim_protocol::ControlFrame,
+};

@@ -69,30 +69,41 @@ pub fn run<S: Sidecar>(plugin: S) -> ExitCode {
     }
 }
 
+/// Logging to stderr, filtered by `RUST_LOG` as a full `EnvFilter`
+/// directive (`info,my_plugin=debug`); INFO when it is unset. A directive
+/// that does not parse is skipped and the rest of it still applies.
 fn init_logging() {
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|l| l.parse::<tracing::Level>().ok())
-        .unwrap_or(tracing::Level::INFO);
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing::Level::INFO.into())
+        .from_env_lossy();
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .without_time()
         .with_target(false)
-        .with_max_level(level)
+        .with_env_filter(filter)
+        // Once the daemon is gone its end of stderr is closed: a failed
+        // write must not be reported on stderr again, which would panic.
+        .log_internal_errors(false)
         .try_init();
 }
 
 /// Connects, registers, starts `plugin` and delivers events until Shutdown
 /// or until the host is gone for longer than the reconnect timeout.
+///
+/// On SIGTERM (a supervisor replacing the process, a service manager
+/// stopping it, or the daemon's watchdog after the daemon is gone) it
+/// finishes the event in hand, acks what it handled, calls
+/// [`Sidecar::shutdown`] and returns `Ok`.
 pub async fn run_async<S: Sidecar + ?Sized>(
     plugin: Arc<S>,
     options: ConnectOptions,
 ) -> anyhow::Result<()> {
     let kinds = plugin.payload_kinds().to_vec();
     let name = plugin.name().to_owned();
+    let mut term = Terminate::new();
     let (host, registered) = connect_and_register(&options, &name, &kinds).await?;
-    tracing::info!(plugin = %name, acked = registered.acked_seq, "registered");
+    tracing::info!(acked = registered.acked_seq, "registered");
     let cancel = CancellationToken::new();
     let _cancel_on_exit = cancel.clone().drop_guard();
     let granted = registered
@@ -117,18 +128,83 @@ pub async fn run_async<S: Sidecar + ?Sized>(
         duplicates: 0,
     };
     loop {
-        match deliver(&*plugin, &host, &mut delivery, &ack_tx).await {
+        let ended = deliver(&*plugin, &host, &mut delivery, &ack_tx, &mut term).await;
+        match ended {
             Ok(Ended::Shutdown) => {
                 cancel.cancel();
-                tracing::info!(plugin = %name, duplicates = delivery.duplicates, "shut down by the host");
+                tracing::info!(duplicates = delivery.duplicates, "shut down by the host");
                 return Ok(());
+            }
+            Ok(Ended::Terminated) => {
+                return terminated(&*plugin, &host, &delivery, &cancel).await;
             }
             Ok(Ended::StreamClosed) => tracing::warn!("the host closed the event stream"),
             Err(e) => tracing::warn!("event stream lost: {e}"),
         }
-        let resp = reconnect(&options, &host, &name, &kinds).await?;
+        let resp = tokio::select! {
+            biased;
+            () = term.received() => return terminated(&*plugin, &host, &delivery, &cancel).await,
+            resp = reconnect(&options, &host, &name, &kinds) => resp?,
+        };
         delivery.resume(&resp);
     }
+}
+
+/// SIGTERM, when this process may catch it.
+struct Terminate(Option<tokio::signal::unix::Signal>);
+
+impl Terminate {
+    fn new() -> Self {
+        if sigterm_ignored() {
+            // The process (or whoever started it) chose to ignore SIGTERM.
+            return Self(None);
+        }
+        let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        if let Err(e) = &signal {
+            tracing::warn!("SIGTERM will end the process at once: cannot catch it ({e})");
+        }
+        Self(signal.ok())
+    }
+
+    /// Resolves when SIGTERM arrives; never when it cannot be caught.
+    async fn received(&mut self) {
+        match &mut self.0 {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Whether SIGTERM's disposition is "ignore".
+fn sigterm_ignored() -> bool {
+    // SAFETY: sigaction with a null new action only reads the current
+    // disposition into `old`, a zeroed sigaction that lives on this stack.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGTERM, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// The end after SIGTERM: ack what was handled, then the plugin's shutdown.
+async fn terminated<S: Sidecar + ?Sized>(
+    plugin: &S,
+    host: &HostClient,
+    delivery: &Delivery,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        handled = delivery.last_handled,
+        "SIGTERM: acking what was handled and shutting down"
+    );
+    if let Err(e) = host.ack(delivery.last_handled).await {
+        tracing::debug!("final ack failed (those events are delivered again): {e}");
+    }
+    cancel.cancel();
+    plugin.shutdown().await;
+    Ok(())
 }
 
 struct Delivery {
@@ -156,6 +232,7 @@ impl Delivery {
 enum Ended {
     Shutdown,
     StreamClosed,
+    Terminated,
 }
 
 /// Delivers one Events stream's events in order.
@@ -164,9 +241,17 @@ async fn deliver<S: Sidecar + ?Sized>(
     host: &HostClient,
     delivery: &mut Delivery,
     ack: &watch::Sender<u64>,
+    term: &mut Terminate,
 ) -> anyhow::Result<Ended> {
     let mut stream = host.events().await?;
-    while let Some(batch) = stream.message().await.map_err(HostError::from)? {
+    loop {
+        // SIGTERM is looked at between events: the event in hand is finished.
+        let batch = tokio::select! {
+            biased;
+            () = term.received() => return Ok(Ended::Terminated),
+            batch = stream.message() => batch.map_err(HostError::from)?,
+        };
+        let Some(batch) = batch else { break };
         for wire in batch.events {
             let SequencedEvent { seq, event } = SequencedEvent::try_from(wire)
                 .map_err(|e| anyhow::anyhow!("the host sent an invalid event: {e}"))?;
@@ -185,7 +270,11 @@ async fn deliver<S: Sidecar + ?Sized>(
                     tracing::info!(grace_ms = grace.as_millis() as u64, "shutdown requested");
                     let _ = tokio::time::timeout(grace, plugin.shutdown()).await;
                     delivery.last_handled = seq;
-                    host.ack(seq).await?;
+                    // The daemon may be gone by now (one that exits soon
+                    // after cancelling): the clean-up is done all the same.
+                    if let Err(e) = host.ack(seq).await {
+                        tracing::debug!("acking the Shutdown event failed: {e}");
+                    }
                     return Ok(Ended::Shutdown);
                 }
             }

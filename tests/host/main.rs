@@ -4,11 +4,17 @@
 //!
 //! ```text
 //! test-host --dir DIR --name NAME (--spawn PROGRAM | --external)
+//!           [--mode PROBE_MODE] [--grace MS] [--term MS]
 //! ```
 //!
 //! Prints `ready <sidecar pid or 0>` once serving, then `sent <kind> <body>`
 //! for every payload the sidecar sends directly. Reads commands on stdin:
-//! `payload <kind> <body>` (from node 01…01), `shutdown`.
+//! `payload <kind> <body>` (from node 01…01), `shutdown`, and
+//! `cancel-exit`: what pim-daemon 0.1.18 does on SIGTERM, cancelling
+//! `PluginContext::cancel` and exiting 100 ms later without awaiting any
+//! plugin's `shutdown()`. `--mode` is passed to the probe as `PROBE_MODE`
+//! (with `PROBE_MARKER=<dir>/marker`); `--grace` and `--term` set
+//! `shutdown_grace` (default 2000) and `term_grace` (default 2000).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,13 +32,22 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(false)
         .init();
     let mut args = std::env::args().skip(1);
-    let (mut dir, mut name, mut spawn) = (None, None, None);
+    let (mut dir, mut name, mut spawn, mut mode) = (None, None, None, None);
+    let (mut grace, mut term) = (2000, 2000);
+    let millis = |arg: Option<String>| -> anyhow::Result<u64> {
+        Ok(arg
+            .ok_or_else(|| anyhow::anyhow!("a duration in ms"))?
+            .parse()?)
+    };
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--dir" => dir = args.next().map(PathBuf::from),
             "--name" => name = args.next(),
             "--spawn" => spawn = args.next().map(PathBuf::from),
             "--external" => {}
+            "--mode" => mode = args.next(),
+            "--grace" => grace = millis(args.next())?,
+            "--term" => term = millis(args.next())?,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -41,11 +56,18 @@ async fn main() -> anyhow::Result<()> {
     let kinds = [format!("{name}.cmd"), format!("{name}.seq")];
     let mut config = match spawn {
         Some(program) => {
-            SidecarConfig::spawn(&name, kinds, dir.join("sock"), CommandSpec::new(program))
+            let mut command = CommandSpec::new(program);
+            if let Some(mode) = mode {
+                command = command
+                    .env("PROBE_MODE", mode)
+                    .env("PROBE_MARKER", dir.join("marker"));
+            }
+            SidecarConfig::spawn(&name, kinds, dir.join("sock"), command)
         }
         None => SidecarConfig::external(&name, kinds, dir.join("sock")),
     };
-    config.shutdown_grace = Duration::from_secs(2);
+    config.shutdown_grace = Duration::from_millis(grace);
+    config.term_grace = Duration::from_millis(term);
     let host = FakeHost::start(config, &dir).await?;
     println!("ready {}", host.plugin().pid().unwrap_or(0));
     let ports = host.ports().clone();
@@ -82,6 +104,12 @@ async fn main() -> anyhow::Result<()> {
                     .await;
             }
             (Some("shutdown"), _, _) => break,
+            (Some("cancel-exit"), _, _) => {
+                host.cancel_daemon();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                println!("exiting");
+                std::process::exit(0);
+            }
             _ => eprintln!("unknown command {line:?}"),
         }
     }

@@ -15,7 +15,8 @@
 //! `crash` exits with status 3 at once; `stall-once` never returns from the
 //! handler of a `<name>.seq` payload whose body is `stall`, in the first
 //! process only (it creates `PROBE_MARKER`); `stubborn` ignores SIGTERM and
-//! stalls on every `stall` payload.
+//! stalls on every `stall` payload; `slow-shutdown` takes 1.5 s to clean up
+//! in `shutdown` and then creates `PROBE_MARKER` (clean-up finished).
 
 use std::process::ExitCode;
 
@@ -191,6 +192,17 @@ impl Sidecar for Probe {
     async fn on_peer_forgotten(&self, peer: NodeId) {
         let frame = payload(self.kind("forgotten"), hex(peer.as_bytes()));
         let _ = self.host().send_direct(peer, frame).await;
+    }
+
+    async fn shutdown(&self) {
+        if self.mode == "slow-shutdown" {
+            tracing::info!("probe cleaning up slowly");
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            if let Some(marker) = std::env::var_os("PROBE_MARKER") {
+                let _ = std::fs::write(marker, "clean-up finished");
+            }
+            tracing::info!("probe clean-up finished");
+        }
     }
 }
 

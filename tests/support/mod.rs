@@ -342,6 +342,18 @@ impl ChildProcess {
             .collect()
     }
 
+    /// Every output line so far, `out: ` or `err: ` first.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Sends it `signal`.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory-safety preconditions; the child is not
+        // reaped yet (we hold it), so the pid is still ours.
+        unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+    }
+
     /// SIGKILLs it and reaps it.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
@@ -389,15 +401,16 @@ pub fn root_or_skip(why: &str) -> bool {
     false
 }
 
-/// Starts `program` as the sidecar `name` claiming `kinds` and returns the
-/// error the start fails with.
+/// Starts `program` as the required sidecar `name` claiming `kinds` and
+/// returns the error the start fails with.
 pub async fn start_error(dir: &Path, name: &str, kinds: &[&str], program: PathBuf) -> String {
-    let config = SidecarConfig::spawn(
+    let mut config = SidecarConfig::spawn(
         name,
         kinds.iter().copied(),
         dir.join("sock"),
         CommandSpec::new(program),
     );
+    config.required = true;
     FakeHost::start(config, dir)
         .await
         .expect_err("the start must fail")

@@ -145,6 +145,7 @@ async fn any_sequence_of_calls_keeps_the_session_invariants() {
         &["fuzz.a", "fuzz.b"],
         config,
         ctx,
+        "/tmp".into(),
         queue.clone(),
         stopping.clone(),
     ));

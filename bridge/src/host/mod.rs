@@ -35,6 +35,8 @@ pub(crate) struct Host {
     pub(crate) grants: Grants,
     pub(crate) config: SidecarConfig,
     pub(crate) ctx: PluginContext,
+    /// The plugin's own data directory (`RegisterResponse.data_dir`).
+    pub(crate) data_dir: std::path::PathBuf,
     pub(crate) queue: Arc<EventQueue>,
     session: Mutex<Option<Session>>,
     /// Number of successful Registers so far.
@@ -60,6 +62,7 @@ impl Host {
         kinds: &'static [&'static str],
         config: SidecarConfig,
         ctx: PluginContext,
+        data_dir: std::path::PathBuf,
         queue: Arc<EventQueue>,
         stopping: CancellationToken,
     ) -> Self {
@@ -69,6 +72,7 @@ impl Host {
             grants: config.grants,
             config,
             ctx,
+            data_dir,
             queue,
             session: Mutex::new(None),
             registered: watch::channel(0).0,

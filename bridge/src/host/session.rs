@@ -79,7 +79,7 @@ impl PluginSession for HostServices {
         Ok(Response::new(pb::RegisterResponse {
             session_id: id,
             protocol_version: PROTOCOL_VERSION,
-            data_dir: host.ctx.data_dir.to_string_lossy().into_owned(),
+            data_dir: host.data_dir.to_string_lossy().into_owned(),
             granted: host.granted(),
             limits: Some(pb::Limits {
                 max_body_bytes: limits::MAX_BODY_BYTES as u32,
