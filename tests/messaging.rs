@@ -14,10 +14,15 @@ use pim_sidecar_examples::mesh::Mesh;
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+/// The messaging plugin's own directory below a node's data directory.
+fn plugin_dir(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("plugins/messaging")
+}
+
 /// Sends one command to a messaging sidecar's control socket; returns the
 /// reply (up to "end" for history).
 async fn control(data_dir: &Path, command: &str) -> String {
-    let path = data_dir.join("messaging.ctl");
+    let path = plugin_dir(data_dir).join("messaging.ctl");
     eventually("the messaging control socket", || path.exists()).await;
     let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
     let (read, mut write) = stream.into_split();
@@ -90,7 +95,8 @@ async fn an_unchanged_messaging_plugin_delivers_an_encrypted_message_between_sid
         received.contains(&format!("{id} received delivered hello bob, this is alice")),
         "bob's sidecar did not decrypt and store the message:\n{received}"
     );
-    assert!(bob.data_dir().join("messages.db").exists());
+    assert!(plugin_dir(bob.data_dir()).join("messages.db").exists());
+    assert!(!bob.data_dir().join("messages.db").exists());
 
     let mut status = String::new();
     for _ in 0..200 {

@@ -341,7 +341,13 @@ async fn register_reports_the_grants() {
         ),
         (65535, 255, 255)
     );
-    assert_eq!(resp.data_dir, dir.path().display().to_string());
+    // The plugin's own directory below the daemon's, closed to others.
+    let own = dir.path().join("plugins/granted");
+    assert_eq!(resp.data_dir, own.display().to_string());
+    assert_eq!(
+        std::fs::metadata(&own).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     host.shutdown().await;
 }
 

@@ -542,3 +542,61 @@ async fn spawn_from_spawner_thread(mut command: Command) -> std::io::Result<Chil
     rx.await
         .map_err(|_| std::io::Error::other("the sidecar spawner thread is gone"))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueueLimits;
+
+    fn spec() -> SpawnSpec {
+        SpawnSpec {
+            plugin: "quick",
+            command: CommandSpec::new("/bin/true"),
+            socket: "/nonexistent/quick.sock".into(),
+            token: "t".into(),
+            restart: RestartPolicy::default(),
+            queue: Arc::new(EventQueue::new(QueueLimits::default())),
+            stuck_timeout: None,
+            shutdown_grace: Duration::from_secs(1),
+            term_grace: Duration::from_secs(1),
+        }
+    }
+
+    /// A process that exits as the stop begins (say, on its Shutdown event)
+    /// is never taken for a crash, whichever the supervisor sees first.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_exit_seen_together_with_the_stop_is_not_a_crash() {
+        for round in 0..20 {
+            let tail = Arc::new(Mutex::new(VecDeque::new()));
+            let (state, state_rx) = watch::channel(SupervisorState::default());
+            let (_replace_tx, replace) = mpsc::unbounded_channel();
+            let mut supervision = Supervision {
+                spec: spec(),
+                state,
+                tail: tail.clone(),
+                stop: CancellationToken::new(),
+                replace,
+                crashes: CrashWindow::default(),
+            };
+            let mut running = spawn(&supervision.spec, &tail).await.unwrap();
+            // Let the process exit and the runtime's driver notice it...
+            let pid = running.child.id().unwrap();
+            while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            }) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // ...and only then begin the stop: both are ready at once.
+            supervision.stop.cancel();
+            assert!(matches!(supervision.watch(&mut running).await, Next::Stop));
+            let state = state_rx.borrow().clone();
+            assert!(
+                state.delays.is_empty(),
+                "round {round}: restarted: {state:?}"
+            );
+            assert_eq!(state.last_exit.as_deref(), Some("exit status 0"));
+        }
+    }
+}

@@ -9,7 +9,8 @@
 //! order and the handling process are visible). Commands: `lookup <hex
 //! node>`, `direct <hex node>`, `routed <hex node>`, `seed`, `watch`,
 //! `send <kind>` (a payload of that kind to the source), `goodbye`, `env`
-//! (the names of its environment variables).
+//! (the names of its environment variables), `datadir` (its
+//! `Context::data_dir`).
 //!
 //! `PROBE_MODE` changes its behaviour for the supervision tests:
 //! `crash` exits with status 3 at once; `stall-once` never returns from the
@@ -30,6 +31,7 @@ struct Probe {
     kinds: [&'static str; 2],
     mode: String,
     host: OnceCell<HostClient>,
+    data_dir: OnceCell<std::path::PathBuf>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -101,6 +103,12 @@ impl Probe {
                     Err(e) => format!("goodbye error {:?}: {e}", e.code()),
                 }
             }
+            "datadir" => format!(
+                "datadir {}",
+                self.data_dir
+                    .get()
+                    .map_or("none".into(), |d| d.display().to_string())
+            ),
             "env" => {
                 let mut names: Vec<String> = std::env::vars_os()
                     .map(|(k, _)| k.to_string_lossy().into_owned())
@@ -170,6 +178,7 @@ impl Sidecar for Probe {
     }
 
     async fn start(&self, ctx: Context) -> anyhow::Result<()> {
+        let _ = self.data_dir.set(ctx.data_dir);
         let _ = self.host.set(ctx.host);
         Ok(())
     }
@@ -232,5 +241,6 @@ fn main() -> ExitCode {
         kinds,
         mode,
         host: OnceCell::new(),
+        data_dir: OnceCell::new(),
     })
 }

@@ -59,6 +59,17 @@ pub fn logged(pred: impl Fn(&str) -> bool) -> bool {
         .any(|l| pred(l))
 }
 
+/// The log lines so far that satisfy `pred`.
+#[allow(dead_code)]
+pub fn logged_lines(pred: impl Fn(&str) -> bool) -> Vec<String> {
+    LOGS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|l| pred(l))
+        .cloned()
+        .collect()
+}
+
 /// A fresh temporary directory for one test.
 pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new()

@@ -17,13 +17,16 @@ shutdown_grace = "1500ms"
 term_grace = "1s"
 stuck_timeout = "off"
 queue = { max_events = 1000, max_bytes = 1048576 }
-restart = { max_restarts = 2, window = "1m", initial_backoff = "10ms", max_backoff = "1s" }
+restart = { max_restarts = 2, window = "1m", initial_backoff = "10ms", max_backoff = "1s", retry_failed_after = "off" }
+data_dir = "daemon"
+required = true
 
 [[sidecar]]
 name = "watcher"
 payload_kinds = ["watcher.x"]
 external = true
 socket_dir = "/tmp/other"
+data_dir = "state/watcher"
 "#;
 
 #[track_caller]
@@ -58,6 +61,9 @@ fn every_setting_is_read() {
     assert_eq!(echo.stuck_timeout, None);
     assert_eq!(echo.queue.max_events, 1000);
     assert_eq!(echo.restart.max_restarts, 2);
+    assert_eq!(echo.restart.retry_failed_after, None);
+    assert_eq!(echo.data_dir, crate::DataDir::Daemon);
+    assert!(echo.required);
     assert_eq!(echo.restart.window, Duration::from_secs(60));
     let watcher = &configs[1];
     assert!(matches!(watcher.launch, Launch::External));
@@ -130,4 +136,26 @@ fn files_turn_into_daemon_plugins() {
     };
     let missing = missing.to_string();
     assert!(missing.contains("nope.toml"), "{missing}");
+}
+
+#[test]
+fn data_dir_and_failure_policy_default_and_resolve() {
+    let configs = parse_sidecars(FULL, Path::new("/etc/pim")).unwrap();
+    let watcher = &configs[1];
+    assert_eq!(
+        watcher.data_dir,
+        crate::DataDir::Path("/etc/pim/state/watcher".into())
+    );
+    assert!(!watcher.required, "optional by default");
+    assert_eq!(
+        watcher.restart.retry_failed_after,
+        Some(Duration::from_secs(300))
+    );
+    let own = crate::DataDir::default();
+    assert_eq!(
+        own.resolve(Path::new("/var/lib/pim"), "echo"),
+        Path::new("/var/lib/pim/plugins/echo")
+    );
+    let text = "socket_dir = \"/s\"\n[[sidecar]]\nname = \"e\"\npayload_kinds = [\"e.x\"]\nexternal = true\ndata_dir = \"\"\n";
+    assert!(err(text).contains("sidecar[0].data_dir"), "{}", err(text));
 }
