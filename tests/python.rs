@@ -221,3 +221,59 @@ async fn the_python_echo_with_the_wrong_name_is_refused_clearly() {
         "{err}"
     );
 }
+
+/// `restart()` sends SIGTERM: each SDK finishes, acks, runs its clean-up
+/// and exits 0, and the new process answers.
+async fn restart_stops_cleanly_on_sigterm(echo: Echo) {
+    let dir = temp_dir();
+    let host = FakeHost::start(echo_config(dir.path(), &echo), dir.path())
+        .await
+        .unwrap();
+    let alice = node(1);
+    host.ports().add_peer(alice, [1; 32], "alice");
+    host.inject_payload(alice, "echo.ping", "before").await;
+    host.ports()
+        .wait_until(WAIT, |calls| {
+            (pongs_to(calls, alice).len() == 1).then_some(())
+        })
+        .await
+        .unwrap();
+    let old = host.plugin().pid().unwrap();
+    host.plugin().restart().await.unwrap();
+    let stats = host.plugin().stats();
+    assert_eq!(
+        stats.last_exit.as_deref(),
+        Some("exit status 0"),
+        "{stats:?}"
+    );
+    assert_eq!(stats.replacements, 1);
+    assert_ne!(host.plugin().pid(), Some(old));
+    host.inject_payload(alice, "echo.ping", "after").await;
+    host.ports()
+        .wait_until(WAIT, |calls| {
+            (pongs_to(calls, alice).len() == 2).then_some(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        pongs_to(&host.ports().calls(), alice),
+        [
+            "hello alice, you said: before",
+            "hello alice, you said: after"
+        ]
+    );
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_echo_stops_cleanly_when_restarted() {
+    init_logging();
+    restart_stops_cleanly_on_sigterm(Echo::Rust).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_echo_stops_cleanly_when_restarted() {
+    init_logging();
+    let Some(python) = python().await else { return };
+    restart_stops_cleanly_on_sigterm(Echo::Python(python)).await;
+}

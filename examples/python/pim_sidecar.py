@@ -5,7 +5,8 @@ PIM_PLUGIN_* environment, connects to the plugin socket (with the
 `localhost` authority), registers, delivers events in order to your
 handlers, acks them, drops duplicates after a reconnect, and returns 0 on
 Shutdown (78 when the host refuses the registration, 1 when the host is
-gone for good). `Host` wraps every host RPC.
+gone for good). On SIGTERM it finishes the event in hand, acks, calls
+`shutdown` and returns 0. `Host` wraps every host RPC.
 
 The gRPC stubs are generated from ../../proto by grpcio-tools into `gen/`
 next to this file on first import (or when a .proto is newer).
@@ -13,6 +14,7 @@ next to this file on first import (or when a .proto is newer).
 
 import os
 import pathlib
+import signal
 import sys
 import time
 
@@ -260,8 +262,57 @@ def _check_event(ev):
     return which
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: stop after the event in hand."""
+
+
+class _Sigterm:
+    """SIGTERM handling: outside a handler it interrupts the wait for events;
+    inside one it is noted and acted on once the handler returned."""
+
+    def __init__(self):
+        self.requested = False
+        self.in_handler = False
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, _signum, _frame):
+        self.requested = True
+        if not self.in_handler:
+            raise _Terminated()
+
+    def handling(self):
+        sigterm = self
+
+        class _Scope:
+            def __enter__(self):
+                sigterm.in_handler = True
+
+            def __exit__(self, *exc):
+                sigterm.in_handler = False
+                return False
+
+        return _Scope()
+
+    def check(self):
+        if self.requested:
+            raise _Terminated()
+
+
+def _terminated(host, sidecar, last):
+    log("INFO", f"SIGTERM: acking what was handled (seq {last}) and shutting down")
+    try:
+        host.ack(last)
+    except grpc.RpcError:
+        pass  # delivered again to the next process
+    sidecar.shutdown()
+    host.channel.close()
+    return 0
+
+
 def run(sidecar):
-    """Runs `sidecar` until Shutdown; returns the process exit code."""
+    """Runs `sidecar` until Shutdown or SIGTERM; returns the process exit code."""
+    sigterm = _Sigterm()
     try:
         socket_path, token, token_file, give_up_after = _options()
         host = Host(socket_path, token)
@@ -271,6 +322,8 @@ def run(sidecar):
     except Refused as e:
         log("ERROR", f"refused by the host's configuration: {e}")
         return EXIT_REFUSED
+    except _Terminated:
+        return 0
     except Exception as e:  # noqa: BLE001 - report and exit non-zero
         log("ERROR", f"start failed: {e}")
         return 1
@@ -285,25 +338,36 @@ def run(sidecar):
                     which = _check_event(ev)
                     if which == "payload":
                         p = ev.payload
-                        try:
-                            sidecar.handle_payload(p.src, p.kind, p.body)
-                        except Exception as e:  # noqa: BLE001 - the event still counts as handled
-                            log("WARN", f"handle_payload failed on seq {ev.seq}: {e}")
+                        with sigterm.handling():
+                            try:
+                                sidecar.handle_payload(p.src, p.kind, p.body)
+                            except Exception as e:  # noqa: BLE001 - the event still counts as handled
+                                log("WARN", f"handle_payload failed on seq {ev.seq}: {e}")
                     elif which == "peer_forgotten":
-                        sidecar.on_peer_forgotten(ev.peer_forgotten.node)
+                        with sigterm.handling():
+                            sidecar.on_peer_forgotten(ev.peer_forgotten.node)
                     elif which == "shutdown":
-                        sidecar.shutdown()
-                        host.ack(ev.seq)
+                        with sigterm.handling():
+                            sidecar.shutdown()
+                        try:
+                            host.ack(ev.seq)
+                        except grpc.RpcError:
+                            pass  # the daemon may be gone already; the clean-up is done
                         log("INFO", f"shut down by the host, duplicates={duplicates}")
                         host.channel.close()
                         return 0
                     last = ev.seq
+                    sigterm.check()
                 host.ack(last)
             log("WARN", "the host closed the event stream")
+        except _Terminated:
+            return _terminated(host, sidecar, last)
         except grpc.RpcError as e:
             log("WARN", f"event stream lost: {e.code().name}")
         try:
             resp = _register(host, sidecar, token_file, give_up_after)
+        except _Terminated:
+            return _terminated(host, sidecar, last)
         except Refused as e:
             log("ERROR", f"refused by the host's configuration: {e}")
             return EXIT_REFUSED

@@ -15,7 +15,9 @@ use crate::HostClient;
 pub struct Context {
     /// The daemon's ports.
     pub host: HostClient,
-    /// Where the plugin keeps its files (the daemon's data directory).
+    /// Where the plugin keeps its files: a directory of its own,
+    /// `<daemon data dir>/plugins/<name>/` (mode 0700), unless the daemon's
+    /// configuration gives it another (`RegisterResponse.data_dir`).
     pub data_dir: PathBuf,
     /// Capabilities the host granted.
     pub granted: Vec<Capability>,

@@ -127,12 +127,12 @@ impl Probe {
                 tokio::spawn(async move {
                     while let Ok(Some(ev)) = watch.next().await {
                         let text = match ev {
-                            WatchEvent::Peer(pim_plugin::PeerDirectoryEvent::Seen {
+                            WatchEvent::Peer(pim_sidecar::PeerDirectoryEvent::Seen {
                                 node_id,
                                 name,
                                 ..
                             }) => format!("watched seen {} {name}", hex(node_id.as_bytes())),
-                            WatchEvent::Peer(pim_plugin::PeerDirectoryEvent::Forgotten {
+                            WatchEvent::Peer(pim_sidecar::PeerDirectoryEvent::Forgotten {
                                 node_id,
                             }) => format!("watched forgotten {}", hex(node_id.as_bytes())),
                             WatchEvent::Lagged { missed } => format!("watched lagged {missed}"),
