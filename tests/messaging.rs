@@ -12,38 +12,15 @@ use pim_messaging::hex_node_id;
 use pim_plugin_bridge::{CommandSpec, SidecarConfig, SidecarPlugin};
 use pim_sidecar_examples::mesh::Mesh;
 use support::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// The messaging plugin's own directory below a node's data directory.
 fn plugin_dir(data_dir: &Path) -> std::path::PathBuf {
     data_dir.join("plugins/messaging")
 }
 
-/// Sends one command to a messaging sidecar's control socket; returns the
-/// reply (up to "end" for history).
-async fn control(data_dir: &Path, command: &str) -> String {
-    let path = plugin_dir(data_dir).join("messaging.ctl");
-    eventually("the messaging control socket", || path.exists()).await;
-    let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
-    let (read, mut write) = stream.into_split();
-    write
-        .write_all(format!("{command}\n").as_bytes())
-        .await
-        .unwrap();
-    let mut lines = BufReader::new(read).lines();
-    let mut reply = Vec::new();
-    while let Some(line) = tokio::time::timeout(WAIT, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        let done = !command.starts_with("history") || line == "end";
-        reply.push(line);
-        if done {
-            break;
-        }
-    }
-    reply.join("\n")
+/// One command to a node's messaging sidecar.
+async fn messaging(data_dir: &Path, command: &str) -> String {
+    control(&plugin_dir(data_dir).join("messaging.ctl"), command).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +46,7 @@ async fn an_unchanged_messaging_plugin_delivers_an_encrypted_message_between_sid
     }
     let (alice, bob) = (&nodes[0], &nodes[1]);
 
-    let sent = control(
+    let sent = messaging(
         alice.data_dir(),
         &format!("send {} hello bob, this is alice", hex_node_id(&bob.id)),
     )
@@ -81,7 +58,7 @@ async fn an_unchanged_messaging_plugin_delivers_an_encrypted_message_between_sid
 
     let mut received = String::new();
     for _ in 0..200 {
-        received = control(
+        received = messaging(
             bob.data_dir(),
             &format!("history {}", hex_node_id(&alice.id)),
         )
@@ -100,7 +77,7 @@ async fn an_unchanged_messaging_plugin_delivers_an_encrypted_message_between_sid
 
     let mut status = String::new();
     for _ in 0..200 {
-        status = control(
+        status = messaging(
             alice.data_dir(),
             &format!("history {}", hex_node_id(&bob.id)),
         )

@@ -227,32 +227,6 @@ async fn rpc(node: &Node, method: &str, params: serde_json::Value) -> serde_json
         .unwrap_or_else(|_| panic!("{method} on {} took over {WAIT:?}", node.name))
 }
 
-/// One command to a control socket, one reply line.
-async fn control(path: &Path, command: &str) -> String {
-    eventually("a control socket", || path.exists()).await;
-    let exchange = async {
-        let stream = tokio::net::UnixStream::connect(path).await.unwrap();
-        let (read, mut write) = stream.into_split();
-        write
-            .write_all(format!("{command}\n").as_bytes())
-            .await
-            .unwrap();
-        let mut lines = BufReader::new(read).lines();
-        let mut reply = Vec::new();
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let done = !command.starts_with("history") || line == "end";
-            reply.push(line);
-            if done {
-                break;
-            }
-        }
-        reply.join("\n")
-    };
-    tokio::time::timeout(WAIT, exchange)
-        .await
-        .unwrap_or_else(|_| panic!("`{command}` on {} got no reply", path.display()))
-}
-
 /// The pids the daemon logged for its spawned sidecars, by plugin.
 fn spawned_pids(daemon: &ChildProcess, plugin: &str) -> Vec<u32> {
     daemon

@@ -49,6 +49,21 @@ fn timespec(d: Duration) -> libc::timespec {
     }
 }
 
+/// What the watchdog needs, handed over on the sidecar's stack.
+#[repr(C)]
+struct WatchArgs {
+    sidecar: libc::pid_t,
+    read_fd: libc::c_int,
+    grace: libc::timespec,
+    term: libc::timespec,
+}
+
+/// The watchdog's stack. It runs in the sidecar's copy of the daemon's
+/// memory (`CLONE_VM`), which the sidecar leaves to it at exec: every
+/// watchdog has its own copy of this buffer, and nothing else uses it.
+const STACK_BYTES: usize = 64 * 1024;
+static mut WATCHDOG_STACK: [u8; STACK_BYTES] = [0; STACK_BYTES];
+
 /// Arranges for `command`'s process to get a watchdog that applies
 /// `shutdown_grace` and `term_grace` once the daemon's process is gone.
 pub(crate) fn arm(
@@ -60,32 +75,69 @@ pub(crate) fn arm(
     let grace = timespec(shutdown_grace);
     let term = timespec(term_grace);
     // SAFETY: the closure runs in the forked child before exec. It and the
-    // watchdog it forks call only raw system calls through libc (getpid,
-    // clone, prctl, getppid, close_range, read, sigaction-free signal,
-    // clock_nanosleep, kill, _exit): no allocation, no lock, nothing that
-    // another thread of the daemon could have held at fork time. The
-    // watchdog never returns into Rust code: it ends in `_exit`.
+    // watchdog it starts call only raw system calls through libc (getpid,
+    // pipe2, clone, close, read, prctl, getppid, signal, close_range,
+    // clock_gettime, clock_nanosleep, kill, _exit) on descriptors and
+    // buffers of their own: no allocation, no lock, nothing that another
+    // thread of the daemon could have held at fork time. The watchdog
+    // shares this child's memory until the exec (`CLONE_VM`, which spares
+    // copying the daemon's page tables a second time): it runs on its own
+    // stack, copies its arguments before it lets the child go on (`sync`),
+    // writes no memory the child uses except, on a failed system call,
+    // `errno`, which the child reads only after its own failed `read`
+    // (where a wrong value costs one more or one fewer retry). It never
+    // returns into Rust code: it ends in `_exit`.
     unsafe {
         command.pre_exec(move || {
-            let sidecar = libc::getpid();
-            let pid = libc::syscall(
-                libc::SYS_clone,
-                libc::SIGCHLD as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            );
-            if pid < 0 {
+            let mut args = WatchArgs {
+                sidecar: libc::getpid(),
+                read_fd,
+                grace,
+                term,
+            };
+            // The daemon learns that the exec succeeded when every copy of
+            // a close-on-exec pipe is closed, the watchdog's included: the
+            // child waits (on `sync`) until the watchdog has let go of the
+            // daemon's descriptors, so the daemon never waits for the
+            // watchdog to be scheduled, and `args` outlives its reading.
+            let mut sync = [0 as libc::c_int; 2];
+            if libc::pipe2(sync.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if pid == 0 {
-                watch(sidecar, read_fd, grace, term);
+            let stack = (&raw mut WATCHDOG_STACK).cast::<u8>().add(STACK_BYTES);
+            let stack = stack.sub(stack as usize % 16);
+            let pid = libc::clone(
+                watchdog_main,
+                stack.cast(),
+                libc::CLONE_VM | libc::SIGCHLD,
+                (&raw mut args).cast(),
+            );
+            let clone_error = std::io::Error::last_os_error();
+            libc::close(sync[1]);
+            if pid > 0 {
+                let mut byte = 0u8;
+                while libc::read(sync[0], (&raw mut byte).cast(), 1) < 0
+                    && *libc::__errno_location() == libc::EINTR
+                {}
+            }
+            libc::close(sync[0]);
+            if pid < 0 {
+                return Err(clone_error);
             }
             Ok(())
         });
     }
     Ok(())
+}
+
+/// The watchdog's entry point, on its own stack.
+extern "C" fn watchdog_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points to the `WatchArgs` on the child's stack, which
+    // stays put until this watchdog closed its copy of `sync` (in `watch`,
+    // after this read).
+    let args = unsafe { std::ptr::read(arg.cast::<WatchArgs>()) };
+    // SAFETY: see `arm`.
+    unsafe { watch(args.sidecar, args.read_fd, args.grace, args.term) }
 }
 
 /// The watchdog's whole life. Runs in a forked child: raw system calls only.

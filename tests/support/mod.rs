@@ -70,6 +70,35 @@ pub fn logged_lines(pred: impl Fn(&str) -> bool) -> Vec<String> {
         .collect()
 }
 
+/// Sends one command to an example sidecar's line-based control socket
+/// (the echo's `ECHO_CONTROL`, the messaging sidecar's `messaging.ctl`) and
+/// returns its reply: one line, or up to `end` for `history`.
+pub async fn control(path: &Path, command: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    eventually("a control socket", || path.exists()).await;
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(path).await.unwrap();
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        let mut reply = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let done = !command.starts_with("history") || line == "end";
+            reply.push(line);
+            if done {
+                break;
+            }
+        }
+        reply.join("\n")
+    };
+    tokio::time::timeout(WAIT, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("`{command}` on {} got no reply", path.display()))
+}
+
 /// A fresh temporary directory for one test.
 pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new()

@@ -159,3 +159,31 @@ fn data_dir_and_failure_policy_default_and_resolve() {
     let text = "socket_dir = \"/s\"\n[[sidecar]]\nname = \"e\"\npayload_kinds = [\"e.x\"]\nexternal = true\ndata_dir = \"\"\n";
     assert!(err(text).contains("sidecar[0].data_dir"), "{}", err(text));
 }
+
+/// The README's "every setting, with its default" block parses, and each
+/// value it shows is the code's default.
+#[test]
+fn the_readme_settings_are_the_defaults() {
+    let readme = include_str!("../../../README.md");
+    let start = readme
+        .find("Every setting, with its default:")
+        .expect("the README lists every setting");
+    let block = &readme[start..];
+    let block = &block[block.find("```toml").expect("a toml block") + "```toml".len()..];
+    let block = &block[..block.find("```").expect("the block ends")];
+    let configs = parse_sidecars(block, Path::new("/etc/pim")).expect("the README's block parses");
+    let shown = &configs[0];
+    let defaults = SidecarConfig::spawn("echo", ["echo.ping"], "/x", CommandSpec::new("/y"));
+    assert_eq!(shown.connections, defaults.connections);
+    assert_eq!(shown.queue, defaults.queue);
+    assert_eq!(shown.restart, defaults.restart);
+    assert_eq!(shown.data_dir, defaults.data_dir);
+    assert_eq!(shown.required, defaults.required);
+    assert_eq!(shown.wait_for_register, defaults.wait_for_register);
+    assert_eq!(shown.startup_timeout, defaults.startup_timeout);
+    assert_eq!(shown.shutdown_grace, defaults.shutdown_grace);
+    assert_eq!(shown.term_grace, defaults.term_grace);
+    assert_eq!(shown.stuck_timeout, defaults.stuck_timeout);
+    assert_eq!(shown.allowed_uids, defaults.allowed_uids);
+    assert_eq!(shown.grants, defaults.grants);
+}
