@@ -240,7 +240,7 @@ fn spawned_pids(daemon: &ChildProcess, plugin: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Processes named `pim-watchdog` whose parent is `pid`.
+/// Watchdog processes (`/bin/sh -c … pim-watchdog …`) whose parent is `pid`.
 fn watchdogs_of(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -248,15 +248,16 @@ fn watchdogs_of(pid: u32) -> Vec<u32> {
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
-                let Some((head, rest)) = stat.rsplit_once(')') else {
-                    return false;
-                };
-                let ppid = rest.split_whitespace().nth(1);
-                head.ends_with("(pim-watchdog")
-                    && ppid == Some(&pid.to_string())
-                    && process_exists(*p)
-            })
+            let parent = std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                });
+            let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            parent == Some(pid)
+                && cmdline.split(|b| *b == 0).any(|arg| arg == b"pim-watchdog")
+                && process_exists(*p)
         })
         .collect()
 }

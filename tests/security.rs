@@ -68,6 +68,26 @@ fn assert_status(result: Result<impl std::fmt::Debug, tonic::Status>, code: Code
     );
 }
 
+/// Starts `config` as an optional plugin, which fails without failing
+/// `start()`, then as a required one, which fails `start()`; returns the
+/// required one's error, which the optional one's `stats().failure` holds.
+async fn refused(mut config: SidecarConfig, dir: &std::path::Path) -> String {
+    let host = FakeHost::start(config.clone(), dir)
+        .await
+        .expect("an optional plugin that cannot start does not fail start()");
+    let stats = host.plugin().stats();
+    assert!(stats.failed && !stats.connected, "{stats:?}");
+    config.required = true;
+    config.wait_for_register = true;
+    let err = FakeHost::start(config, dir)
+        .await
+        .expect_err("a required plugin that cannot start fails start()")
+        .to_string();
+    let failure = stats.failure.unwrap();
+    assert!(failure.contains(&err), "{failure} / {err}");
+    err
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_private_and_loose_directories_are_refused() {
     init_logging();
@@ -89,10 +109,7 @@ async fn files_are_private_and_loose_directories_are_refused() {
     std::fs::create_dir(&loose).unwrap();
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o755)).unwrap();
     let config = SidecarConfig::external("loose", ["loose.cmd"], &loose);
-    let err = FakeHost::start(config, dir.path())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused(config, dir.path()).await;
     assert!(
         err.contains("has mode 755") && err.contains("chmod 700"),
         "{err}"
@@ -111,10 +128,7 @@ async fn a_socket_directory_of_another_owner_is_refused() {
     std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
     let config = SidecarConfig::external("theirs", ["theirs.cmd"], &theirs);
-    let err = FakeHost::start(config, dir.path())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused(config, dir.path()).await;
     assert!(err.contains("owned by uid 65534"), "{err}");
 }
 
@@ -134,10 +148,7 @@ async fn a_stale_socket_is_replaced_and_a_live_one_is_never_taken_over() {
     let ch = channel(&host).await;
     register(&host, &ch, "stale").await;
 
-    let err = FakeHost::start(external(dir.path(), "stale"), dir.path())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = refused(external(dir.path(), "stale"), dir.path()).await;
     assert!(err.contains("another host is serving on"), "{err}");
     // The live host is untouched.
     register(&host, &ch, "stale").await;

@@ -149,6 +149,7 @@ impl Default for RestartPolicy {
 /// SDK's `Context::data_dir`, and the `PluginContext::data_dir` of a plugin
 /// run unchanged out of process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DataDir {
     /// `<daemon data_dir>/plugins/<name>/`, created 0700 at start (the
     /// default): the plugin sees none of the daemon's files.
@@ -324,6 +325,12 @@ impl SidecarConfig {
                 return Err(ConfigError::new(field, format!("`{kind}` is listed twice")));
             }
         }
+        if self.required && !self.wait_for_register {
+            return Err(ConfigError::new(
+                "required",
+                "needs wait_for_register = true: start() can only fail for a sidecar it waits for",
+            ));
+        }
         if matches!(&self.data_dir, DataDir::Path(p) if p.as_os_str().is_empty()) {
             return Err(ConfigError::new("data_dir", "must not be empty"));
         }
@@ -453,5 +460,10 @@ mod tests {
         let mut c = config();
         c.queue.max_events = 0;
         assert_eq!(c.validate().unwrap_err().field(), "queue.max_events");
+        let mut c = config();
+        c.required = true;
+        assert_eq!(c.validate().unwrap_err().field(), "required");
+        c.wait_for_register = true;
+        c.validate().unwrap();
     }
 }

@@ -33,7 +33,18 @@ pub struct SidecarPlugin {
     token: Arc<str>,
     queue: Arc<EventQueue>,
     running: Mutex<Option<Arc<Running>>>,
+    /// Set by the first `start`: a plugin starts once.
+    started: std::sync::atomic::AtomicBool,
+    /// Why an optional plugin could not even serve its socket.
+    start_failure: Mutex<Option<String>>,
     stopped: tokio::sync::OnceCell<()>,
+}
+
+impl Drop for SidecarPlugin {
+    fn drop(&mut self) {
+        // A plugin dropped without `shutdown` gives its kinds up all the same.
+        kinds::release(self.id);
+    }
 }
 
 impl std::fmt::Debug for SidecarPlugin {
@@ -109,6 +120,8 @@ impl SidecarPlugin {
             token: secret::new_token().into(),
             config,
             running: Mutex::new(None),
+            started: std::sync::atomic::AtomicBool::new(false),
+            start_failure: Mutex::new(None),
             stopped: tokio::sync::OnceCell::new(),
         })
     }
@@ -144,12 +157,17 @@ impl SidecarPlugin {
             .as_ref()
             .and_then(|r| r.supervisor.as_ref())
             .map(Supervisor::state);
+        let start_failure = self
+            .start_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         SidecarStats {
             queue: self.queue.stats(),
             restarts: sup.as_ref().map_or(0, |s| s.spawns.saturating_sub(1)),
             connected: running.as_ref().is_some_and(|r| r.host.connected()),
-            failed: sup.as_ref().is_some_and(|s| s.failed),
-            failure: sup.as_ref().and_then(|s| s.failure.clone()),
+            failed: start_failure.is_some() || sup.as_ref().is_some_and(|s| s.failed),
+            failure: start_failure.or_else(|| sup.as_ref().and_then(|s| s.failure.clone())),
             required: self.config.required,
             replacements: sup.as_ref().map_or(0, |s| s.replacements),
             last_ack_age: self.queue.last_ack_age(),
@@ -257,7 +275,7 @@ impl SidecarPlugin {
 
     /// Prepares the directories, binds the socket, serves it and starts the
     /// supervisor.
-    async fn serve(&self, ctx: &PluginContext) -> anyhow::Result<Arc<Running>> {
+    fn serve(&self, ctx: &PluginContext) -> anyhow::Result<Arc<Running>> {
         let socket_path = self.config.socket_path();
         socket::prepare_dir(&self.config.socket_dir)?;
         let data_dir = self.config.data_dir.resolve(&ctx.data_dir, self.name);
@@ -387,16 +405,33 @@ impl DaemonPlugin for SidecarPlugin {
     }
 
     async fn start(self: Arc<Self>, ctx: PluginContext) -> anyhow::Result<()> {
-        if self.running().is_some() {
+        if self.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
             anyhow::bail!("sidecar plugin `{}` is already started", self.name);
         }
-        kinds::claim(kinds::daemon_of(&ctx), self.id, self.name, self.kinds)?;
-        let started = self.serve(&ctx).await;
-        let running = match started {
+        // Refused before anything started: the plugin may be started again.
+        let refused = |e: anyhow::Error| {
+            self.started
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            e
+        };
+        kinds::claim(kinds::daemon_of(&ctx), self.id, self.name, self.kinds).map_err(refused)?;
+        let running = match self.serve(&ctx) {
             Ok(running) => running,
             Err(e) => {
                 kinds::release(self.id);
-                return Err(e);
+                if self.config.required {
+                    return Err(refused(e));
+                }
+                let why = format!(
+                    "sidecar plugin `{}` cannot serve its socket: {e:#}",
+                    self.name
+                );
+                tracing::error!(
+                    plugin = self.name,
+                    "{why}; the daemon runs on without it (required = false)"
+                );
+                *self.start_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                return Ok(());
             }
         };
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());

@@ -200,6 +200,9 @@ impl Supervision {
     async fn run(mut self) {
         let mut reply: Option<oneshot::Sender<std::io::Result<()>>> = None;
         loop {
+            if self.stop.is_cancelled() {
+                return;
+            }
             let spawned = spawn(&self.spec, &self.tail).await;
             let mut running = match spawned {
                 Ok(running) => {
@@ -464,7 +467,10 @@ async fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        // Not killed when the daemon's runtime drops this handle: a daemon
+        // that returns from `main` right after cancelling its plugins
+        // (pim-daemon without the patch) must leave the sidecar its grace,
+        // which the watchdog then keeps.
         // Its own process group: a terminal's Ctrl-C reaches the daemon,
         // which then shuts the sidecar down in order.
         .process_group(0);

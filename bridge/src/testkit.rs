@@ -255,8 +255,13 @@ pub struct FakeHost {
 }
 
 impl FakeHost {
-    /// Starts `config`'s sidecar with recording ports and `data_dir`;
-    /// returns once it registered (for a spawned sidecar).
+    /// Starts `config`'s sidecar with recording ports, as a daemon whose
+    /// data directory is `data_dir` (the plugin's own is
+    /// `<data_dir>/plugins/<name>/` unless `config.data_dir` says
+    /// otherwise); returns once it registered (for a spawned sidecar), or
+    /// with the start's error. An optional plugin (`config.required`
+    /// false, the default) that cannot start is no error: see
+    /// `plugin().stats().failed`.
     pub async fn start(config: SidecarConfig, data_dir: &Path) -> anyhow::Result<Self> {
         Self::start_with(config, data_dir, RecordingPorts::new([0x5e; 32])).await
     }

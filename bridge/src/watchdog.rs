@@ -1,36 +1,42 @@
 //! The per-sidecar watchdog: the graceful stop, and no orphans, even when
 //! the daemon exits without stopping its plugins or is SIGKILLed.
 //!
-//! Between fork and exec, the sidecar's process forks once more. That
-//! second child, the watchdog, runs no Rust beyond a few raw system calls:
-//! it closes every file descriptor but the read end of a pipe whose only
-//! write end lives in the daemon, and blocks reading it. The kernel closes
-//! the write end when the daemon's process ends, however it ends, and the
-//! read returns end of file. The watchdog then keeps the daemon's kill
-//! order for the sidecar: `shutdown_grace` for it to finish and exit by
-//! itself, SIGTERM, `term_grace`, SIGKILL.
+//! Between fork and exec, the sidecar's process starts one more process,
+//! the watchdog, and waits until it has exec'd (`CLONE_VFORK`) a three-line
+//! `/bin/sh` script: so the watchdog holds none of the daemon's memory (no
+//! secrets, no copy-on-write pages) and none of its descriptors but the
+//! read end of a pipe whose only write end lives in the daemon. It blocks
+//! reading that pipe. The kernel closes the write end when the daemon's
+//! process ends, however it ends, and the read returns end of file. The
+//! watchdog then keeps the daemon's kill order for the sidecar: wait
+//! `shutdown_grace` for it to finish and exit by itself, SIGTERM, wait
+//! `term_grace`, SIGKILL.
 //!
 //! The watchdog dies with the sidecar (its parent-death signal is SIGKILL),
 //! so while the daemon runs it only waits, and a sidecar that exits or is
-//! restarted takes its watchdog along. `ps` shows it as `pim-watchdog`.
+//! restarted takes its watchdog along. In `ps` it is `/bin/sh -c … pim-watchdog`.
+//! Without `/bin/sh` and `sleep` the sidecar gets the parent-death signal
+//! SIGKILL instead: no orphans, but no grace once the daemon is gone.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+/// The watchdog's script: `$1` and `$2` are the two graces in seconds, fd 3
+/// the read end of the daemon's pipe, `$PPID` the sidecar.
+const SCRIPT: &CStr = c"read x <&3; sleep \"$1\"; kill -TERM \"$PPID\" 2>/dev/null || exit 0; sleep \"$2\"; kill -KILL \"$PPID\" 2>/dev/null";
+const SHELL: &CStr = c"/bin/sh";
+const ENV_PATH: &CStr = c"PATH=/usr/bin:/bin";
+
 /// The pipe whose write end only the daemon holds (close-on-exec, so no
-/// sidecar inherits it): created once per process.
+/// sidecar inherits it): created once per process, both ends above the
+/// standard descriptors.
 fn liveness_pipe() -> std::io::Result<&'static (OwnedFd, OwnedFd)> {
     static PIPE: OnceLock<(OwnedFd, OwnedFd)> = OnceLock::new();
     if let Some(pipe) = PIPE.get() {
         return Ok(pipe);
     }
-    let (read, write) = cloexec_pipe()?;
-    Ok(PIPE.get_or_init(|| (read, write)))
-}
-
-fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    use std::os::fd::FromRawFd;
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: pipe2 writes two file descriptors into the array it is given,
     // which has room for exactly two.
@@ -38,30 +44,62 @@ fn cloexec_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: pipe2 succeeded, so both are open descriptors owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let pipe = (above_stdio(read)?, above_stdio(write)?);
+    Ok(PIPE.get_or_init(|| pipe))
 }
 
-fn timespec(d: Duration) -> libc::timespec {
-    libc::timespec {
-        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
-        // Below 10^9: fits every c_long.
-        tv_nsec: d.subsec_nanos() as libc::c_long,
+/// `fd`, moved to a number above 2 if it is one of the standard three (a
+/// daemon that closed its stdin would otherwise get the pipe there, and the
+/// sidecar's stdio set-up would replace it).
+fn above_stdio(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
     }
+    // SAFETY: F_DUPFD_CLOEXEC on an open descriptor returns a new one or -1.
+    let moved = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if moved < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fcntl succeeded: `moved` is a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(moved) })
 }
 
-/// What the watchdog needs, handed over on the sidecar's stack.
+/// Whether this machine has what the watchdog runs: `/bin/sh` and `sleep`.
+fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let here = std::path::Path::new("/bin/sh").exists()
+            && ["/usr/bin/sleep", "/bin/sleep"]
+                .iter()
+                .any(|p| std::path::Path::new(p).exists());
+        if !here {
+            tracing::warn!("no /bin/sh or sleep: sidecars get SIGKILL at once when the daemon's process ends, without their grace");
+        }
+        here
+    })
+}
+
+/// Seconds with millisecond precision, as `sleep` takes them.
+fn seconds(d: Duration) -> CString {
+    let text = format!("{}.{:03}", d.as_secs(), d.subsec_millis());
+    CString::new(text).unwrap_or_default()
+}
+
+/// What the watchdog needs, handed over on the sidecar's stack (which is
+/// suspended until the watchdog exec'd).
 #[repr(C)]
 struct WatchArgs {
     sidecar: libc::pid_t,
     read_fd: libc::c_int,
-    grace: libc::timespec,
-    term: libc::timespec,
+    argv: [*const libc::c_char; 7],
+    envp: [*const libc::c_char; 2],
 }
 
-/// The watchdog's stack. It runs in the sidecar's copy of the daemon's
-/// memory (`CLONE_VM`), which the sidecar leaves to it at exec: every
-/// watchdog has its own copy of this buffer, and nothing else uses it.
-const STACK_BYTES: usize = 64 * 1024;
+/// The stack the watchdog runs on until its exec. It runs in the forked
+/// sidecar's copy of the daemon's memory (`CLONE_VM`) while the sidecar is
+/// suspended, so every watchdog has its own copy of this buffer.
+const STACK_BYTES: usize = 32 * 1024;
 static mut WATCHDOG_STACK: [u8; STACK_BYTES] = [0; STACK_BYTES];
 
 /// Arranges for `command`'s process to get a watchdog that applies
@@ -71,56 +109,49 @@ pub(crate) fn arm(
     shutdown_grace: Duration,
     term_grace: Duration,
 ) -> std::io::Result<()> {
+    if !available() {
+        return parent_death_kill(command);
+    }
     let read_fd = liveness_pipe()?.0.as_raw_fd();
-    let grace = timespec(shutdown_grace);
-    let term = timespec(term_grace);
-    // SAFETY: the closure runs in the forked child before exec. It and the
-    // watchdog it starts call only raw system calls through libc (getpid,
-    // pipe2, clone, close, read, prctl, getppid, signal, close_range,
-    // clock_gettime, clock_nanosleep, kill, _exit) on descriptors and
-    // buffers of their own: no allocation, no lock, nothing that another
-    // thread of the daemon could have held at fork time. The watchdog
-    // shares this child's memory until the exec (`CLONE_VM`, which spares
-    // copying the daemon's page tables a second time): it runs on its own
-    // stack, copies its arguments before it lets the child go on (`sync`),
-    // writes no memory the child uses except, on a failed system call,
-    // `errno`, which the child reads only after its own failed `read`
-    // (where a wrong value costs one more or one fewer retry). It never
-    // returns into Rust code: it ends in `_exit`.
+    let (grace, term) = (seconds(shutdown_grace), seconds(term_grace));
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (sigfillset, sigprocmask, getpid,
+    // clone) on data of its own stack and the strings it owns, allocated
+    // before the fork. The watchdog shares the child's memory but runs on
+    // its own stack while the child is suspended (`CLONE_VFORK`), and
+    // calls only raw system calls before its exec or `_exit`.
     unsafe {
         command.pre_exec(move || {
             let mut args = WatchArgs {
                 sidecar: libc::getpid(),
                 read_fd,
-                grace,
-                term,
+                argv: [
+                    SHELL.as_ptr(),
+                    c"-c".as_ptr(),
+                    SCRIPT.as_ptr(),
+                    c"pim-watchdog".as_ptr(),
+                    grace.as_ptr(),
+                    term.as_ptr(),
+                    std::ptr::null(),
+                ],
+                envp: [ENV_PATH.as_ptr(), std::ptr::null()],
             };
-            // The daemon learns that the exec succeeded when every copy of
-            // a close-on-exec pipe is closed, the watchdog's included: the
-            // child waits (on `sync`) until the watchdog has let go of the
-            // daemon's descriptors, so the daemon never waits for the
-            // watchdog to be scheduled, and `args` outlives its reading.
-            let mut sync = [0 as libc::c_int; 2];
-            if libc::pipe2(sync.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            // No signal handler of the daemon's may run in the watchdog
+            // before it has set its own dispositions.
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut before: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::sigprocmask(libc::SIG_SETMASK, &all, &mut before);
             let stack = (&raw mut WATCHDOG_STACK).cast::<u8>().add(STACK_BYTES);
             let stack = stack.sub(stack as usize % 16);
             let pid = libc::clone(
                 watchdog_main,
                 stack.cast(),
-                libc::CLONE_VM | libc::SIGCHLD,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
                 (&raw mut args).cast(),
             );
             let clone_error = std::io::Error::last_os_error();
-            libc::close(sync[1]);
-            if pid > 0 {
-                let mut byte = 0u8;
-                while libc::read(sync[0], (&raw mut byte).cast(), 1) < 0
-                    && *libc::__errno_location() == libc::EINTR
-                {}
-            }
-            libc::close(sync[0]);
+            libc::sigprocmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
             if pid < 0 {
                 return Err(clone_error);
             }
@@ -130,83 +161,63 @@ pub(crate) fn arm(
     Ok(())
 }
 
-/// The watchdog's entry point, on its own stack.
-extern "C" fn watchdog_main(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` points to the `WatchArgs` on the child's stack, which
-    // stays put until this watchdog closed its copy of `sync` (in `watch`,
-    // after this read).
-    let args = unsafe { std::ptr::read(arg.cast::<WatchArgs>()) };
-    // SAFETY: see `arm`.
-    unsafe { watch(args.sidecar, args.read_fd, args.grace, args.term) }
+/// The fallback without a shell: the kernel kills the sidecar when the
+/// thread that forked it ends (the spawner thread lives as long as the
+/// daemon's process).
+fn parent_death_kill(command: &mut tokio::process::Command) -> std::io::Result<()> {
+    // SAFETY: the closure runs between fork and exec and calls only prctl
+    // and getppid, both async-signal-safe system calls.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() == 1 {
+                return Err(std::io::Error::other("the daemon exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
-/// The watchdog's whole life. Runs in a forked child: raw system calls only.
-unsafe fn watch(
-    sidecar: libc::pid_t,
-    read_fd: libc::c_int,
-    grace: libc::timespec,
-    term: libc::timespec,
-) -> ! {
-    // SAFETY (whole body): each call below is a plain system call with
-    // arguments that are valid by construction; see `arm`.
+/// The watchdog until its exec, on its own stack, in the sidecar's memory
+/// while the sidecar is suspended: raw system calls only.
+extern "C" fn watchdog_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` points to the `WatchArgs` on the suspended child's
+    // stack, valid until this process execs or exits; every call below is
+    // a plain system call with arguments valid by construction.
     unsafe {
+        let args = &*arg.cast::<WatchArgs>();
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-        if libc::getppid() != sidecar {
-            // The sidecar's process ended before the death signal was armed.
+        if libc::getppid() != args.sidecar {
             libc::_exit(0);
         }
-        libc::prctl(libc::PR_SET_NAME, c"pim-watchdog".as_ptr());
-        // A SIGTERM meant for the sidecar's process group must not end it.
-        libc::signal(libc::SIGTERM, libc::SIG_IGN);
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        // Hold nothing of the daemon's: no sockets, no pipes, no TUN; above
-        // all not the pipe that tells the daemon the exec succeeded.
-        if read_fd > 0 {
-            libc::syscall(libc::SYS_close_range, 0u32, (read_fd - 1) as u32, 0u32);
+        // Signals meant for the sidecar's process group (a terminal's, a
+        // service manager's) must not end the watchdog; the rest take
+        // their default action, none runs a handler of the daemon's.
+        for signal in 1..libc::SIGRTMAX() {
+            let disposition = match signal {
+                libc::SIGKILL | libc::SIGSTOP => continue,
+                libc::SIGTERM | libc::SIGINT | libc::SIGHUP | libc::SIGQUIT => libc::SIG_IGN,
+                _ => libc::SIG_DFL,
+            };
+            libc::signal(signal, disposition);
         }
-        libc::syscall(libc::SYS_close_range, (read_fd + 1) as u32, u32::MAX, 0u32);
-        let mut byte = 0u8;
-        loop {
-            let n = libc::read(read_fd, (&raw mut byte).cast(), 1);
-            if n == 0 {
-                break; // the daemon is gone
-            }
-            if n < 0 && *libc::__errno_location() == libc::EINTR {
-                continue;
-            }
-            if n < 0 {
-                libc::_exit(1);
-            }
+        // fd 3 is the daemon's pipe; 0 to 2 are closed (the script writes
+        // nothing), everything else is closed here or at exec.
+        if args.read_fd == 3 {
+            libc::fcntl(3, libc::F_SETFD, 0);
+        } else {
+            libc::dup2(args.read_fd, 3);
         }
-        sleep(grace);
-        libc::kill(sidecar, libc::SIGTERM);
-        sleep(term);
-        libc::kill(sidecar, libc::SIGKILL);
-        libc::_exit(0)
-    }
-}
-
-/// Sleeps for `d`, resuming after signals.
-unsafe fn sleep(d: libc::timespec) {
-    let mut deadline = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: both pointers point to live timespecs on this stack.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut deadline);
-        deadline.tv_sec = deadline.tv_sec.saturating_add(d.tv_sec);
-        deadline.tv_nsec += d.tv_nsec;
-        if deadline.tv_nsec >= 1_000_000_000 {
-            deadline.tv_nsec -= 1_000_000_000;
-            deadline.tv_sec = deadline.tv_sec.saturating_add(1);
+        for fd in 0..3 {
+            libc::close(fd);
         }
-        while libc::clock_nanosleep(
-            libc::CLOCK_MONOTONIC,
-            libc::TIMER_ABSTIME,
-            &deadline,
-            std::ptr::null_mut(),
-        ) == libc::EINTR
-        {}
+        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+        let unblocked: libc::sigset_t = std::mem::zeroed();
+        libc::sigprocmask(libc::SIG_SETMASK, &unblocked, std::ptr::null_mut());
+        libc::execve(SHELL.as_ptr(), args.argv.as_ptr(), args.envp.as_ptr());
+        libc::_exit(127)
     }
 }

@@ -299,7 +299,8 @@ class _Sigterm:
             raise _Terminated()
 
 
-def _terminated(host, sidecar, last):
+def _terminated(host, sidecar, sigterm, last):
+    sigterm.in_handler = True  # a second SIGTERM does not cut the clean-up short
     log("INFO", f"SIGTERM: acking what was handled (seq {last}) and shutting down")
     try:
         host.ack(last)
@@ -318,7 +319,8 @@ def run(sidecar):
         host = Host(socket_path, token)
         resp = _register(host, sidecar, token_file, give_up_after)
         log("INFO", f"registered {sidecar.name} acked={resp.acked_seq}")
-        sidecar.start(host, resp.data_dir, list(resp.granted))
+        with sigterm.handling():
+            sidecar.start(host, resp.data_dir, list(resp.granted))
     except Refused as e:
         log("ERROR", f"refused by the host's configuration: {e}")
         return EXIT_REFUSED
@@ -328,6 +330,8 @@ def run(sidecar):
         log("ERROR", f"start failed: {e}")
         return 1
     instance, last, duplicates = resp.host_instance, resp.acked_seq, 0
+    if sigterm.requested:
+        return _terminated(host, sidecar, sigterm, last)
     while True:
         try:
             for batch in host.events():
@@ -361,13 +365,13 @@ def run(sidecar):
                 host.ack(last)
             log("WARN", "the host closed the event stream")
         except _Terminated:
-            return _terminated(host, sidecar, last)
+            return _terminated(host, sidecar, sigterm, last)
         except grpc.RpcError as e:
             log("WARN", f"event stream lost: {e.code().name}")
         try:
             resp = _register(host, sidecar, token_file, give_up_after)
         except _Terminated:
-            return _terminated(host, sidecar, last)
+            return _terminated(host, sidecar, sigterm, last)
         except Refused as e:
             log("ERROR", f"refused by the host's configuration: {e}")
             return EXIT_REFUSED

@@ -101,7 +101,7 @@ pub async fn run_async<S: Sidecar + ?Sized>(
 ) -> anyhow::Result<()> {
     let kinds = plugin.payload_kinds().to_vec();
     let name = plugin.name().to_owned();
-    let mut term = Terminate::new();
+    let term = Terminate::new();
     let (host, registered) = connect_and_register(&options, &name, &kinds).await?;
     tracing::info!(acked = registered.acked_seq, "registered");
     let cancel = CancellationToken::new();
@@ -128,7 +128,7 @@ pub async fn run_async<S: Sidecar + ?Sized>(
         duplicates: 0,
     };
     loop {
-        let ended = deliver(&*plugin, &host, &mut delivery, &ack_tx, &mut term).await;
+        let ended = deliver(&*plugin, &host, &mut delivery, &ack_tx, &term).await;
         match ended {
             Ok(Ended::Shutdown) => {
                 cancel.cancel();
@@ -144,35 +144,59 @@ pub async fn run_async<S: Sidecar + ?Sized>(
         let resp = tokio::select! {
             biased;
             () = term.received() => return terminated(&*plugin, &host, &delivery, &cancel).await,
-            resp = reconnect(&options, &host, &name, &kinds) => resp?,
+            resp = register(&options, &host, &name, &kinds) => resp?,
         };
+        tracing::info!(acked = resp.acked_seq, "registered again");
         delivery.resume(&resp);
     }
 }
 
-/// SIGTERM, when this process may catch it.
-struct Terminate(Option<tokio::signal::unix::Signal>);
+/// SIGTERM, when this process may catch it: noted by a task of its own,
+/// so the delivery loop can look at it between two events.
+struct Terminate {
+    received: Arc<std::sync::atomic::AtomicBool>,
+    notify: Arc<tokio::sync::Notify>,
+}
 
 impl Terminate {
     fn new() -> Self {
+        let this = Self {
+            received: Arc::default(),
+            notify: Arc::default(),
+        };
         if sigterm_ignored() {
             // The process (or whoever started it) chose to ignore SIGTERM.
-            return Self(None);
+            return this;
         }
-        let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
-        if let Err(e) = &signal {
-            tracing::warn!("SIGTERM will end the process at once: cannot catch it ({e})");
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                let (received, notify) = (this.received.clone(), this.notify.clone());
+                tokio::spawn(async move {
+                    signal.recv().await;
+                    received.store(true, std::sync::atomic::Ordering::SeqCst);
+                    notify.notify_waiters();
+                });
+            }
+            Err(e) => {
+                tracing::warn!("SIGTERM will end the process at once: cannot catch it ({e})")
+            }
         }
-        Self(signal.ok())
+        this
+    }
+
+    /// Whether SIGTERM arrived.
+    fn requested(&self) -> bool {
+        self.received.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Resolves when SIGTERM arrives; never when it cannot be caught.
-    async fn received(&mut self) {
-        match &mut self.0 {
-            Some(signal) => {
-                signal.recv().await;
+    async fn received(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.requested() {
+                return;
             }
-            None => std::future::pending().await,
+            notified.await;
         }
     }
 }
@@ -241,7 +265,7 @@ async fn deliver<S: Sidecar + ?Sized>(
     host: &HostClient,
     delivery: &mut Delivery,
     ack: &watch::Sender<u64>,
-    term: &mut Terminate,
+    term: &Terminate,
 ) -> anyhow::Result<Ended> {
     let mut stream = host.events().await?;
     loop {
@@ -279,6 +303,9 @@ async fn deliver<S: Sidecar + ?Sized>(
                 }
             }
             delivery.last_handled = seq;
+            if term.requested() {
+                return Ok(Ended::Terminated);
+            }
             // The ack task sends the newest position whenever it gets to run;
             // publishing it every few events keeps acks flowing through a
             // long batch without waking the ack task for each event.
@@ -305,13 +332,16 @@ async fn ack_loop(host: HostClient, mut handled: watch::Receiver<u64>) {
     }
 }
 
+/// Connects, then registers, both retried like a reconnect: a host that
+/// goes away in the middle (even after it counted the Register) is waited
+/// for until the reconnect timeout, not taken for a refusal.
 async fn connect_and_register(
     options: &ConnectOptions,
     name: &str,
     kinds: &[&str],
 ) -> anyhow::Result<(HostClient, pb::RegisterResponse)> {
     let host = retry_connect(options).await?;
-    let resp = register(&host, name, kinds).await?;
+    let resp = register(options, &host, name, kinds).await?;
     Ok((host, resp))
 }
 
@@ -329,25 +359,6 @@ impl std::fmt::Display for RegisterRefused {
 }
 
 impl std::error::Error for RegisterRefused {}
-
-async fn register(
-    host: &HostClient,
-    name: &str,
-    kinds: &[&str],
-) -> anyhow::Result<pb::RegisterResponse> {
-    match host.register(name, kinds, SDK_NAME).await {
-        Ok(resp) => Ok(resp),
-        Err(HostError::Rpc(s))
-            if matches!(
-                s.code(),
-                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
-            ) =>
-        {
-            Err(RegisterRefused(s.message().to_owned()).into())
-        }
-        Err(e) => Err(anyhow::anyhow!("Register failed: {e}")),
-    }
-}
 
 /// Connects, retrying with backoff until the reconnect timeout.
 async fn retry_connect(options: &ConnectOptions) -> anyhow::Result<HostClient> {
@@ -375,10 +386,11 @@ async fn retry_connect(options: &ConnectOptions) -> anyhow::Result<HostClient> {
     }
 }
 
-/// Registers a new session after the stream was lost. The connection
-/// itself re-dials the socket on its own; this retries Register until the
-/// host answers or the reconnect timeout runs out.
-async fn reconnect(
+/// Registers a session: at start, and after the stream was lost. The
+/// connection itself re-dials the socket on its own; this retries Register
+/// until the host answers or the reconnect timeout runs out. A refusal
+/// (`FAILED_PRECONDITION`, `INVALID_ARGUMENT`) is final.
+async fn register(
     options: &ConnectOptions,
     host: &HostClient,
     name: &str,
@@ -394,10 +406,7 @@ async fn reconnect(
             }
         }
         match host.register(name, kinds, SDK_NAME).await {
-            Ok(resp) => {
-                tracing::info!(acked = resp.acked_seq, "registered again");
-                return Ok(resp);
-            }
+            Ok(resp) => return Ok(resp),
             Err(HostError::Rpc(s))
                 if matches!(
                     s.code(),

@@ -108,7 +108,9 @@ async fn main() -> anyhow::Result<()> {
                 host.cancel_daemon();
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 println!("exiting");
-                std::process::exit(0);
+                // Return from `main` as pim-daemon does: the runtime and
+                // every task and handle in it are dropped.
+                return Ok(());
             }
             _ => eprintln!("unknown command {line:?}"),
         }
