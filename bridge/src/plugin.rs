@@ -193,7 +193,13 @@ impl SidecarPlugin {
         let mut sup_state = running.supervisor.as_ref().map(Supervisor::watch);
         let wait = async {
             loop {
-                if *registrations.borrow_and_update() > since {
+                // Registered, and the supervisor has recorded the process
+                // (a fast sidecar can register before it did).
+                if *registrations.borrow_and_update() > since
+                    && sup_state
+                        .as_mut()
+                        .is_none_or(|s| s.borrow_and_update().pid.is_some())
+                {
                     return true;
                 }
                 if sup_state.as_ref().is_some_and(|s| s.borrow().failed) {

@@ -77,8 +77,12 @@ from pim.plugin.v1 import session_pb2_grpc as session_grpc  # noqa: E402
 
 
 def log(level, message):
-    """One log line on stderr; the host forwards it at `level`."""
-    print(f"{level} {message}", file=sys.stderr, flush=True)
+    """One log line on stderr; the host forwards it at `level`. Once the host
+    is gone its end of the pipe is closed: the line is dropped."""
+    try:
+        print(f"{level} {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 class Refused(Exception):
