@@ -787,3 +787,85 @@ async fn hostile_connections_do_not_disturb_the_real_sidecar() {
     drop(slow);
     host.shutdown().await;
 }
+
+/// A process without the token that connects every 2 ms and holds every
+/// connection it gets cannot keep the plugin's sidecar, or grpcurl, out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_filler_cannot_lock_a_plugin_out() {
+    init_logging();
+    let Some(grpcurl) = tool("grpcurl", "PIM_GRPCURL") else {
+        return;
+    };
+    let dir = temp_dir();
+    let host = FakeHost::start(probe_named(dir.path(), "besieged"), dir.path())
+        .await
+        .unwrap();
+    let socket = host.plugin().socket_path();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_socket-filler"));
+    cmd.arg(&socket);
+    let filler = ChildProcess::spawn("socket-filler", cmd);
+    let held = |filler: &ChildProcess| -> u64 {
+        filler
+            .stdout()
+            .last()
+            .and_then(|l| l.split(' ').nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    eventually("the filler to hold all the free slots", || {
+        held(&filler) >= 15
+    })
+    .await;
+
+    // A SIGKILLed sidecar's next process gets back in while the filler runs.
+    let first = host.plugin().pid().unwrap();
+    // SAFETY: kill has no memory-safety preconditions; `first` is our sidecar.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    let killed = std::time::Instant::now();
+    eventually("the restarted sidecar to register", || {
+        let stats = host.plugin().stats();
+        stats.restarts == 1 && stats.connected
+    })
+    .await;
+    let back_in = killed.elapsed();
+    host.inject_payload(node(1), "besieged.seq", "still here")
+        .await;
+    eventually("the new process to handle a payload", || {
+        !seen_by(&host.ports().calls(), node(1), "besieged.seen").is_empty()
+    })
+    .await;
+
+    // grpcurl with the token gets in too.
+    let base = ["-plaintext", "-unix", "-authority", "localhost", "-H"].map(String::from);
+    let mut args = base.to_vec();
+    args.push(format!("authorization: Bearer {}", host.plugin().token()));
+    args.push(socket.display().to_string());
+    args.push("list".into());
+    let (ok, out, err) = run_tool(&grpcurl, &args).await;
+    assert!(
+        ok && out.contains("pim.plugin.v1.PluginSession"),
+        "{out}{err}"
+    );
+
+    // The filler alone never fails the plugin, however long it runs.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let stats = host.plugin().stats();
+    assert!(
+        !stats.failed && stats.restarts == 1 && stats.connected,
+        "{stats:?}"
+    );
+    let line = filler.stdout().last().cloned().unwrap_or_default();
+    println!(
+        "figure: under a filler ({line}), a SIGKILLed sidecar re-registered after {} ms",
+        back_in.as_millis()
+    );
+    let closed: u64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        closed > 0,
+        "the host closed none of the filler's connections: {line}"
+    );
+    host.shutdown().await;
+}

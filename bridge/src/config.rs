@@ -177,8 +177,13 @@ impl DataDir {
 /// Bounds on what connections to one plugin socket may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
-    /// Connections open at once; more are closed at once. Default 16.
+    /// Connections open at once. When all are taken, a new connection
+    /// closes the oldest one that has not made an authenticated call yet;
+    /// when every one has, the new one is closed. Default 16.
     pub max_connections: usize,
+    /// A connection that has made no authenticated call (uid and token
+    /// checked) this long after it was accepted is closed. Default 1 s.
+    pub admission_timeout: Duration,
     /// Concurrent calls (HTTP/2 streams) per connection. Default 64.
     pub max_streams_per_connection: u32,
     /// Idle time after which the host pings a connection. Default 20 s.
@@ -195,6 +200,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_connections: 16,
+            admission_timeout: Duration::from_secs(1),
             max_streams_per_connection: 64,
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
@@ -354,6 +360,12 @@ impl SidecarConfig {
             return Err(ConfigError::new(
                 "connections.max_connections",
                 "must be at least 1",
+            ));
+        }
+        if self.connections.admission_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "connections.admission_timeout",
+                "must be more than 0",
             ));
         }
         if self.queue.max_events == 0 {

@@ -14,7 +14,7 @@
 //! data_dir = "own"                   # <daemon data_dir>/plugins/<name>/; or "daemon", or a path
 //! required = false                   # true: the daemon does not start without it
 //! allowed_uids = [1000]              # default: the daemon's own uid
-//! connections = { max_connections = 16, max_streams_per_connection = 64, keepalive_interval = "20s", keepalive_timeout = "10s", request_timeout = "30s" }
+//! connections = { max_connections = 16, admission_timeout = "1s", max_streams_per_connection = 64, keepalive_interval = "20s", keepalive_timeout = "10s", request_timeout = "30s" }
 //! startup_timeout = "10s"
 //! shutdown_grace = "5s"
 //! term_grace = "2s"
@@ -97,6 +97,8 @@ struct QueueDoc {
 #[serde(deny_unknown_fields)]
 struct ConnectionsDoc {
     max_connections: Option<usize>,
+    #[serde(default, deserialize_with = "duration")]
+    admission_timeout: Option<Duration>,
     max_streams_per_connection: Option<u32>,
     #[serde(default, deserialize_with = "duration")]
     keepalive_interval: Option<Duration>,
@@ -268,6 +270,7 @@ pub fn parse_sidecars(text: &str, base_dir: &Path) -> Result<Vec<SidecarConfig>,
         if let Some(c) = sc.connections {
             let l = &mut config.connections;
             l.max_connections = c.max_connections.unwrap_or(l.max_connections);
+            l.admission_timeout = c.admission_timeout.unwrap_or(l.admission_timeout);
             l.max_streams_per_connection = c
                 .max_streams_per_connection
                 .unwrap_or(l.max_streams_per_connection);

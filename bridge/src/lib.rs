@@ -18,6 +18,7 @@
 //! ```
 
 mod config;
+mod conn;
 pub mod file;
 mod host;
 mod kinds;

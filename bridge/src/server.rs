@@ -103,8 +103,13 @@ pub(crate) fn serve(
                 .set_service_status(service, ServingStatus::Serving)
                 .await;
         }
-        let incoming =
-            crate::socket::incoming(listener, limits.max_connections, plugin, stopping.clone());
+        let incoming = crate::conn::incoming(
+            listener,
+            limits.max_connections,
+            limits.admission_timeout,
+            plugin,
+            stopping.clone(),
+        );
         let shutdown = stopping.clone();
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

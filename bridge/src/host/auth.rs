@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use pim_plugin_proto::auth;
-use tonic::transport::server::UdsConnectInfo;
+
+use crate::conn::ConnInfo;
 use tonic::{Request, Status};
 
 /// A tonic interceptor that admits only calls from an allowed uid
@@ -44,8 +45,8 @@ impl AuthCheck {
     fn check_peer(&self, req: &Request<()>) -> Result<(), Status> {
         let uid = req
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
+            .get::<ConnInfo>()
+            .and_then(|info| info.uds.peer_cred)
             .map(|cred| cred.uid());
         match uid {
             Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
@@ -86,6 +87,9 @@ impl tonic::service::Interceptor for AuthCheck {
             return Err(Status::unauthenticated(
                 "wrong token in `authorization: Bearer <token>` metadata",
             ));
+        }
+        if let Some(info) = req.extensions().get::<ConnInfo>() {
+            info.admit();
         }
         Ok(req)
     }
