@@ -24,3 +24,36 @@ async fn the_demo_host_runs_its_scenario() {
         "alice's sidecar did not see carol forgotten:\n{err}"
     );
 }
+
+/// Socket files below `dir`, at any depth.
+fn sockets_below(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|e| e == "sock") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_demo_host_stops_cleanly_on_sigterm() {
+    let dir = temp_dir();
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_demo-host"));
+    cmd.arg("--serve").arg("--dir").arg(dir.path());
+    let mut demo = ChildProcess::spawn("demo-host --serve", cmd);
+    demo.wait_line("the grpcurl variables", |l| l.starts_with("export SOCK="))
+        .await;
+    assert!(!sockets_below(dir.path()).is_empty());
+    demo.signal(libc::SIGTERM);
+    let status = demo.wait().await;
+    assert!(status.success(), "demo-host exited with {status}");
+    let left = sockets_below(dir.path());
+    assert!(left.is_empty(), "sockets left: {left:?}");
+}

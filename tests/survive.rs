@@ -440,3 +440,42 @@ async fn the_daemon_cancel_token_shuts_the_sidecar_down() {
         Some("exit status 0")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_in_a_relative_directory_hands_its_sidecar_absolute_paths() {
+    init_logging();
+    let dir = temp_dir();
+    let mut cmd = tokio::process::Command::new(test_host_bin());
+    cmd.current_dir(dir.path())
+        .args(["--dir", ".", "--name", "rel", "--spawn"])
+        .arg(probe_bin());
+    let mut daemon = ChildProcess::spawn("test-host", cmd);
+    daemon.wait_line("ready", |l| l.starts_with("ready ")).await;
+    let root = dir.path().canonicalize().unwrap();
+    daemon.send("payload rel.cmd socket").await;
+    let socket = daemon
+        .wait_line("the socket path", |l| {
+            l.starts_with("sent rel.reply socket ")
+        })
+        .await;
+    assert_eq!(
+        socket,
+        format!(
+            "sent rel.reply socket {}",
+            root.join("sock/rel.sock").display()
+        )
+    );
+    daemon.send("payload rel.cmd datadir").await;
+    let data = daemon
+        .wait_line("the data dir", |l| l.starts_with("sent rel.reply datadir "))
+        .await;
+    assert_eq!(
+        data,
+        format!(
+            "sent rel.reply datadir {}",
+            root.join("plugins/rel").display()
+        )
+    );
+    daemon.send("shutdown").await;
+    daemon.wait_line("stopped", |l| l == "stopped").await;
+}

@@ -282,9 +282,11 @@ impl SidecarPlugin {
     /// Prepares the directories, binds the socket, serves it and starts the
     /// supervisor.
     fn serve(&self, ctx: &PluginContext) -> anyhow::Result<Arc<Running>> {
-        let socket_path = self.config.socket_path();
+        // Every path a sidecar is handed is absolute: it may run in another
+        // directory than the daemon.
+        let socket_path = std::path::absolute(self.config.socket_path())?;
         socket::prepare_dir(&self.config.socket_dir)?;
-        let data_dir = self.config.data_dir.resolve(&ctx.data_dir, self.name);
+        let data_dir = std::path::absolute(self.config.data_dir.resolve(&ctx.data_dir, self.name))?;
         match &self.config.data_dir {
             DataDir::Own => socket::prepare_data_dir(&data_dir, true)?,
             DataDir::Path(_) => socket::prepare_data_dir(&data_dir, false)?,

@@ -394,7 +394,7 @@ async fn stuck(spec: &SpawnSpec) -> u64 {
     let Some(timeout) = spec.stuck_timeout else {
         return std::future::pending().await;
     };
-    let period = (timeout / 4).max(Duration::from_millis(10));
+    let period = stuck_check_period(timeout);
     loop {
         tokio::time::sleep(period).await;
         if let Some((seq, idle)) = spec.queue.stalled() {
@@ -403,6 +403,12 @@ async fn stuck(spec: &SpawnSpec) -> u64 {
             }
         }
     }
+}
+
+/// How often the stuck check looks: a twentieth of the timeout (at least
+/// 10 ms), so a stuck sidecar is found within 5% of `stuck_timeout`.
+fn stuck_check_period(timeout: Duration) -> Duration {
+    (timeout / 20).max(Duration::from_millis(10))
 }
 
 /// The kill order: wait for a voluntary exit, SIGTERM, wait, SIGKILL.
@@ -566,6 +572,18 @@ mod tests {
             shutdown_grace: Duration::from_secs(1),
             term_grace: Duration::from_secs(1),
         }
+    }
+
+    #[test]
+    fn a_stuck_sidecar_is_found_within_a_twentieth_of_its_timeout() {
+        for secs in [1, 30, 300] {
+            let timeout = Duration::from_secs(secs);
+            assert!(stuck_check_period(timeout) * 20 <= timeout, "{timeout:?}");
+        }
+        assert_eq!(
+            stuck_check_period(Duration::from_millis(50)),
+            Duration::from_millis(10)
+        );
     }
 
     /// A process that exits as the stop begins (say, on its Shutdown event)

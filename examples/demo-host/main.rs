@@ -13,7 +13,7 @@
 //!
 //! ```text
 //! ./examples/demo.sh            # builds, runs the scenario, exits 0
-//! ./examples/demo.sh --serve    # keeps serving for grpcurl; Ctrl-C stops
+//! ./examples/demo.sh --serve    # keeps serving for grpcurl; Ctrl-C or SIGTERM stops
 //! ```
 
 use std::path::PathBuf;
@@ -189,7 +189,13 @@ async fn demo(args: Args) -> anyhow::Result<()> {
                 print_event(&ev);
             }
         });
-        tokio::signal::ctrl_c().await?;
+        // Ctrl-C or SIGTERM (a service manager, `kill`): stop in order, so
+        // every sidecar is shut down and every socket removed.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
         printer.abort();
     }
     println!("\nshutting down");

@@ -10,7 +10,7 @@
 //! node>`, `direct <hex node>`, `routed <hex node>`, `seed`, `watch`,
 //! `send <kind>` (a payload of that kind to the source), `goodbye`, `env`
 //! (the names of its environment variables), `datadir` (its
-//! `Context::data_dir`).
+//! `Context::data_dir`), `socket` (its `PIM_PLUGIN_SOCKET`).
 //!
 //! `PROBE_MODE` changes its behaviour for the supervision tests:
 //! `crash` exits with status 3 at once; `stall-once` never returns from the
@@ -103,6 +103,10 @@ impl Probe {
                     Err(e) => format!("goodbye error {:?}: {e}", e.code()),
                 }
             }
+            "socket" => format!(
+                "socket {}",
+                std::env::var("PIM_PLUGIN_SOCKET").unwrap_or_default()
+            ),
             "datadir" => format!(
                 "datadir {}",
                 self.data_dir
