@@ -89,7 +89,10 @@ async fn a_failed_plugin_is_retried_later_and_comes_up_once_it_can() {
     let mut config = missing_binary(dir.path(), "late");
     config.restart.retry_failed_after = Some(Duration::from_millis(300));
     let host = FakeHost::start(config, dir.path()).await.unwrap();
-    assert!(host.plugin().stats().failed);
+    let stats = host.plugin().stats();
+    assert!(stats.failed);
+    let next = stats.next_attempt_in.expect("stats() tells when it is retried");
+    assert!(next <= Duration::from_millis(300), "{next:?}");
     host.inject_payload(node(1), "late.seq", "waited").await;
     // The binary is installed after the daemon started.
     std::os::unix::fs::symlink(probe_bin(), dir.path().join("no-such-sidecar")).unwrap();
@@ -98,7 +101,10 @@ async fn a_failed_plugin_is_retried_later_and_comes_up_once_it_can() {
     })
     .await;
     let stats = host.plugin().stats();
-    assert!(!stats.failed && stats.failure.is_none(), "{stats:?}");
+    assert!(
+        !stats.failed && stats.failure.is_none() && stats.next_attempt_in.is_none(),
+        "{stats:?}"
+    );
     host.shutdown().await;
 }
 

@@ -87,6 +87,10 @@ pub struct SidecarStats {
     pub required: bool,
     /// Processes replaced by [`SidecarPlugin::restart`].
     pub replacements: u64,
+    /// For a failed plugin: the time until it is started again
+    /// (`restart.retry_failed_after`); `None` when it is not failed, or
+    /// when it waits for [`SidecarPlugin::restart`].
+    pub next_attempt_in: Option<Duration>,
     /// Time since the ack position last moved.
     pub last_ack_age: Duration,
     /// How the last sidecar process ended, if one has.
@@ -170,6 +174,10 @@ impl SidecarPlugin {
             failure: start_failure.or_else(|| sup.as_ref().and_then(|s| s.failure.clone())),
             required: self.config.required,
             replacements: sup.as_ref().map_or(0, |s| s.replacements),
+            next_attempt_in: sup
+                .as_ref()
+                .and_then(|s| s.retry_at)
+                .map(|at| at.saturating_duration_since(std::time::Instant::now())),
             last_ack_age: self.queue.last_ack_age(),
             last_exit: sup.as_ref().and_then(|s| s.last_exit.clone()),
             restart_delays: sup.as_ref().map(|s| s.delays.clone()).unwrap_or_default(),

@@ -39,6 +39,8 @@ pub(crate) struct SupervisorState {
     pub(crate) last_stuck_seq: Option<u64>,
     /// Processes replaced on request ([`Supervisor::replace`]).
     pub(crate) replacements: u64,
+    /// When a failed plugin is started again, if it will be.
+    pub(crate) retry_at: Option<Instant>,
 }
 
 /// A handle to the supervising task.
@@ -211,6 +213,7 @@ impl Supervision {
                         s.pid = running.child.id();
                         s.failed = false;
                         s.failure = None;
+                        s.retry_at = None;
                     });
                     if let Some(reply) = reply.take() {
                         let _: Result<_, _> = reply.send(Ok(()));
@@ -350,6 +353,7 @@ impl Supervision {
             s.failed = true;
             s.failure = Some(why);
             s.pid = None;
+            s.retry_at = retry.map(|d| Instant::now() + d);
         });
         let retry_sleep = async {
             match retry {
