@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .bytes(".pim.plugin.v1")
+        .codec_path("crate::codec::Codec")
         .emit_rerun_if_changed(false)
         .compile_fds(fds)?;
     Ok(())

@@ -91,7 +91,9 @@ async fn a_failed_plugin_is_retried_later_and_comes_up_once_it_can() {
     let host = FakeHost::start(config, dir.path()).await.unwrap();
     let stats = host.plugin().stats();
     assert!(stats.failed);
-    let next = stats.next_attempt_in.expect("stats() tells when it is retried");
+    let next = stats
+        .next_attempt_in
+        .expect("stats() tells when it is retried");
     assert!(next <= Duration::from_millis(300), "{next:?}");
     host.inject_payload(node(1), "late.seq", "waited").await;
     // The binary is installed after the daemon started.

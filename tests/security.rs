@@ -871,3 +871,160 @@ async fn a_connection_filler_cannot_lock_a_plugin_out() {
     );
     host.shutdown().await;
 }
+
+/// A codec that sends the bytes it is given, for requests no generated
+/// client would make.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Self::Error> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, Self::Error> {
+        let n = bytes::Buf::remaining(buf);
+        Ok(Some(bytes::Buf::copy_to_bytes(buf, n).to_vec()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_input_is_invalid_argument_with_a_bounded_message() {
+    init_logging();
+    let dir = temp_dir();
+    let host = FakeHost::start(external(dir.path(), "bounded"), dir.path())
+        .await
+        .unwrap();
+    let ch = channel(&host).await;
+    let token = host.plugin().token().to_owned();
+
+    // Not protobuf, and a string field that is not UTF-8.
+    for bytes in [vec![0xff, 0xff, 0xff], vec![0x12, 0x02, 0xff, 0xfe]] {
+        let mut grpc = tonic::client::Grpc::new(ch.clone());
+        grpc.ready().await.unwrap();
+        let result = grpc
+            .unary(
+                authed(bytes, &token),
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/pim.plugin.v1.PluginSession/Register",
+                ),
+                RawBytes,
+            )
+            .await;
+        assert_status(result, Code::InvalidArgument, "not a valid RegisterRequest");
+    }
+
+    let request = |kinds: Vec<String>, sdk: String| {
+        authed(
+            pb::RegisterRequest {
+                protocol_version: 1,
+                plugin_name: "bounded".into(),
+                payload_kinds: kinds,
+                sdk_name: sdk,
+                sdk_version: "0".into(),
+            },
+            &token,
+        )
+    };
+    let mut session = PluginSessionClient::new(ch.clone());
+    // 10,000 kinds: refused by count, in a short message.
+    let many: Vec<String> = (0..10_000).map(|i| format!("bounded.k{i}")).collect();
+    let status = session
+        .register(request(many, "t".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("payload_kinds") && status.message().contains("1..=64"));
+    assert!(status.message().len() < 200, "{}", status.message());
+    // 60 wrong kinds: the mismatch lists a few, escaped, and counts the rest.
+    let wrong: Vec<String> = (0..60).map(|i| format!("bounded.w{i}")).collect();
+    let status = session
+        .register(request(wrong, "t".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("and 52 more"),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().len() < 1024, "{}", status.message());
+    // A 1 MiB sdk_name: refused, naming the field and the limit.
+    let kinds = vec!["bounded.cmd".to_string(), "bounded.seq".to_string()];
+    let status = session
+        .register(request(kinds.clone(), "x".repeat(1 << 20)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("`sdk_name`") && status.message().contains("at most 128 bytes")
+    );
+    // A newline in sdk_name cannot forge a log line.
+    let resp = session
+        .register(request(kinds, "evil\nERROR forged by the sidecar".into()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!logged(|l| l.starts_with("ERROR forged")));
+    assert!(logged(
+        |l| l.contains(r#"evil\nERROR forged by the sidecar"#)
+    ));
+    // An oversized session id.
+    let status = session
+        .ack(authed(
+            pb::AckRequest {
+                session_id: "s".repeat(1000),
+                seq: 1,
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("`session_id`") && status.message().contains("at most 64 bytes")
+    );
+    // The host keeps serving the live session.
+    session
+        .ack(authed(
+            pb::AckRequest {
+                session_id: resp.session_id,
+                seq: 0,
+            },
+            &token,
+        ))
+        .await
+        .unwrap();
+    host.shutdown().await;
+}

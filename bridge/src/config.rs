@@ -324,6 +324,16 @@ impl SidecarConfig {
         if self.payload_kinds.is_empty() {
             return Err(ConfigError::new("payload_kinds", "needs at least one kind"));
         }
+        if self.payload_kinds.len() > pim_plugin_proto::limits::MAX_KINDS {
+            return Err(ConfigError::new(
+                "payload_kinds",
+                format!(
+                    "at most {} kinds, got {}",
+                    pim_plugin_proto::limits::MAX_KINDS,
+                    self.payload_kinds.len()
+                ),
+            ));
+        }
         for (i, kind) in self.payload_kinds.iter().enumerate() {
             let field = format!("payload_kinds[{i}]");
             convert::payload_kind(&field, kind).map_err(ConfigError::from_field)?;

@@ -12,8 +12,8 @@ use pim_plugin::{PeerDirectoryEvent, PeerInfoSource};
 use pim_protocol::ControlFrame;
 
 use crate::limits::{
-    KEY_BYTES, MAX_BODY_BYTES, MAX_KIND_BYTES, MAX_NAME_BYTES, MAX_PLUGIN_NAME_BYTES, MAX_REASON,
-    NODE_ID_BYTES,
+    KEY_BYTES, MAX_BODY_BYTES, MAX_KINDS, MAX_KIND_BYTES, MAX_NAME_BYTES, MAX_PLUGIN_NAME_BYTES,
+    MAX_REASON, NODE_ID_BYTES,
 };
 use crate::{pb, InvalidField};
 
@@ -84,6 +84,55 @@ pub fn friendly_name(field: &str, name: &str) -> Result<(), InvalidField> {
         ));
     }
     Ok(())
+}
+
+/// Checks a free-text field: at most `max` bytes.
+pub fn bounded_text(field: &str, text: &str, max: usize) -> Result<(), InvalidField> {
+    if text.len() > max {
+        return Err(InvalidField::new(
+            field,
+            format!("is at most {max} bytes, got {}", text.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the list of payload kinds a plugin claims: 1..=64 kinds, each a
+/// valid kind.
+pub fn payload_kinds(field: &str, kinds: &[String]) -> Result<(), InvalidField> {
+    if kinds.is_empty() || kinds.len() > MAX_KINDS {
+        return Err(InvalidField::new(
+            field,
+            format!("a plugin claims 1..={MAX_KINDS} kinds, got {}", kinds.len()),
+        ));
+    }
+    for (i, kind) in kinds.iter().enumerate() {
+        payload_kind(&format!("{field}[{i}]"), kind)?;
+    }
+    Ok(())
+}
+
+/// At most `max` items of `items` for a message, each escaped and cut to
+/// 64 bytes, and how many were left out: `["a", "b"] and 3 more`.
+pub fn excerpt<'a>(items: impl IntoIterator<Item = &'a str>, max: usize) -> String {
+    let items: Vec<&str> = items.into_iter().collect();
+    let shown: Vec<String> = items
+        .iter()
+        .take(max)
+        .map(|item| {
+            let mut end = item.len().min(64);
+            while !item.is_char_boundary(end) {
+                end -= 1;
+            }
+            let cut = if end < item.len() { "…" } else { "" };
+            format!("{:?}{cut}", &item[..end])
+        })
+        .collect();
+    let mut text = format!("[{}]", shown.join(", "));
+    if items.len() > max {
+        text.push_str(&format!(" and {} more", items.len() - max));
+    }
+    text
 }
 
 /// Checks a plugin name: 1..=64 bytes of `[A-Za-z0-9_-]`, so that it is safe

@@ -14,6 +14,12 @@ pub const MAX_NAME_BYTES: usize = 255;
 pub const MAX_REASON: u32 = 255;
 /// Largest plugin name, in bytes.
 pub const MAX_PLUGIN_NAME_BYTES: usize = 64;
+/// Most payload kinds one plugin claims.
+pub const MAX_KINDS: usize = 64;
+/// Longest `sdk_name` and `sdk_version`, in bytes.
+pub const MAX_SDK_FIELD_BYTES: usize = 128;
+/// Longest `session_id`, in bytes (the host issues 32 hex digits).
+pub const MAX_SESSION_ID_BYTES: usize = 64;
 /// Largest gRPC message either side decodes: the largest events batch the
 /// host sends plus headroom. Any single request is far smaller.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;

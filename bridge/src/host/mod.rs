@@ -86,6 +86,11 @@ impl Host {
 
     /// Checks that `id` names the live session.
     pub(crate) fn check_session(&self, id: &str) -> Result<(), Status> {
+        pim_plugin_proto::convert::bounded_text(
+            "session_id",
+            id,
+            pim_plugin_proto::limits::MAX_SESSION_ID_BYTES,
+        )?;
         match &*self.sessions() {
             None => Err(Status::failed_precondition(
                 "no session: call PluginSession/Register first",

@@ -36,9 +36,9 @@ impl PluginSession for HostServices {
             )));
         }
         convert::plugin_name("plugin_name", &req.plugin_name)?;
-        for (i, kind) in req.payload_kinds.iter().enumerate() {
-            convert::payload_kind(&format!("payload_kinds[{i}]"), kind)?;
-        }
+        convert::payload_kinds("payload_kinds", &req.payload_kinds)?;
+        convert::bounded_text("sdk_name", &req.sdk_name, limits::MAX_SDK_FIELD_BYTES)?;
+        convert::bounded_text("sdk_version", &req.sdk_version, limits::MAX_SDK_FIELD_BYTES)?;
         if req.plugin_name != host.name {
             return Err(Status::failed_precondition(format!(
                 "plugin name mismatch: the sidecar registered as `{}`, this socket is configured for `{}`",
@@ -48,10 +48,10 @@ impl PluginSession for HostServices {
         let offered: BTreeSet<&str> = req.payload_kinds.iter().map(String::as_str).collect();
         let configured: BTreeSet<&str> = host.kinds.iter().copied().collect();
         if offered != configured {
-            let missing: Vec<_> = configured.difference(&offered).collect();
-            let extra: Vec<_> = offered.difference(&configured).collect();
+            let missing = convert::excerpt(configured.difference(&offered).copied(), 8);
+            let extra = convert::excerpt(offered.difference(&configured).copied(), 8);
             return Err(Status::failed_precondition(format!(
-                "payload kinds mismatch for plugin `{}`: configured but not registered {missing:?}; registered but not configured {extra:?}",
+                "payload kinds mismatch for plugin `{}`: configured but not registered {missing}; registered but not configured {extra}",
                 host.name
             )));
         }
@@ -70,8 +70,9 @@ impl PluginSession for HostServices {
         }
         tracing::info!(
             plugin = host.name,
-            sdk = %req.sdk_name,
-            sdk_version = %req.sdk_version,
+            // Escaped: a sidecar's text cannot forge a log line.
+            sdk = ?req.sdk_name,
+            sdk_version = ?req.sdk_version,
             "sidecar registered"
         );
         host.registered.send_modify(|n| *n += 1);
