@@ -141,8 +141,17 @@ async fn a_stuck_sidecar_is_detected_and_restarted() {
         host.plugin().stats().queue.acked_seq == 1
     })
     .await;
+    let stalled = std::time::Instant::now();
     host.inject_payload(src, "stucky.seq", "stall").await;
     host.inject_payload(src, "stucky.seq", "after").await;
+    eventually("the stuck sidecar to be found", || {
+        host.plugin().stats().stuck_restarts == 1
+    })
+    .await;
+    println!(
+        "figure: stuck sidecar found {} ms after its stall (stuck_timeout 500 ms)",
+        stalled.elapsed().as_millis()
+    );
     let seen = host
         .ports()
         .wait_until(WAIT, |calls| {
