@@ -7,8 +7,8 @@
 //! token cannot keep a sidecar (or grpcurl) out, however fast it connects.
 //! Only admitted connections can fill the socket.
 
-use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixListener;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
 /// What the auth check learns about the connection a call came on.
 #[derive(Debug, Clone)]
@@ -39,8 +39,28 @@ struct ConnState {
     id: u64,
     accepted: Instant,
     admitted: AtomicBool,
-    /// Cancelled to close the connection.
+    /// The socket while the connection is open; `None` once its `Conn` is
+    /// dropped (the lock keeps the descriptor from being closed, and its
+    /// number reused, while it is shut down).
+    fd: Mutex<Option<RawFd>>,
+    /// Cancelled when the connection closes, or is to be closed.
     close: CancellationToken,
+}
+
+impl ConnState {
+    /// Closes the connection: shuts the socket down both ways, so the
+    /// server's reads and writes on it fail and it drops the connection.
+    /// The hot path pays nothing for this.
+    fn close(&self) {
+        self.close.cancel();
+        let fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = *fd {
+            // SAFETY: `fd` is open: the `Conn` that owns it clears it under
+            // this lock before the descriptor is closed. shutdown has no
+            // memory-safety preconditions.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    }
 }
 
 /// The open connections of one socket.
@@ -64,7 +84,7 @@ impl Slots {
                 .min_by_key(|(_, c)| c.accepted)
                 .map(|(i, _)| i)?;
             let gone = open.swap_remove(oldest);
-            gone.close.cancel();
+            gone.close();
             evicted = Some(gone.id);
         }
         open.push(state.clone());
@@ -84,7 +104,6 @@ impl Slots {
 pub(crate) struct Conn {
     stream: tokio::net::UnixStream,
     state: Arc<ConnState>,
-    closed: Pin<Box<WaitForCancellationFutureOwned>>,
     slots: Arc<Slots>,
 }
 
@@ -98,20 +117,9 @@ impl std::fmt::Debug for Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
+        *self.state.fd.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.state.close.cancel();
         self.slots.release(self.state.id);
-    }
-}
-
-impl Conn {
-    /// `Err` once the connection is to be closed.
-    fn check_open(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        if self.closed.as_mut().poll(cx).is_ready() {
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "connection closed: not admitted in time, or evicted",
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -132,7 +140,6 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.check_open(cx)?;
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -143,7 +150,6 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.check_open(cx)?;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -160,7 +166,6 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.check_open(cx)?;
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
@@ -203,7 +208,8 @@ pub(crate) fn incoming(
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 accepted: Instant::now(),
                 admitted: AtomicBool::new(false),
-                close: stopping.child_token(),
+                fd: Mutex::new(Some(stream.as_raw_fd())),
+                close: CancellationToken::new(),
             });
             match slots.take(max, &state) {
                 Some(evicted) => {
@@ -238,7 +244,7 @@ pub(crate) fn incoming(
                 tokio::select! {
                     () = tokio::time::sleep(admission_timeout) => {
                         if !watched.admitted.load(Ordering::Relaxed) {
-                            watched.close.cancel();
+                            watched.close();
                         }
                     }
                     () = watched.close.cancelled() => {}
@@ -246,7 +252,6 @@ pub(crate) fn incoming(
             });
             let conn = Conn {
                 stream,
-                closed: Box::pin(state.close.clone().cancelled_owned()),
                 state,
                 slots: slots.clone(),
             };
@@ -267,6 +272,7 @@ mod tests {
             id,
             accepted: Instant::now(),
             admitted: AtomicBool::new(admitted),
+            fd: Mutex::new(None),
             close: CancellationToken::new(),
         })
     }
