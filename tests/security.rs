@@ -790,8 +790,9 @@ async fn hostile_connections_do_not_disturb_the_real_sidecar() {
     host.shutdown().await;
 }
 
-/// A process without the token that connects every 2 ms and holds every
-/// connection it gets cannot keep the plugin's sidecar, or grpcurl, out.
+/// A process without the token that connects as fast as it can from two
+/// threads and holds every connection it gets cannot keep the plugin's
+/// sidecar, or grpcurl, out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_filler_cannot_lock_a_plugin_out() {
     init_logging();
@@ -804,7 +805,7 @@ async fn a_connection_filler_cannot_lock_a_plugin_out() {
         .unwrap();
     let socket = host.plugin().socket_path();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_socket-filler"));
-    cmd.arg(&socket);
+    cmd.arg(&socket).args(["2", "0"]);
     let filler = ChildProcess::spawn("socket-filler", cmd);
     let held = |filler: &ChildProcess| -> u64 {
         filler

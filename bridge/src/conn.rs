@@ -1,16 +1,18 @@
 //! Connections to a plugin socket and the slots they hold.
 //!
 //! A connection is *admitted* once one of its calls passed the uid and
-//! token check. Until then it holds its slot only for
-//! `admission_timeout`, and a new connection that finds every slot taken
-//! evicts the oldest connection not admitted yet: a process without the
-//! token cannot keep a sidecar (or grpcurl) out, however fast it connects.
-//! Only admitted connections can fill the socket.
+//! token check. Until then it holds its slot only for `admission_timeout`.
+//! A new connection that finds every slot taken closes a connection not
+//! admitted yet: the oldest of the process that holds the most of them,
+//! never one of the supervised sidecar's own process. So a process without
+//! the token cannot keep a sidecar (or grpcurl) out, however fast it
+//! connects; only admitted connections can fill the socket.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -18,6 +20,13 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
+
+/// A connection's admission: waiting for its first authenticated call,
+/// admitted, or being closed. Admission and closing race through one
+/// compare-and-swap, so an authenticated call is never cut off.
+const PENDING: u8 = 0;
+const ADMITTED: u8 = 1;
+const CLOSING: u8 = 2;
 
 /// What the auth check learns about the connection a call came on.
 #[derive(Debug, Clone)]
@@ -28,9 +37,18 @@ pub(crate) struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// Marks the connection admitted: a call on it passed the checks.
-    pub(crate) fn admit(&self) {
-        self.state.admitted.store(true, Ordering::Relaxed);
+    /// Admits the connection: a call on it passed the checks. `false` when
+    /// it is already being closed (evicted or too late).
+    pub(crate) fn admit(&self) -> bool {
+        match self.state.admission.compare_exchange(
+            PENDING,
+            ADMITTED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => true,
+            Err(now) => now == ADMITTED,
+        }
     }
 }
 
@@ -38,21 +56,34 @@ impl ConnInfo {
 struct ConnState {
     id: u64,
     accepted: Instant,
-    admitted: AtomicBool,
+    /// The peer's process, as `SO_PEERCRED` gave it at accept.
+    pid: Option<u32>,
+    admission: AtomicU8,
     /// The socket while the connection is open; `None` once its `Conn` is
     /// dropped (the lock keeps the descriptor from being closed, and its
     /// number reused, while it is shut down).
     fd: Mutex<Option<RawFd>>,
-    /// Cancelled when the connection closes, or is to be closed.
-    close: CancellationToken,
+    /// Cancelled when the connection closes.
+    closed: CancellationToken,
 }
 
 impl ConnState {
-    /// Closes the connection: shuts the socket down both ways, so the
-    /// server's reads and writes on it fail and it drops the connection.
-    /// The hot path pays nothing for this.
-    fn close(&self) {
-        self.close.cancel();
+    fn pending(&self) -> bool {
+        self.admission.load(Ordering::Acquire) == PENDING
+    }
+
+    /// Closes the connection if it is not admitted: shuts the socket down
+    /// both ways, so the server's reads and writes on it fail and it drops
+    /// the connection (the hot path pays nothing for this). `false` when it
+    /// was admitted first.
+    fn close_if_pending(&self) -> bool {
+        if self
+            .admission
+            .compare_exchange(PENDING, CLOSING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
         let fd = self.fd.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(fd) = *fd {
             // SAFETY: `fd` is open: the `Conn` that owns it clears it under
@@ -60,7 +91,18 @@ impl ConnState {
             // memory-safety preconditions.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
+        true
     }
+}
+
+/// Limits on one socket's connections.
+#[derive(Debug, Clone)]
+pub(crate) struct Admission {
+    pub(crate) max: usize,
+    pub(crate) timeout: Duration,
+    /// The spawned sidecar's process (0: none), whose connections are
+    /// never evicted.
+    pub(crate) sidecar_pid: Arc<AtomicU32>,
 }
 
 /// The open connections of one socket.
@@ -70,22 +112,30 @@ struct Slots {
 }
 
 impl Slots {
-    /// A slot for a new connection: a free one, or the one of the oldest
-    /// connection not admitted yet, which is closed. `None` when every slot
-    /// holds an admitted connection.
-    fn take(self: &Arc<Self>, max: usize, state: &Arc<ConnState>) -> Option<Option<u64>> {
+    /// A slot for a new connection: a free one, or the one of a connection
+    /// not admitted yet, which is closed (the oldest of the process with
+    /// the most, never one of `protected`). `None` when no slot can be had.
+    fn take(&self, max: usize, protected: u32, state: &Arc<ConnState>) -> Option<Option<u64>> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let mut evicted = None;
-        if open.len() >= max {
-            let oldest = open
+        while open.len() >= max {
+            let mut per_pid: HashMap<Option<u32>, usize> = HashMap::new();
+            for c in open
+                .iter()
+                .filter(|c| c.pending() && c.pid != Some(protected))
+            {
+                *per_pid.entry(c.pid).or_default() += 1;
+            }
+            let victim = open
                 .iter()
                 .enumerate()
-                .filter(|(_, c)| !c.admitted.load(Ordering::Relaxed))
-                .min_by_key(|(_, c)| c.accepted)
+                .filter(|(_, c)| c.pending() && c.pid != Some(protected))
+                .max_by_key(|(_, c)| (per_pid[&c.pid], std::cmp::Reverse(c.accepted)))
                 .map(|(i, _)| i)?;
-            let gone = open.swap_remove(oldest);
-            gone.close();
-            evicted = Some(gone.id);
+            if open[victim].close_if_pending() {
+                evicted = Some(open.swap_remove(victim).id);
+            }
+            // Otherwise it was admitted just now: look again.
         }
         open.push(state.clone());
         Some(evicted)
@@ -118,7 +168,7 @@ impl std::fmt::Debug for Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         *self.state.fd.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.state.close.cancel();
+        self.state.closed.cancel();
         self.slots.release(self.state.id);
     }
 }
@@ -174,13 +224,18 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Accepts connections on `listener`, at most `max` open at once (see the
-/// module's text for admission and eviction); a connection that finds
-/// every slot admitted is closed at once, and logged.
+/// Counts an event and logs it at 1, 2, 4, 8, … occurrences.
+fn count_and_log(counter: &mut u64, log: impl FnOnce(u64)) {
+    *counter += 1;
+    if counter.is_power_of_two() {
+        log(*counter);
+    }
+}
+
+/// Accepts connections on `listener` under `limits` (see the module's text).
 pub(crate) fn incoming(
     listener: UnixListener,
-    max: usize,
-    admission_timeout: Duration,
+    limits: Admission,
     plugin: &'static str,
     stopping: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
@@ -188,7 +243,7 @@ pub(crate) fn incoming(
     let slots = Arc::new(Slots::default());
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
     tokio::spawn(async move {
-        let (mut refused, mut evictions): (u64, u64) = (0, 0);
+        let (mut refused, mut evictions) = (0u64, 0u64);
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -204,50 +259,49 @@ pub(crate) fn incoming(
                     continue;
                 }
             };
+            let cred = stream.peer_cred().ok();
             let state = Arc::new(ConnState {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 accepted: Instant::now(),
-                admitted: AtomicBool::new(false),
+                pid: cred
+                    .and_then(|c| c.pid())
+                    .and_then(|p| u32::try_from(p).ok()),
+                admission: AtomicU8::new(PENDING),
                 fd: Mutex::new(Some(stream.as_raw_fd())),
-                close: CancellationToken::new(),
+                closed: CancellationToken::new(),
             });
-            match slots.take(max, &state) {
-                Some(evicted) => {
-                    if evicted.is_some() {
-                        evictions += 1;
-                        if evictions.is_power_of_two() {
-                            tracing::warn!(
-                                plugin,
-                                max,
-                                evictions,
-                                "plugin socket full: closing the oldest connections that never made an authenticated call"
-                            );
-                        }
-                    }
-                }
+            let protected = limits.sidecar_pid.load(Ordering::Relaxed);
+            match slots.take(limits.max, protected, &state) {
+                Some(Some(_)) => count_and_log(&mut evictions, |n| {
+                    tracing::warn!(
+                        plugin,
+                        max = limits.max,
+                        evictions = n,
+                        "plugin socket full: closing connections that never made an authenticated call"
+                    )
+                }),
+                Some(None) => {}
                 None => {
-                    refused += 1;
-                    if refused.is_power_of_two() {
+                    count_and_log(&mut refused, |n| {
                         tracing::warn!(
                             plugin,
-                            max,
-                            refused,
+                            max = limits.max,
+                            refused = n,
                             "too many authenticated connections to the plugin socket: closing new ones"
-                        );
-                    }
+                        )
+                    });
                     continue;
                 }
             }
             // Not admitted in time: closed, its slot free.
             let watched = state.clone();
+            let timeout = limits.timeout;
             tokio::spawn(async move {
                 tokio::select! {
-                    () = tokio::time::sleep(admission_timeout) => {
-                        if !watched.admitted.load(Ordering::Relaxed) {
-                            watched.close();
-                        }
+                    () = tokio::time::sleep(timeout) => {
+                        watched.close_if_pending();
                     }
-                    () = watched.close.cancelled() => {}
+                    () = watched.closed.cancelled() => {}
                 }
             });
             let conn = Conn {
@@ -267,38 +321,50 @@ pub(crate) fn incoming(
 mod tests {
     use super::*;
 
-    fn conn(id: u64, admitted: bool) -> Arc<ConnState> {
+    fn conn(id: u64, pid: u32, admission: u8) -> Arc<ConnState> {
         Arc::new(ConnState {
             id,
             accepted: Instant::now(),
-            admitted: AtomicBool::new(admitted),
+            pid: Some(pid),
+            admission: AtomicU8::new(admission),
             fd: Mutex::new(None),
-            close: CancellationToken::new(),
+            closed: CancellationToken::new(),
         })
     }
 
     #[test]
-    fn a_full_socket_evicts_the_oldest_connection_not_admitted() {
-        let slots = Arc::new(Slots::default());
-        let (a, b, c) = (conn(1, true), conn(2, false), conn(3, false));
-        for s in [&a, &b, &c] {
-            assert_eq!(slots.take(3, s), Some(None));
+    fn a_full_socket_evicts_from_the_process_holding_the_most_pending_connections() {
+        let slots = Slots::default();
+        let sidecar = conn(1, 10, PENDING);
+        let (f1, f2) = (conn(2, 66, PENDING), conn(3, 66, PENDING));
+        let grpcurl = conn(4, 20, PENDING);
+        for c in [&sidecar, &f1, &f2, &grpcurl] {
+            assert_eq!(slots.take(4, 10, c), Some(None));
         }
-        let d = conn(4, false);
-        assert_eq!(
-            slots.take(3, &d),
-            Some(Some(2)),
-            "b is the oldest not admitted"
-        );
-        assert!(b.close.is_cancelled() && !a.close.is_cancelled());
-        c.admitted.store(true, Ordering::Relaxed);
-        d.admitted.store(true, Ordering::Relaxed);
-        assert_eq!(
-            slots.take(3, &conn(5, false)),
-            None,
-            "all admitted: refused"
-        );
+        // The filler (pid 66) holds the most: its oldest goes, although the
+        // sidecar's and grpcurl's connections are older.
+        assert_eq!(slots.take(4, 10, &conn(5, 66, PENDING)), Some(Some(2)));
+        assert_eq!(f1.admission.load(Ordering::Relaxed), CLOSING);
+        // An admitted connection is never closed, nor is a pending one of
+        // the protected sidecar.
+        grpcurl.admission.store(ADMITTED, Ordering::Relaxed);
+        assert_eq!(slots.take(4, 10, &conn(6, 66, PENDING)), Some(Some(3)));
+        assert_eq!(slots.take(4, 10, &conn(7, 66, PENDING)), Some(Some(5)));
+        assert_eq!(sidecar.admission.load(Ordering::Relaxed), PENDING);
+        // A connection closing can no longer be admitted.
+        let info_state = conn(8, 1, CLOSING);
+        assert!(info_state
+            .admission
+            .compare_exchange(PENDING, ADMITTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err());
+        // Everything admitted or protected: the new one is refused.
+        for c in slots.open.lock().unwrap().iter() {
+            if c.pid != Some(10) {
+                c.admission.store(ADMITTED, Ordering::Relaxed);
+            }
+        }
+        assert_eq!(slots.take(4, 10, &conn(9, 66, PENDING)), None);
         slots.release(1);
-        assert_eq!(slots.take(3, &conn(6, false)), Some(None));
+        assert_eq!(slots.take(4, 10, &conn(10, 66, PENDING)), Some(None));
     }
 }

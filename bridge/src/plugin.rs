@@ -333,6 +333,19 @@ impl SidecarPlugin {
             })),
             Launch::External => None,
         };
+        if let Some(sup) = &supervisor {
+            // The socket never evicts the sidecar's own connections.
+            let (mut state, pid) = (sup.watch(), host.sidecar_pid.clone());
+            tokio::spawn(async move {
+                loop {
+                    let now = state.borrow_and_update().pid.unwrap_or(0);
+                    pid.store(now, std::sync::atomic::Ordering::Relaxed);
+                    if state.changed().await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         Ok(Arc::new(Running {
             host,
             supervisor,

@@ -16,7 +16,7 @@ use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::host::{AuthCheck, Host, HostServices};
+use crate::host::{allowed_uids, AuthCheck, Host, HostServices};
 
 /// The value `build` makes, built once per process and type, then cloned.
 /// (The reflection services' types cannot be named, so they are cached by
@@ -72,16 +72,18 @@ pub(crate) fn serve(
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let plugin = host.name;
     let limits = host.config.connections;
+    let uids = allowed_uids(&host.config.allowed_uids);
+    let admission = crate::conn::Admission {
+        max: limits.max_connections,
+        timeout: limits.admission_timeout,
+        sidecar_pid: host.sidecar_pid.clone(),
+    };
     let router = Server::builder()
         .max_concurrent_streams(Some(limits.max_streams_per_connection))
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .timeout(limits.request_timeout)
-        .layer(InterceptorLayer::new(AuthCheck::new(
-            token,
-            plugin,
-            host.config.allowed_uids.clone(),
-        )))
+        .layer(InterceptorLayer::new(AuthCheck::new(token, plugin, uids)))
         .add_service(
             PluginSessionServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
@@ -103,13 +105,7 @@ pub(crate) fn serve(
                 .set_service_status(service, ServingStatus::Serving)
                 .await;
         }
-        let incoming = crate::conn::incoming(
-            listener,
-            limits.max_connections,
-            limits.admission_timeout,
-            plugin,
-            stopping.clone(),
-        );
+        let incoming = crate::conn::incoming(listener, admission, plugin, stopping.clone());
         let shutdown = stopping.clone();
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

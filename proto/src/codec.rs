@@ -1,7 +1,9 @@
 //! The gRPC codec of every `pim.plugin.v1` service: prost's, except that a
-//! message that does not decode (malformed protobuf, invalid UTF-8 in a
+//! request that does not decode (malformed protobuf, invalid UTF-8 in a
 //! string field) is the caller's bad input, `INVALID_ARGUMENT`, not
-//! `INTERNAL` (which docs/PROTOCOL.md reserves for host bugs).
+//! `INTERNAL` (which docs/PROTOCOL.md reserves for host bugs). A reply that
+//! does not decode, on the client side, stays `INTERNAL`: the host's fault,
+//! not a refusal of the client.
 
 use std::marker::PhantomData;
 
@@ -10,7 +12,7 @@ use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstEncoder};
 
-/// Prost's codec, with decode errors as `INVALID_ARGUMENT`.
+/// Prost's codec, with undecodable requests as `INVALID_ARGUMENT`.
 #[derive(Debug, Clone)]
 pub struct Codec<T, U>(PhantomData<(T, U)>);
 
@@ -39,7 +41,8 @@ where
     }
 }
 
-/// Decodes `U`; a message that does not decode is `INVALID_ARGUMENT`.
+/// Decodes `U`; a request that does not decode is `INVALID_ARGUMENT`, a
+/// reply `INTERNAL`.
 #[derive(Debug, Clone)]
 pub struct InvalidArgumentDecoder<U>(PhantomData<U>);
 
@@ -49,13 +52,17 @@ impl<U: Message + Default> Decoder for InvalidArgumentDecoder<U> {
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
         U::decode(buf).map(Some).map_err(|e| {
-            Status::invalid_argument(format!(
-                "the message is not a valid {}: {e}",
-                std::any::type_name::<U>()
-                    .rsplit("::")
-                    .next()
-                    .unwrap_or("message")
-            ))
+            let name = std::any::type_name::<U>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("message");
+            let message = format!("the message is not a valid {name}: {e}");
+            // Servers decode `*Request`s (buf lint keeps the names so).
+            if name.ends_with("Request") {
+                Status::invalid_argument(message)
+            } else {
+                Status::internal(message)
+            }
         })
     }
 }

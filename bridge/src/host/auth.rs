@@ -27,18 +27,23 @@ impl std::fmt::Debug for AuthCheck {
     }
 }
 
+/// The uids that may use a plugin socket: the configured ones, or the
+/// daemon's own effective uid when none are.
+pub(crate) fn allowed_uids(configured: &[u32]) -> Arc<[u32]> {
+    if configured.is_empty() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        Arc::from([unsafe { libc::geteuid() }])
+    } else {
+        configured.into()
+    }
+}
+
 impl AuthCheck {
-    pub(crate) fn new(token: Arc<str>, plugin: &'static str, allowed_uids: Vec<u32>) -> Self {
-        let allowed_uids = if allowed_uids.is_empty() {
-            // SAFETY: geteuid has no preconditions and cannot fail.
-            vec![unsafe { libc::geteuid() }]
-        } else {
-            allowed_uids
-        };
+    pub(crate) fn new(token: Arc<str>, plugin: &'static str, allowed_uids: Arc<[u32]>) -> Self {
         Self {
             token,
             plugin,
-            allowed_uids: allowed_uids.into(),
+            allowed_uids,
         }
     }
 
@@ -89,7 +94,11 @@ impl tonic::service::Interceptor for AuthCheck {
             ));
         }
         if let Some(info) = req.extensions().get::<ConnInfo>() {
-            info.admit();
+            if !info.admit() {
+                return Err(Status::unavailable(
+                    "this connection was closed before its first authenticated call (too late, or evicted): reconnect",
+                ));
+            }
         }
         Ok(req)
     }

@@ -17,7 +17,7 @@ use tonic::Status;
 use crate::config::{Grants, SidecarConfig};
 use crate::queue::EventQueue;
 
-pub(crate) use auth::AuthCheck;
+pub(crate) use auth::{allowed_uids, AuthCheck};
 
 /// The state of the one live session of a plugin.
 #[derive(Debug)]
@@ -43,6 +43,9 @@ pub(crate) struct Host {
     registered: watch::Sender<u64>,
     /// Cancelled when the host stops serving.
     pub(crate) stopping: CancellationToken,
+    /// The spawned sidecar's process id (0: none), whose connections are
+    /// never evicted from a full socket.
+    pub(crate) sidecar_pid: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl std::fmt::Debug for Host {
@@ -77,6 +80,7 @@ impl Host {
             session: Mutex::new(None),
             registered: watch::channel(0).0,
             stopping,
+            sidecar_pid: Arc::default(),
         }
     }
 

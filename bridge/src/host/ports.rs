@@ -31,7 +31,7 @@ impl Host {
                 Ok(())
             }
             ControlFrame::PluginPayload { kind, .. } => Err(Status::permission_denied(format!(
-                "field `frame.plugin_payload.kind`: `{kind}` is outside this plugin's namespace `{}.`; sending it needs the RAW_CONTROL capability",
+                "field `frame.plugin_payload.kind`: {kind:?} is outside this plugin's namespace `{}.`; sending it needs the RAW_CONTROL capability",
                 self.name
             ))),
             other => Err(Status::permission_denied(format!(
