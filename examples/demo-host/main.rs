@@ -174,6 +174,8 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     if args.serve {
+        // Caught from here on, before anything says the host is serving.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let sock = alice_echo.socket_path();
         println!(
             "\nserving; in another shell (Ctrl-C here stops), then the commands in README.md:"
@@ -191,7 +193,6 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         });
         // Ctrl-C or SIGTERM (a service manager, `kill`): stop in order, so
         // every sidecar is shut down and every socket removed.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = tokio::signal::ctrl_c() => r?,
             _ = term.recv() => {}
