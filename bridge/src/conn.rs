@@ -40,6 +40,10 @@ impl ConnInfo {
     /// Admits the connection: a call on it passed the checks. `false` when
     /// it is already being closed (evicted or too late).
     pub(crate) fn admit(&self) -> bool {
+        // Every call passes here: the common case is one load.
+        if self.state.admission.load(Ordering::Acquire) == ADMITTED {
+            return true;
+        }
         match self.state.admission.compare_exchange(
             PENDING,
             ADMITTED,

@@ -12,6 +12,7 @@ The gRPC stubs are generated from ../../proto by grpcio-tools into `gen/`
 next to this file on first import (or when a .proto is newer).
 """
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -285,18 +286,14 @@ class _Sigterm:
         if not self.in_handler:
             raise _Terminated()
 
+    @contextlib.contextmanager
     def handling(self):
-        sigterm = self
-
-        class _Scope:
-            def __enter__(self):
-                sigterm.in_handler = True
-
-            def __exit__(self, *exc):
-                sigterm.in_handler = False
-                return False
-
-        return _Scope()
+        """A handler runs: SIGTERM waits until it returned."""
+        self.in_handler = True
+        try:
+            yield
+        finally:
+            self.in_handler = False
 
     def check(self):
         if self.requested:
