@@ -34,7 +34,7 @@ async fn an_optional_plugin_that_cannot_start_is_failed_and_the_daemon_runs_on()
     assert!(stats.failed && !stats.required, "{stats:?}");
     let failure = stats.failure.unwrap();
     assert!(
-        failure.contains("no-such-sidecar") && failure.contains("No such file"),
+        failure.contains("no-such-sidecar") && failure.contains("not found (no file"),
         "{failure}"
     );
     assert!(logged(

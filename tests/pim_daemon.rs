@@ -111,8 +111,10 @@ impl Node {
         self.dir.join("sock")
     }
 
+    /// In the echo plugin's own data directory: its sandbox lets it make
+    /// a socket nowhere else.
     fn echo_control(&self) -> PathBuf {
-        self.dir.join("echo.ctl")
+        self.data().join("plugins/echo/echo.ctl")
     }
 
     /// Writes the daemon's config; `peer` is the port of a daemon to dial.
@@ -343,7 +345,10 @@ payload_kinds = ["ghost.boo"]
 command = ["{ghost}"]
 "#,
             probe = probe_bin().display(),
-            marker = alpha.dir.join("slow-cleanup-finished").display(),
+            marker = alpha
+                .data()
+                .join("plugins/slow/slow-cleanup-finished")
+                .display(),
             ghost = dir.path().join("no-such-sidecar").display(),
         )
     ));
@@ -487,7 +492,7 @@ command = ["{ghost}"]
     let shutdown = started.elapsed();
     assert!(status.success(), "alpha exited with {status}");
     assert_eq!(
-        std::fs::read_to_string(alpha.dir.join("slow-cleanup-finished"))
+        std::fs::read_to_string(alpha.data().join("plugins/slow/slow-cleanup-finished"))
             .ok()
             .as_deref(),
         Some("clean-up finished"),

@@ -50,6 +50,26 @@ enum Echo {
     Python(PathBuf),
 }
 
+/// What the sandbox must let a Python sidecar read besides the system:
+/// the script's directory, the virtual environment and the installation it
+/// was made from.
+fn python_read_paths(python: &std::path::Path) -> Vec<PathBuf> {
+    let out = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import sys; print(sys.prefix); print(sys.base_prefix)",
+        ])
+        .output()
+        .expect("running python");
+    let mut paths = vec![python_dir()];
+    paths.extend(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| std::fs::canonicalize(l.trim()).expect("python prefix")),
+    );
+    paths
+}
+
 fn echo_config(dir: &std::path::Path, echo: &Echo) -> SidecarConfig {
     let command = match echo {
         Echo::Rust => CommandSpec::new(echo_bin()),
@@ -62,6 +82,10 @@ fn echo_config(dir: &std::path::Path, echo: &Echo) -> SidecarConfig {
         command,
     );
     config.stuck_timeout = None;
+    if let Echo::Python(python) = echo {
+        // Sandboxed like every spawned sidecar; Python reads its own tree.
+        config.sandbox.read_paths = python_read_paths(python);
+    }
     config
 }
 

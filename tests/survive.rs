@@ -130,8 +130,10 @@ async fn a_stuck_sidecar_is_detected_and_restarted() {
     let mut config = probe_named(dir.path(), "stucky");
     if let pim_plugin_bridge::Launch::Spawn(cmd) = &mut config.launch {
         cmd.env.push(("PROBE_MODE".into(), "stall-once".into()));
-        cmd.env
-            .push(("PROBE_MARKER".into(), dir.path().join("stalled").into()));
+        cmd.env.push((
+            "PROBE_MARKER".into(),
+            dir.path().join("plugins/stucky/stalled").into(),
+        ));
     }
     config.stuck_timeout = Some(Duration::from_millis(500));
     let host = FakeHost::start(config, dir.path()).await.unwrap();
@@ -260,7 +262,7 @@ async fn a_daemon_that_only_cancels_and_exits_still_gives_its_sidecar_the_grace(
     assert!(daemon.wait().await.success());
     // The sidecar got the Shutdown event and finishes its 1.5 s clean-up
     // although its daemon is gone.
-    let marker = dir.path().join("marker");
+    let marker = dir.path().join("plugins/tidy/marker");
     eventually("the sidecar's clean-up to finish", || marker.exists()).await;
     assert_eq!(
         std::fs::read_to_string(&marker).unwrap(),

@@ -7,6 +7,8 @@ use std::time::Duration;
 use pim_plugin_proto::convert;
 use pim_plugin_proto::limits::MAX_BODY_BYTES;
 
+use crate::sandbox::Sandbox;
+
 /// How the sidecar process comes to exist.
 #[derive(Debug, Clone)]
 pub enum Launch {
@@ -254,6 +256,18 @@ pub struct SidecarConfig {
     pub shutdown_grace: Duration,
     /// Time between SIGTERM and SIGKILL. Default 2 s.
     pub term_grace: Duration,
+    /// The user a spawned sidecar runs as (a name or a numeric uid); the
+    /// daemon's own when `None`. Needs a daemon running as root. The socket
+    /// and the plugin's own data directory then belong to this user, and
+    /// `allowed_uids` defaults to its uid.
+    pub user: Option<String>,
+    /// The group a spawned sidecar runs as (a name or a numeric gid); the
+    /// user's primary group (or the gid of the uid's number) by default.
+    /// Supplementary groups are always cleared.
+    pub group: Option<String>,
+    /// The kernel-enforced sandbox of a spawned sidecar: Landlock, seccomp,
+    /// resource limits. On by default.
+    pub sandbox: Sandbox,
     /// A spawned sidecar that has events pending and acks none of them for
     /// this long is killed and restarted. Default 30 s; `None` disables.
     pub stuck_timeout: Option<Duration>,
@@ -304,6 +318,9 @@ impl SidecarConfig {
             shutdown_grace: Duration::from_secs(5),
             term_grace: Duration::from_secs(2),
             stuck_timeout: Some(Duration::from_secs(30)),
+            user: None,
+            group: None,
+            sandbox: Sandbox::default(),
         }
     }
 
@@ -365,6 +382,43 @@ impl SidecarConfig {
             if cmd.program.as_os_str().is_empty() {
                 return Err(ConfigError::new("command.program", "must not be empty"));
             }
+        }
+        for (field, value) in [("user", &self.user), ("group", &self.group)] {
+            if value.as_deref().is_some_and(str::is_empty) {
+                return Err(ConfigError::new(field, "must not be empty"));
+            }
+        }
+        if let Some(n) = self.sandbox.limits.open_files {
+            if n < 16 {
+                return Err(ConfigError::new(
+                    "sandbox.limits.open_files",
+                    format!("at least 16 (a runtime needs a few), got {n}"),
+                ));
+            }
+        }
+        if let Some(n) = self.sandbox.limits.processes {
+            if n == 0 {
+                return Err(ConfigError::new(
+                    "sandbox.limits.processes",
+                    "must be at least 1",
+                ));
+            }
+        }
+        if let Some(n) = self.sandbox.limits.memory {
+            if n < 4 * 1024 * 1024 {
+                return Err(ConfigError::new(
+                    "sandbox.limits.memory",
+                    format!("at least 4 MiB, got {n} bytes"),
+                ));
+            }
+        }
+        if self
+            .sandbox
+            .limits
+            .cpu_time
+            .is_some_and(|t| t.as_secs() == 0)
+        {
+            return Err(ConfigError::new("sandbox.limits.cpu_time", "at least 1 s"));
         }
         if self.connections.max_connections == 0 {
             return Err(ConfigError::new(

@@ -21,6 +21,18 @@
 //! stuck_timeout = "30s"              # or "off"
 //! queue = { max_events = 65536, max_bytes = 67108864 }
 //! restart = { max_restarts = 5, window = "60s", initial_backoff = "100ms", max_backoff = "10s", retry_failed_after = "5m" }
+//! user = "pim-echo"                  # a name or uid; needs a root daemon (default: the daemon's)
+//! group = "pim-echo"                 # default: the user's primary group
+//!
+//! [sidecar.sandbox]                  # every mechanism on by default
+//! landlock = true                    # false: no file-system confinement
+//! read_paths = ["/opt/echo/share"]   # more readable (and executable) paths
+//! write_paths = []                   # more writable paths (the data_dir always is)
+//! seccomp = true                     # false: no system-call deny-list
+//! allow_syscalls = []                # taken out of the deny-list, e.g. ["ptrace"]
+//! deny_syscalls = []                 # added to it
+//! token_env = false                  # true: also PIM_PLUGIN_TOKEN (clients that cannot read a descriptor)
+//! limits = { memory = "512MiB", processes = 256, open_files = 1024, cpu_time = "off" }  # each may be "off"
 //! ```
 //!
 //! A relative program path with a `/` in it is resolved against the file's
@@ -77,6 +89,56 @@ struct SidecarDoc {
     stuck_timeout: Option<Option<Duration>>,
     queue: Option<QueueDoc>,
     restart: Option<RestartDoc>,
+    user: Option<NameOrId>,
+    group: Option<NameOrId>,
+    sandbox: Option<SandboxDoc>,
+}
+
+/// A user or group: a name, or a number.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum NameOrId {
+    Id(u32),
+    Name(String),
+}
+
+impl NameOrId {
+    fn text(self) -> String {
+        match self {
+            Self::Id(n) => n.to_string(),
+            Self::Name(s) => s,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SandboxDoc {
+    landlock: Option<bool>,
+    #[serde(default)]
+    read_paths: Vec<PathBuf>,
+    #[serde(default)]
+    write_paths: Vec<PathBuf>,
+    seccomp: Option<bool>,
+    #[serde(default)]
+    allow_syscalls: Vec<String>,
+    #[serde(default)]
+    deny_syscalls: Vec<String>,
+    token_env: Option<bool>,
+    limits: Option<LimitsDoc>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsDoc {
+    #[serde(default, deserialize_with = "size_or_off")]
+    memory: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "count_or_off")]
+    processes: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "count_or_off")]
+    open_files: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "duration_or_off")]
+    cpu_time: Option<Option<Duration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,6 +202,55 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => Err(format!(
             "expected a duration like \"500ms\", \"5s\" or \"2m\", got {text:?}"
         )),
+    }
+}
+
+/// Parses a size: a number of bytes, or `"64KiB"`, `"512MiB"`, `"2GiB"`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let bad =
+        || format!("expected a size like \"512MiB\", \"2GiB\" or a number of bytes, got {text:?}");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{text:?} is more than 2^64 bytes"))
+}
+
+/// A number, a string of one, or `"off"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(u64),
+    Text(String),
+}
+
+fn size_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) => Ok(Some(Some(n))),
+        NumberOrText::Text(t) if t.trim() == "off" => Ok(Some(None)),
+        NumberOrText::Text(t) => parse_size(&t)
+            .map(|n| Some(Some(n)))
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+fn count_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) => Ok(Some(Some(n))),
+        NumberOrText::Text(t) if t.trim() == "off" => Ok(Some(None)),
+        NumberOrText::Text(t) => Err(serde::de::Error::custom(format!(
+            "expected a number or \"off\", got {t:?}"
+        ))),
     }
 }
 
@@ -251,6 +362,25 @@ pub fn parse_sidecars(text: &str, base_dir: &Path) -> Result<Vec<SidecarConfig>,
             }
         }
         config.allowed_uids = sc.allowed_uids;
+        config.user = sc.user.map(NameOrId::text);
+        config.group = sc.group.map(NameOrId::text);
+        if let Some(doc) = sc.sandbox {
+            let b = &mut config.sandbox;
+            b.landlock = doc.landlock.unwrap_or(b.landlock);
+            b.seccomp = doc.seccomp.unwrap_or(b.seccomp);
+            b.token_env = doc.token_env.unwrap_or(b.token_env);
+            b.read_paths = doc.read_paths.iter().map(|p| base_dir.join(p)).collect();
+            b.write_paths = doc.write_paths.iter().map(|p| base_dir.join(p)).collect();
+            b.allow_syscalls = doc.allow_syscalls;
+            b.deny_syscalls = doc.deny_syscalls;
+            if let Some(l) = doc.limits {
+                let m = &mut b.limits;
+                m.memory = l.memory.unwrap_or(m.memory);
+                m.processes = l.processes.unwrap_or(m.processes);
+                m.open_files = l.open_files.unwrap_or(m.open_files);
+                m.cpu_time = l.cpu_time.unwrap_or(m.cpu_time);
+            }
+        }
         if let Some(dir) = sc.data_dir {
             config.data_dir = match dir.as_str() {
                 "own" => crate::DataDir::Own,

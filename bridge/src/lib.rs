@@ -19,6 +19,7 @@
 
 mod config;
 mod conn;
+mod end;
 pub mod file;
 mod host;
 mod kinds;
@@ -26,6 +27,7 @@ mod output;
 mod overflow;
 mod plugin;
 pub mod queue;
+mod sandbox;
 mod secret;
 mod server;
 mod socket;
@@ -37,5 +39,7 @@ pub use config::{
     CommandSpec, ConfigError, ConnectionLimits, DataDir, Grants, Launch, QueueLimits,
     RestartPolicy, SidecarConfig,
 };
+pub use end::{EndReason, ProcessEnd};
 pub use pim_plugin_proto as proto;
 pub use plugin::{SidecarPlugin, SidecarStats};
+pub use sandbox::{default_denied_syscalls, Enforcement, ResourceLimits, Sandbox, SandboxReport};

@@ -13,8 +13,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, DataDir, Launch, SidecarConfig};
+use crate::end::ProcessEnd;
 use crate::host::Host;
 use crate::queue::{intern_kind, EventQueue, QueueStats};
+use crate::sandbox::{self, SandboxReport};
 use crate::supervisor::{SpawnSpec, Supervisor};
 use crate::{kinds, secret, server, socket};
 
@@ -61,6 +63,7 @@ impl std::fmt::Debug for SidecarPlugin {
 #[derive(Debug)]
 struct Running {
     host: Arc<Host>,
+    plan: Option<Arc<sandbox::Plan>>,
     supervisor: Option<Supervisor>,
     server: Mutex<Option<JoinHandle<()>>>,
     stopping: CancellationToken,
@@ -69,6 +72,7 @@ struct Running {
 
 /// Per-plugin figures, a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SidecarStats {
     /// Queue counters (delivered, acked, replayed, dropped, depth, bytes).
     pub queue: QueueStats,
@@ -101,6 +105,11 @@ pub struct SidecarStats {
     pub stuck_restarts: u64,
     /// The seq the sidecar was last found stuck on.
     pub last_stuck_seq: Option<u64>,
+    /// Why the last sidecar process ended, typed, with its last output.
+    pub last_end: Option<ProcessEnd>,
+    /// What the kernel enforces on a spawned sidecar (`None` for an
+    /// external one, or before `start`).
+    pub sandbox: Option<SandboxReport>,
 }
 
 impl SidecarPlugin {
@@ -135,8 +144,9 @@ impl SidecarPlugin {
         self.config.socket_path()
     }
 
-    /// The secret token a sidecar must present. A spawned sidecar gets it
-    /// in `PIM_PLUGIN_TOKEN`; for an external one the host writes it to
+    /// The secret token a sidecar must present. A spawned sidecar reads it
+    /// from the inherited descriptor that `PIM_PLUGIN_TOKEN_FD` names (and
+    /// from `PIM_PLUGIN_TOKEN` with `sandbox.token_env`); for an external one the host writes it to
     /// [`SidecarConfig::token_path`] (mode 0600) at start.
     pub fn token(&self) -> &str {
         &self.token
@@ -183,6 +193,11 @@ impl SidecarPlugin {
             restart_delays: sup.as_ref().map(|s| s.delays.clone()).unwrap_or_default(),
             stuck_restarts: sup.as_ref().map_or(0, |s| s.stuck_restarts),
             last_stuck_seq: sup.as_ref().and_then(|s| s.last_stuck_seq),
+            last_end: sup.as_ref().and_then(|s| s.last_end.clone()),
+            sandbox: running
+                .as_ref()
+                .and_then(|r| r.plan.as_ref())
+                .map(|p| p.report.clone()),
         }
     }
 
@@ -293,22 +308,54 @@ impl SidecarPlugin {
         // Every path a sidecar is handed is absolute: it may run in another
         // directory than the daemon.
         let socket_path = std::path::absolute(self.config.socket_path())?;
-        socket::prepare_dir(&self.config.socket_dir)?;
+        let spawned = matches!(self.config.launch, Launch::Spawn(_));
+        let identity = match spawned {
+            true => {
+                sandbox::resolve_identity(self.config.user.as_deref(), self.config.group.as_deref())
+                    .map_err(|e| anyhow::anyhow!("sidecar `{}`: {e}", self.name))?
+            }
+            false => sandbox::resolve_identity(None, None).map_err(anyhow::Error::msg)?,
+        };
+        // A sidecar of another uid must reach its socket by name: the
+        // directory opens to search (never to listing), the socket is its.
+        let owner = identity.switch.then_some((identity.uid, identity.gid));
+        socket::prepare_dir(&self.config.socket_dir, owner.is_some())?;
         let data_dir = std::path::absolute(self.config.data_dir.resolve(&ctx.data_dir, self.name))?;
         match &self.config.data_dir {
-            DataDir::Own => socket::prepare_data_dir(&data_dir, true)?,
-            DataDir::Path(_) => socket::prepare_data_dir(&data_dir, false)?,
+            DataDir::Own => socket::prepare_data_dir(&data_dir, true, owner)?,
+            DataDir::Path(_) => socket::prepare_data_dir(&data_dir, false, owner)?,
             DataDir::Daemon => {}
         }
-        let listener = socket::bind(&socket_path)?;
+        if let Some((uid, _)) = owner {
+            sandbox::check_reachable(&socket_path, uid, identity.gid)
+                .map_err(|e| anyhow::anyhow!("sidecar `{}`: socket_dir: {e}", self.name))?;
+        }
+        let plan = match &self.config.launch {
+            Launch::Spawn(command) => Some(Arc::new(
+                sandbox::Plan::new(
+                    self.name,
+                    &command.program,
+                    identity,
+                    &self.config.sandbox,
+                    &data_dir,
+                )
+                .map_err(|e| anyhow::anyhow!("sidecar `{}`: {e}", self.name))?,
+            )),
+            Launch::External => None,
+        };
+        let listener = socket::bind(&socket_path, owner)?;
         if matches!(self.config.launch, Launch::External) {
             socket::write_token(&self.config.token_path(), &self.token)?;
+        }
+        let mut config = self.config.clone();
+        if config.allowed_uids.is_empty() {
+            config.allowed_uids = vec![identity.uid];
         }
         let stopping = CancellationToken::new();
         let host = Arc::new(Host::new(
             self.name,
             self.kinds,
-            self.config.clone(),
+            config,
             ctx.clone(),
             data_dir,
             self.queue.clone(),
@@ -319,8 +366,8 @@ impl SidecarPlugin {
                 let _ = std::fs::remove_file(&socket_path);
             })?;
         tracing::info!(plugin = self.name, socket = %socket_path.display(), "serving sidecar socket");
-        let supervisor = match &self.config.launch {
-            Launch::Spawn(command) => Some(Supervisor::start(SpawnSpec {
+        let supervisor = match (&self.config.launch, &plan) {
+            (Launch::Spawn(command), Some(plan)) => Some(Supervisor::start(SpawnSpec {
                 plugin: self.name,
                 command: command.clone(),
                 socket: socket_path.clone(),
@@ -330,8 +377,9 @@ impl SidecarPlugin {
                 stuck_timeout: self.config.stuck_timeout,
                 shutdown_grace: self.config.shutdown_grace,
                 term_grace: self.config.term_grace,
+                plan: plan.clone(),
             })),
-            Launch::External => None,
+            _ => None,
         };
         if let Some(sup) = &supervisor {
             // The socket never evicts the sidecar's own connections.
@@ -348,6 +396,7 @@ impl SidecarPlugin {
         }
         Ok(Arc::new(Running {
             host,
+            plan,
             supervisor,
             server: Mutex::new(Some(server)),
             stopping,
@@ -365,7 +414,12 @@ impl SidecarPlugin {
         }
         let shutdown_seq = self.queue.push(PluginEvent::Shutdown { grace }).seq;
         match &running.supervisor {
-            Some(sup) => sup.stop().await,
+            Some(sup) => {
+                sup.stop().await;
+                if let Some(plan) = running.plan.clone() {
+                    let _ = tokio::task::spawn_blocking(move || plan.remove_cgroup()).await;
+                }
+            }
             None => {
                 // An external sidecar: wait for it to ack the Shutdown event or leave.
                 let _ = tokio::time::timeout(grace, async {

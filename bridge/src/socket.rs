@@ -7,8 +7,10 @@ use std::path::Path;
 use tokio::net::UnixListener;
 
 /// Creates `dir` with mode 0700, or checks an existing one: it must be a
-/// directory owned by this user and closed to everyone else.
-pub(crate) fn prepare_dir(dir: &Path) -> io::Result<()> {
+/// directory owned by this user and closed to everyone else. With
+/// `searchable` (a sidecar of another uid connects), others may search it
+/// (mode 0711): reach a socket by its name, never list the directory.
+pub(crate) fn prepare_dir(dir: &Path, searchable: bool) -> io::Result<()> {
     match std::fs::DirBuilder::new()
         .mode(0o700)
         .recursive(true)
@@ -36,21 +38,30 @@ pub(crate) fn prepare_dir(dir: &Path) -> io::Result<()> {
         ));
     }
     let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if mode & 0o066 != 0 {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!(
-                "socket directory {} has mode {mode:o}; it must be closed to group and others (chmod 700)",
+                "socket directory {} has mode {mode:o}; group and others may at most search it (chmod 700, or 711)",
                 dir.display()
             ),
         ));
+    }
+    if searchable && mode & 0o011 != 0o011 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))?;
     }
     Ok(())
 }
 
 /// Creates a plugin's data directory with mode 0700; with `close`, an
-/// existing one is closed to group and others too.
-pub(crate) fn prepare_data_dir(dir: &Path, close: bool) -> io::Result<()> {
+/// existing one is closed to group and others too. With an `owner` (the
+/// sidecar's own uid and gid) the directory becomes theirs, and its parent,
+/// if it is the `plugins` directory the bridge makes, searchable (0711).
+pub(crate) fn prepare_data_dir(
+    dir: &Path,
+    close: bool,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
     std::fs::DirBuilder::new()
         .mode(0o700)
         .recursive(true)
@@ -58,6 +69,22 @@ pub(crate) fn prepare_data_dir(dir: &Path, close: bool) -> io::Result<()> {
         .and_then(|()| match close {
             true => std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)),
             false => Ok(()),
+        })
+        .and_then(|()| match owner {
+            Some((uid, gid)) => {
+                std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+                match dir.parent() {
+                    Some(parent) if close && parent.file_name() == Some("plugins".as_ref()) => {
+                        let mode = std::fs::metadata(parent)?.mode() & 0o777;
+                        std::fs::set_permissions(
+                            parent,
+                            std::fs::Permissions::from_mode(mode | 0o011),
+                        )
+                    }
+                    _ => Ok(()),
+                }
+            }
+            None => Ok(()),
         })
         .map_err(|e| {
             io::Error::new(
@@ -67,9 +94,10 @@ pub(crate) fn prepare_data_dir(dir: &Path, close: bool) -> io::Result<()> {
         })
 }
 
-/// Binds `path` with mode 0600. A socket file left by a dead host is
-/// replaced; one that a live host still accepts on is not taken over.
-pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
+/// Binds `path` with mode 0600, owned by `owner` if given (the sidecar's
+/// uid and gid). A socket file left by a dead host is replaced; one that a
+/// live host still accepts on is not taken over.
+pub(crate) fn bind(path: &Path, owner: Option<(u32, u32)>) -> io::Result<UnixListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(io::Error::new(
@@ -85,6 +113,9 @@ pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    }
     Ok(listener)
 }
 

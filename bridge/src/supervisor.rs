@@ -3,19 +3,21 @@
 //! replacement on request, and the kill order at shutdown.
 
 use std::collections::VecDeque;
-use std::process::{ExitStatus, Stdio};
+use std::ffi::OsString;
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pim_plugin_proto::{env, EXIT_REFUSED, PROTOCOL_VERSION};
-use tokio::process::{Child, Command};
+use pim_plugin_proto::{env, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{CommandSpec, RestartPolicy};
+use crate::end::{classify, EndReason, ProcessEnd};
 use crate::output::forward;
 use crate::queue::EventQueue;
+use crate::sandbox::{spawn as sandboxed, Plan, Process};
 
 /// What the supervisor has seen so far.
 #[derive(Debug, Clone, Default)]
@@ -41,6 +43,8 @@ pub(crate) struct SupervisorState {
     pub(crate) replacements: u64,
     /// When a failed plugin is started again, if it will be.
     pub(crate) retry_at: Option<Instant>,
+    /// Why the last process ended, typed, with its last output.
+    pub(crate) last_end: Option<ProcessEnd>,
 }
 
 /// A handle to the supervising task.
@@ -65,6 +69,8 @@ pub(crate) struct SpawnSpec {
     pub(crate) stuck_timeout: Option<Duration>,
     pub(crate) shutdown_grace: Duration,
     pub(crate) term_grace: Duration,
+    /// The sandbox every process of this plugin runs in.
+    pub(crate) plan: Arc<Plan>,
 }
 
 impl Supervisor {
@@ -243,32 +249,28 @@ impl Supervision {
 
     /// Watches one process until it ends, is replaced, or supervision stops.
     async fn watch(&mut self, running: &mut Running) -> Next {
-        let status = tokio::select! {
+        let (status, reason) = tokio::select! {
             // Stopping wins over an exit seen at the same moment: a sidecar
             // that exits on its Shutdown event is not restarted.
             biased;
             () = self.stop.cancelled() => {
-                let how = terminate(&mut running.child, &self.spec).await;
-                running.drain().await;
-                self.state.send_modify(|s| {
-                    s.pid = None;
-                    s.last_exit = Some(how);
-                });
+                let status = terminate(&mut running.child, &self.spec).await;
+                self.ended(running, &status, EndReason::Stopped).await;
                 return Next::Stop;
             }
             Some(reply) = self.replace.recv() => {
                 tracing::info!("replacing the sidecar process");
-                let how = signal_then_kill(&mut running.child, self.spec.term_grace).await;
-                running.drain().await;
+                let status = signal_then_kill(&mut running.child, self.spec.term_grace).await;
                 self.crashes = CrashWindow::default();
-                self.state.send_modify(|s| {
-                    s.pid = None;
-                    s.last_exit = Some(how);
-                    s.replacements += 1;
-                });
+                self.ended(running, &status, EndReason::Replaced).await;
+                self.state.send_modify(|s| s.replacements += 1);
                 return Next::SpawnNow(Some(reply));
             }
-            status = running.child.wait() => status,
+            status = running.child.wait() => {
+                let oom = self.spec.plan.oom_kills() > running.oom_kills_before;
+                let reason = classify(&status, oom, self.spec.plan.memory_limit());
+                (status, reason)
+            }
             seq = stuck(&self.spec) => {
                 tracing::error!(
                     seq,
@@ -279,32 +281,35 @@ impl Supervision {
                     s.stuck_restarts += 1;
                     s.last_stuck_seq = Some(seq);
                 });
-                let _ = running.child.kill().await;
-                running.child.wait().await
+                (running.child.kill().await, EndReason::Stuck { seq })
             }
         };
-        running.drain().await;
-        let how = describe_exit(&status);
-        self.state.send_modify(|s| {
-            s.last_exit = Some(how.clone());
-            s.pid = None;
-        });
+        let end = self.ended(running, &status, reason.clone()).await;
         if self.stop.is_cancelled() {
-            tracing::info!(exit = %how, "sidecar exited");
+            tracing::info!(exit = %end.status, "sidecar exited");
             return Next::Stop;
         }
-        tracing::warn!(exit = %how, "sidecar process ended");
-        if matches!(&status, Ok(s) if s.code() == Some(i32::from(EXIT_REFUSED))) {
+        if end.last_output.is_empty() {
+            tracing::warn!(exit = %end.status, "sidecar process ended: {reason}");
+        } else {
+            tracing::warn!(
+                exit = %end.status,
+                "sidecar process ended: {reason}; its last output:\n  {}",
+                end.last_output.join("\n  ")
+            );
+        }
+        if reason == EndReason::Refused {
             return self
                 .fail(format!(
-                    "the host refused the sidecar's Register ({how}); it is not restarted until its configuration changes"
+                    "the host refused the sidecar's Register ({}); it is not restarted until its configuration changes",
+                    end.status
                 ))
                 .await;
         }
         if !self.crashes.record(&self.spec.restart) {
             return self
                 .fail(format!(
-                    "crash loop: more than {} restarts within {:?} (last: {how})",
+                    "crash loop: more than {} restarts within {:?} (last: {reason})",
                     self.spec.restart.max_restarts, self.spec.restart.window
                 ))
                 .await;
@@ -325,6 +330,39 @@ impl Supervision {
                 Next::SpawnNow(Some(reply))
             }
         }
+    }
+
+    /// Records a process's end: drains its output, kills what it left
+    /// behind (its process group, its cgroup), and publishes why it ended.
+    async fn ended(
+        &mut self,
+        running: &mut Running,
+        status: &std::io::Result<ExitStatus>,
+        reason: EndReason,
+    ) -> ProcessEnd {
+        running.child.kill_group();
+        let plan = self.spec.plan.clone();
+        let _ = tokio::task::spawn_blocking(move || plan.kill_leftovers()).await;
+        running.drain().await;
+        let end = ProcessEnd {
+            reason,
+            pid: running.pid,
+            ran_for: running.started.elapsed(),
+            status: describe_exit(status),
+            last_output: self
+                .tail
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned()
+                .collect(),
+        };
+        self.state.send_modify(|s| {
+            s.pid = None;
+            s.last_exit = Some(end.status.clone());
+            s.last_end = Some(end.clone());
+        });
+        end
     }
 
     /// Marks the plugin failed, logs why once with the sidecar's last
@@ -378,7 +416,11 @@ impl Supervision {
 
 /// A running child and the tasks forwarding its output.
 struct Running {
-    child: Child,
+    child: Process,
+    pid: u32,
+    started: Instant,
+    /// The cgroup's OOM kills before this process started.
+    oom_kills_before: u64,
     forwarders: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -416,12 +458,10 @@ fn stuck_check_period(timeout: Duration) -> Duration {
 }
 
 /// The kill order: wait for a voluntary exit, SIGTERM, wait, SIGKILL.
-/// Returns how the process ended.
-async fn terminate(child: &mut Child, spec: &SpawnSpec) -> String {
+async fn terminate(child: &mut Process, spec: &SpawnSpec) -> std::io::Result<ExitStatus> {
     if let Ok(status) = tokio::time::timeout(spec.shutdown_grace, child.wait()).await {
-        let how = describe_exit(&status);
-        tracing::info!(exit = %how, "sidecar exited");
-        return how;
+        tracing::info!(exit = %describe_exit(&status), "sidecar exited");
+        return status;
     }
     tracing::warn!(
         grace_ms = spec.shutdown_grace.as_millis() as u64,
@@ -431,20 +471,18 @@ async fn terminate(child: &mut Child, spec: &SpawnSpec) -> String {
 }
 
 /// SIGTERM, up to `term_grace` for the process to exit, then SIGKILL.
-async fn signal_then_kill(child: &mut Child, term_grace: Duration) -> String {
-    if let Some(pid) = child.id() {
-        // SAFETY: kill has no memory-safety preconditions; `pid` is our own
-        // child, not yet reaped, so it cannot have been reused.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+async fn signal_then_kill(
+    child: &mut Process,
+    term_grace: Duration,
+) -> std::io::Result<ExitStatus> {
+    if child.signal(libc::SIGTERM).is_ok() {
         if let Ok(status) = tokio::time::timeout(term_grace, child.wait()).await {
-            let how = describe_exit(&status);
-            tracing::info!(exit = %how, "sidecar exited after SIGTERM");
-            return how;
+            tracing::info!(exit = %describe_exit(&status), "sidecar exited after SIGTERM");
+            return status;
         }
     }
     tracing::warn!("sidecar ignored SIGTERM: SIGKILL");
-    let _ = child.start_kill();
-    describe_exit(&child.wait().await)
+    child.kill().await
 }
 
 fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
@@ -468,66 +506,105 @@ fn jitter(d: Duration) -> Duration {
     d + Duration::from_millis(if spread == 0 { 0 } else { nanos % spread })
 }
 
-async fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Result<Running> {
+/// The sidecar's environment: the configured and inherited variables,
+/// then the `PIM_PLUGIN_*` ones (the token's descriptor, not the token,
+/// unless `token_env` asks for it).
+fn environment(spec: &SpawnSpec) -> Vec<(OsString, OsString)> {
     let cmd = &spec.command;
-    let mut command = Command::new(&cmd.program);
-    command
-        .args(&cmd.args)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Not killed when the daemon's runtime drops this handle: a daemon
-        // that returns from `main` right after cancelling its plugins
-        // (pim-daemon without the patch) must leave the sidecar its grace,
-        // which the watchdog then keeps.
-        // Its own process group: a terminal's Ctrl-C reaches the daemon,
-        // which then shuts the sidecar down in order.
-        .process_group(0);
+    let mut vars: Vec<(OsString, OsString)> = Vec::new();
     for key in &cmd.inherit_env {
         if let Some(value) = std::env::var_os(key) {
-            command.env(key, value);
+            vars.push((key.clone(), value));
         }
     }
-    command
-        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .env(env::SOCKET, &spec.socket)
-        .env(env::TOKEN, &*spec.token)
-        .env(env::NAME, spec.plugin)
-        .env(env::PROTOCOL_VERSION, PROTOCOL_VERSION.to_string());
-    if let Some(dir) = &cmd.current_dir {
-        command.current_dir(dir);
+    vars.extend(cmd.env.iter().cloned());
+    vars.push((env::SOCKET.into(), spec.socket.clone().into()));
+    vars.push((env::TOKEN_FD.into(), sandboxed::TOKEN_FD.to_string().into()));
+    if spec.plan.token_env {
+        vars.push((env::TOKEN.into(), spec.token.to_string().into()));
     }
+    vars.push((env::NAME.into(), spec.plugin.into()));
+    vars.push((
+        env::PROTOCOL_VERSION.into(),
+        PROTOCOL_VERSION.to_string().into(),
+    ));
+    // A later variable of the same name wins, as in a shell.
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<_> = vars
+        .into_iter()
+        .rev()
+        .filter(|(k, _)| seen.insert(k.clone()))
+        .collect();
+    out.reverse();
+    out
+}
+
+/// Prepares and starts one sandboxed process (on the spawner thread), then
+/// wires its output into the log and the tail.
+async fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io::Result<Running> {
     let failed = |e: std::io::Error| {
         std::io::Error::new(
             e.kind(),
             format!(
                 "spawning sidecar `{}` ({}): {e}",
                 spec.plugin,
-                cmd.program.display()
+                spec.command.program.display()
             ),
         )
     };
-    crate::watchdog::arm(&mut command, spec.shutdown_grace, spec.term_grace).map_err(failed)?;
-    let mut child = spawn_from_spawner_thread(command).await.map_err(failed)?;
-    tracing::info!(pid = child.id(), program = %cmd.program.display(), "sidecar spawned");
+    let job_spec = spec.clone();
+    let oom_kills_before = spec.plan.oom_kills();
+    let started = on_spawner_thread(move || start_process(&job_spec))
+        .await
+        .map_err(failed)?;
+    let child = Process::new(started.pid, started.pidfd).map_err(failed)?;
+    tracing::info!(pid = started.pid, program = %spec.command.program.display(), "sidecar spawned");
     let mut forwarders = Vec::new();
-    if let Some(out) = child.stdout.take() {
+    for (fd, stream) in [(started.stdout, "stdout"), (started.stderr, "stderr")] {
+        let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(failed)?;
         forwarders.push(tokio::spawn(
-            forward(out, "stdout", tail.clone()).in_current_span(),
+            forward(pipe, stream, tail.clone()).in_current_span(),
         ));
     }
-    if let Some(err) = child.stderr.take() {
-        forwarders.push(tokio::spawn(
-            forward(err, "stderr", tail.clone()).in_current_span(),
-        ));
-    }
-    Ok(Running { child, forwarders })
+    Ok(Running {
+        child,
+        pid: started.pid,
+        started: Instant::now(),
+        oom_kills_before,
+        forwarders,
+    })
 }
 
-/// Spawns `command` from one long-lived thread, so that the daemon's
-/// runtime threads never block in fork and exec.
-async fn spawn_from_spawner_thread(mut command: Command) -> std::io::Result<Child> {
+/// Everything blocking about a spawn: the Landlock ruleset, the cgroup
+/// files, the prepared child, the clone.
+fn start_process(spec: &SpawnSpec) -> std::io::Result<sandboxed::Started> {
+    let plan = &spec.plan;
+    let (program, interpreter) = plan.program()?;
+    let landlock = plan.landlock_ruleset(&program, interpreter.as_deref())?;
+    let prepared = sandboxed::prepare(sandboxed::Request {
+        program: &program,
+        args: &spec.command.args,
+        env: environment(spec),
+        cwd: spec.command.current_dir.as_deref(),
+        token: &spec.token,
+        identity: plan.identity,
+        rlimits: plan.rlimits.clone(),
+        cgroup_files: plan.cgroup_files()?,
+        landlock: landlock.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+        seccomp: &plan.seccomp,
+        watchdog: crate::watchdog::prepare(spec.shutdown_grace, spec.term_grace)?,
+    })?;
+    let started = sandboxed::start(prepared);
+    drop(landlock);
+    started
+}
+
+/// Runs `job` on one long-lived thread: the daemon's runtime threads never
+/// block in a clone, and the parent-death signal (the fallback without a
+/// watchdog) is tied to a thread that lives as long as the daemon.
+async fn on_spawner_thread<T: Send + 'static>(
+    job: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
     type Job = Box<dyn FnOnce() + Send>;
     static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> =
         std::sync::OnceLock::new();
@@ -544,11 +621,9 @@ async fn spawn_from_spawner_thread(mut command: Command) -> std::io::Result<Chil
             });
         Mutex::new(tx)
     });
-    let handle = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Job = Box::new(move || {
-        let _runtime = handle.enter();
-        let _ = tx.send(command.spawn());
+        let _ = tx.send(job());
     });
     sender
         .lock()
@@ -575,6 +650,16 @@ mod tests {
             stuck_timeout: None,
             shutdown_grace: Duration::from_secs(1),
             term_grace: Duration::from_secs(1),
+            plan: Arc::new(
+                Plan::new(
+                    "quick",
+                    std::path::Path::new("/bin/true"),
+                    crate::sandbox::resolve_identity(None, None).unwrap(),
+                    &crate::Sandbox::off(),
+                    std::path::Path::new("/tmp"),
+                )
+                .unwrap(),
+            ),
         }
     }
 

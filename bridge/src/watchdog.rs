@@ -86,103 +86,101 @@ fn seconds(d: Duration) -> CString {
     CString::new(text).unwrap_or_default()
 }
 
-/// What the watchdog needs, handed over on the sidecar's stack (which is
-/// suspended until the watchdog exec'd).
+/// What the watchdog needs, prepared in the daemon and handed to the
+/// sidecar's child process, which starts the watchdog before its exec.
+#[derive(Debug)]
+pub(crate) struct Watchdog {
+    read_fd: libc::c_int,
+    // Kept alive for the pointers in `argv`.
+    _grace: CString,
+    _term: CString,
+    argv: [*const libc::c_char; 7],
+    envp: [*const libc::c_char; 2],
+    stack: Vec<u8>,
+}
+
+// SAFETY: the pointers point into the strings owned alongside them and into
+// static strings; nothing in `Watchdog` is tied to the thread that made it.
+unsafe impl Send for Watchdog {}
+
+/// The stack the watchdog runs on until its exec.
+const STACK_BYTES: usize = 16 * 1024;
+
+/// Prepares a watchdog that applies `shutdown_grace` and `term_grace` once
+/// the daemon's process is gone; `None` where `/bin/sh` or `sleep` is
+/// missing (the child then asks for the parent-death signal instead).
+pub(crate) fn prepare(
+    shutdown_grace: Duration,
+    term_grace: Duration,
+) -> std::io::Result<Option<Watchdog>> {
+    if !available() {
+        return Ok(None);
+    }
+    let read_fd = liveness_pipe()?.0.as_raw_fd();
+    let (grace, term) = (seconds(shutdown_grace), seconds(term_grace));
+    Ok(Some(Watchdog {
+        read_fd,
+        argv: [
+            SHELL.as_ptr(),
+            c"-c".as_ptr(),
+            SCRIPT.as_ptr(),
+            c"pim-watchdog".as_ptr(),
+            grace.as_ptr(),
+            term.as_ptr(),
+            std::ptr::null(),
+        ],
+        envp: [ENV_PATH.as_ptr(), std::ptr::null()],
+        _grace: grace,
+        _term: term,
+        stack: vec![0; STACK_BYTES],
+    }))
+}
+
+/// Starts the watchdog from the sidecar's child process before its exec.
+///
+/// # Safety
+///
+/// Only in the child between clone and exec, with every signal blocked:
+/// the watchdog borrows `w` (in memory the child shares with the daemon)
+/// and runs on `w.stack` until its own exec, while the child waits
+/// (`CLONE_VFORK`). Allocation-free: raw system calls only.
+pub(crate) unsafe fn start_in_child(w: &Watchdog, sidecar: libc::pid_t) -> Result<(), i32> {
+    let args = WatchArgs {
+        sidecar,
+        read_fd: w.read_fd,
+        argv: w.argv.as_ptr(),
+        envp: w.envp.as_ptr(),
+    };
+    // SAFETY: the stack is the watchdog's own, 16-byte aligned at its top;
+    // `args` outlives the watchdog's use of it (the call returns only after
+    // the watchdog exec'd or exited).
+    unsafe {
+        let top = w.stack.as_ptr().add(w.stack.len()).cast_mut();
+        let top = top.sub(top as usize % 16);
+        let pid = libc::clone(
+            watchdog_main,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&raw const args).cast_mut().cast(),
+        );
+        if pid < 0 {
+            return Err(*libc::__errno_location());
+        }
+    }
+    Ok(())
+}
+
+/// What `watchdog_main` reads, on the child's stack.
 #[repr(C)]
 struct WatchArgs {
     sidecar: libc::pid_t,
     read_fd: libc::c_int,
-    argv: [*const libc::c_char; 7],
-    envp: [*const libc::c_char; 2],
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
 }
 
-/// The stack the watchdog runs on until its exec. It runs in the forked
-/// sidecar's copy of the daemon's memory (`CLONE_VM`) while the sidecar is
-/// suspended, so every watchdog has its own copy of this buffer.
-const STACK_BYTES: usize = 32 * 1024;
-static mut WATCHDOG_STACK: [u8; STACK_BYTES] = [0; STACK_BYTES];
-
-/// Arranges for `command`'s process to get a watchdog that applies
-/// `shutdown_grace` and `term_grace` once the daemon's process is gone.
-pub(crate) fn arm(
-    command: &mut tokio::process::Command,
-    shutdown_grace: Duration,
-    term_grace: Duration,
-) -> std::io::Result<()> {
-    if !available() {
-        return parent_death_kill(command);
-    }
-    let read_fd = liveness_pipe()?.0.as_raw_fd();
-    let (grace, term) = (seconds(shutdown_grace), seconds(term_grace));
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (sigfillset, sigprocmask, getpid,
-    // clone) on data of its own stack and the strings it owns, allocated
-    // before the fork. The watchdog shares the child's memory but runs on
-    // its own stack while the child is suspended (`CLONE_VFORK`), and
-    // calls only raw system calls before its exec or `_exit`.
-    unsafe {
-        command.pre_exec(move || {
-            let mut args = WatchArgs {
-                sidecar: libc::getpid(),
-                read_fd,
-                argv: [
-                    SHELL.as_ptr(),
-                    c"-c".as_ptr(),
-                    SCRIPT.as_ptr(),
-                    c"pim-watchdog".as_ptr(),
-                    grace.as_ptr(),
-                    term.as_ptr(),
-                    std::ptr::null(),
-                ],
-                envp: [ENV_PATH.as_ptr(), std::ptr::null()],
-            };
-            // No signal handler of the daemon's may run in the watchdog
-            // before it has set its own dispositions.
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            let mut before: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::sigprocmask(libc::SIG_SETMASK, &all, &mut before);
-            let stack = (&raw mut WATCHDOG_STACK).cast::<u8>().add(STACK_BYTES);
-            let stack = stack.sub(stack as usize % 16);
-            let pid = libc::clone(
-                watchdog_main,
-                stack.cast(),
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-                (&raw mut args).cast(),
-            );
-            let clone_error = std::io::Error::last_os_error();
-            libc::sigprocmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
-            if pid < 0 {
-                return Err(clone_error);
-            }
-            Ok(())
-        });
-    }
-    Ok(())
-}
-
-/// The fallback without a shell: the kernel kills the sidecar when the
-/// thread that forked it ends (the spawner thread lives as long as the
-/// daemon's process).
-fn parent_death_kill(command: &mut tokio::process::Command) -> std::io::Result<()> {
-    // SAFETY: the closure runs between fork and exec and calls only prctl
-    // and getppid, both async-signal-safe system calls.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() == 1 {
-                return Err(std::io::Error::other("the daemon exited during spawn"));
-            }
-            Ok(())
-        });
-    }
-    Ok(())
-}
-
-/// The watchdog until its exec, on its own stack, in the sidecar's memory
-/// while the sidecar is suspended: raw system calls only.
+/// The watchdog until its exec, on its own stack, in memory shared with
+/// the suspended sidecar child: raw system calls only.
 extern "C" fn watchdog_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` points to the `WatchArgs` on the suspended child's
     // stack, valid until this process execs or exits; every call below is
@@ -217,7 +215,7 @@ extern "C" fn watchdog_main(arg: *mut libc::c_void) -> libc::c_int {
         libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
         let unblocked: libc::sigset_t = std::mem::zeroed();
         libc::sigprocmask(libc::SIG_SETMASK, &unblocked, std::ptr::null_mut());
-        libc::execve(SHELL.as_ptr(), args.argv.as_ptr(), args.envp.as_ptr());
+        libc::execve(SHELL.as_ptr(), args.argv, args.envp);
         libc::_exit(127)
     }
 }

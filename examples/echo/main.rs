@@ -42,7 +42,12 @@ impl Echo {
             return Ok(());
         };
         let _ = std::fs::remove_file(&path);
-        let listener = tokio::net::UnixListener::bind(&path)?;
+        let listener = tokio::net::UnixListener::bind(&path).map_err(|e| {
+            anyhow::anyhow!(
+                "binding the control socket {} (ECHO_CONTROL): {e}",
+                std::path::Path::new(&path).display()
+            )
+        })?;
         let awaited = self.awaited.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {

@@ -36,6 +36,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 def _generate_stubs():
     protos = sorted((PROTO_ROOT / "pim" / "plugin" / "v1").glob("*.proto"))
     stamp = GEN / ".stamp"
+    if not protos:
+        if stamp.exists():
+            return  # the proto tree is out of sight (a sandbox): the stubs stand
+        raise RuntimeError(f"no .proto files under {PROTO_ROOT} and no generated stubs in {GEN}")
     newest = max(p.stat().st_mtime for p in protos)
     if stamp.exists() and stamp.stat().st_mtime >= newest:
         return
@@ -214,6 +218,29 @@ def _read_token_file(path):
         return f.read().strip()
 
 
+def _read_token_fd(value):
+    """Reads the token from the inherited descriptor PIM_PLUGIN_TOKEN_FD, once, and closes it."""
+    try:
+        fd = int(value)
+    except ValueError:
+        raise Refused(f"PIM_PLUGIN_TOKEN_FD={value!r} is not a descriptor number") from None
+    chunks = []
+    try:
+        while True:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError as e:
+        raise Refused(f"reading the token from descriptor {fd} (PIM_PLUGIN_TOKEN_FD): {e}") from None
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return b"".join(chunks).decode("ascii", "replace").strip()
+
+
 def _options():
     socket_path = os.environ.get("PIM_PLUGIN_SOCKET")
     if not socket_path:
@@ -221,12 +248,15 @@ def _options():
     version = os.environ.get("PIM_PLUGIN_PROTOCOL_VERSION", str(PROTOCOL_VERSION))
     if version != str(PROTOCOL_VERSION):
         raise Refused(f"the host speaks protocol {version}, this module speaks {PROTOCOL_VERSION}")
-    token = os.environ.pop("PIM_PLUGIN_TOKEN", None)  # children must not inherit it
+    token_fd = os.environ.pop("PIM_PLUGIN_TOKEN_FD", None)  # children must not inherit it
+    token = os.environ.pop("PIM_PLUGIN_TOKEN", None)
     token_file = None
-    if token is None:
+    if token_fd is not None:
+        token = _read_token_fd(token_fd)
+    elif token is None:
         token_file = os.environ.get("PIM_PLUGIN_TOKEN_FILE")
         if not token_file:
-            raise Refused("neither PIM_PLUGIN_TOKEN nor PIM_PLUGIN_TOKEN_FILE is set")
+            raise Refused("none of PIM_PLUGIN_TOKEN_FD, PIM_PLUGIN_TOKEN and PIM_PLUGIN_TOKEN_FILE is set")
         token = _read_token_file(token_file)
     spawned = token_file is None
     return socket_path, token, token_file, (5.0 if spawned else None)

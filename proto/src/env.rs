@@ -2,7 +2,14 @@
 
 /// Path of the Unix socket the sidecar connects to.
 pub const SOCKET: &str = "PIM_PLUGIN_SOCKET";
-/// Secret bearer token for the `authorization` metadata of every call.
+/// The number of an inherited descriptor from which a spawned sidecar
+/// reads its token once (to end of file) and then closes: unlike the
+/// environment, which `/proc/<pid>/environ` keeps showing, nothing is left
+/// for another process to read.
+pub const TOKEN_FD: &str = "PIM_PLUGIN_TOKEN_FD";
+/// Secret bearer token for the `authorization` metadata of every call; the
+/// fallback for clients that cannot read `PIM_PLUGIN_TOKEN_FD`, set only
+/// when the daemon's configuration asks for it (`token_env`).
 pub const TOKEN: &str = "PIM_PLUGIN_TOKEN";
 /// Path of a file holding the token, for sidecars the host does not spawn.
 pub const TOKEN_FILE: &str = "PIM_PLUGIN_TOKEN_FILE";

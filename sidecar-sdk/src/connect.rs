@@ -46,10 +46,12 @@ impl std::fmt::Debug for ConnectOptions {
 }
 
 impl ConnectOptions {
-    /// Reads `PIM_PLUGIN_SOCKET` and the token (`PIM_PLUGIN_TOKEN`, else the
-    /// file named by `PIM_PLUGIN_TOKEN_FILE`), and removes `PIM_PLUGIN_TOKEN`
-    /// from this process's environment so that children do not inherit it.
-    /// Call it before starting other threads.
+    /// Reads `PIM_PLUGIN_SOCKET` and the token: from the descriptor named by
+    /// `PIM_PLUGIN_TOKEN_FD` (read to its end and closed), else
+    /// `PIM_PLUGIN_TOKEN`, else the file named by `PIM_PLUGIN_TOKEN_FILE`.
+    /// Removes `PIM_PLUGIN_TOKEN_FD` and `PIM_PLUGIN_TOKEN` from this
+    /// process's environment so that children do not inherit them. Call it
+    /// before starting other threads.
     pub fn from_env() -> anyhow::Result<Self> {
         let socket = std::env::var_os(env::SOCKET).ok_or_else(|| {
             anyhow::anyhow!(
@@ -69,17 +71,31 @@ impl ConnectOptions {
                 );
             }
         }
-        let (token, token_file, spawned) = match std::env::var(env::TOKEN) {
-            Ok(token) => {
+        let from_fd = std::env::var_os(env::TOKEN_FD);
+        if from_fd.is_some() {
+            // As below: `run` calls this before it builds its runtime.
+            std::env::remove_var(env::TOKEN_FD);
+        }
+        let (token, token_file, spawned) = match (from_fd, std::env::var(env::TOKEN)) {
+            (Some(fd), _) => {
+                std::env::remove_var(env::TOKEN);
+                (read_token_fd(&fd.to_string_lossy())?, None, true)
+            }
+            (None, Ok(token)) => {
                 // Children must not inherit the token. Modifying the environment
                 // is sound only while no other thread reads it: `run` calls this
                 // before it builds its runtime.
                 std::env::remove_var(env::TOKEN);
                 (token, None, true)
             }
-            Err(_) => {
+            (None, Err(_)) => {
                 let file = std::env::var_os(env::TOKEN_FILE).ok_or_else(|| {
-                    anyhow::anyhow!("neither {} nor {} is set", env::TOKEN, env::TOKEN_FILE)
+                    anyhow::anyhow!(
+                        "none of {}, {} and {} is set",
+                        env::TOKEN_FD,
+                        env::TOKEN,
+                        env::TOKEN_FILE
+                    )
                 })?;
                 let file = PathBuf::from(file);
                 (read_token_file(&file)?, Some(file), false)
@@ -94,6 +110,38 @@ impl ConnectOptions {
             busy_poll: busy_poll_from_env()?,
         })
     }
+}
+
+/// Reads the token from the inherited descriptor `fd` to its end, and
+/// closes it.
+fn read_token_fd(fd: &str) -> anyhow::Result<String> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let n: libc::c_int = fd.trim().parse().ok().filter(|n| *n > 2).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}={fd:?} is not a descriptor number above 2",
+            env::TOKEN_FD
+        )
+    })?;
+    // SAFETY: F_GETFD only asks whether the descriptor is open.
+    if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+        anyhow::bail!(
+            "{}={n}, but descriptor {n} is not open: the host passes it to the process it spawns",
+            env::TOKEN_FD
+        );
+    }
+    // SAFETY: the host opened this descriptor for this process to read the
+    // token from, once; nothing else in the process owns or uses it, and
+    // the File closes it.
+    let mut file = unsafe { std::fs::File::from_raw_fd(n) };
+    let mut token = String::new();
+    file.read_to_string(&mut token).map_err(|e| {
+        anyhow::anyhow!(
+            "reading the token from descriptor {n} ({}): {e}",
+            env::TOKEN_FD
+        )
+    })?;
+    Ok(token.trim().to_owned())
 }
 
 /// Environment variable that sets [`ConnectOptions::busy_poll`], in

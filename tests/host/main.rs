@@ -13,7 +13,7 @@
 //! `cancel-exit`: what pim-daemon 0.1.18 does on SIGTERM, cancelling
 //! `PluginContext::cancel` and exiting 100 ms later without awaiting any
 //! plugin's `shutdown()`. `--mode` is passed to the probe as `PROBE_MODE`
-//! (with `PROBE_MARKER=<dir>/marker`); `--grace` and `--term` set
+//! (with `PROBE_MARKER=<dir>/plugins/<name>/marker`); `--grace` and `--term` set
 //! `shutdown_grace` (default 2000) and `term_grace` (default 2000).
 
 use std::path::PathBuf;
@@ -60,7 +60,12 @@ async fn main() -> anyhow::Result<()> {
             if let Some(mode) = mode {
                 command = command
                     .env("PROBE_MODE", mode)
-                    .env("PROBE_MARKER", dir.join("marker"));
+                    // In the plugin's own data directory: the only one its
+                    // sandbox lets it write.
+                    .env(
+                        "PROBE_MARKER",
+                        dir.join("plugins").join(&name).join("marker"),
+                    );
             }
             SidecarConfig::spawn(&name, kinds, dir.join("sock"), command)
         }

@@ -83,7 +83,7 @@ impl tonic::service::Interceptor for AuthCheck {
                 "refused a call without `authorization` metadata"
             );
             return Err(Status::unauthenticated(
-                "missing `authorization: Bearer <token>` metadata (the token is in PIM_PLUGIN_TOKEN)",
+                "missing `authorization: Bearer <token>` metadata (a spawned sidecar reads the token from the descriptor PIM_PLUGIN_TOKEN_FD names, an external one from <socket_dir>/<name>.token)",
             ));
         };
         let presented = auth::token_of(value.as_bytes()).unwrap_or_default();
