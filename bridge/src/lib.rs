@@ -43,3 +43,6 @@ pub use end::{EndReason, ProcessEnd};
 pub use pim_plugin_proto as proto;
 pub use plugin::{SidecarPlugin, SidecarStats};
 pub use sandbox::{default_denied_syscalls, Enforcement, ResourceLimits, Sandbox, SandboxReport};
+
+#[cfg(test)]
+mod alloc_probe;

@@ -663,6 +663,63 @@ mod tests {
         }
     }
 
+    /// The child between clone and exec allocates nothing and takes no
+    /// lock: 200 sandboxed spawns while two threads allocate as fast as
+    /// they can all finish, and no allocation is made by another process.
+    #[test]
+    fn spawning_is_allocation_free_while_other_threads_allocate() {
+        let mut spec = spec();
+        spec.plan = Arc::new(
+            Plan::new(
+                "forksafe",
+                std::path::Path::new("/bin/true"),
+                crate::sandbox::resolve_identity(None, None).unwrap(),
+                &crate::Sandbox::default(),
+                std::path::Path::new("/tmp"),
+            )
+            .unwrap(),
+        );
+        crate::alloc_probe::watch();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn: Vec<_> = (0..2)
+            .map(|i| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let v: Vec<u64> = (0..(64 + i * 512)).collect();
+                        n += v.len() as u64;
+                        drop(std::hint::black_box(v));
+                    }
+                    n
+                })
+            })
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawner = std::thread::spawn(move || {
+            for _ in 0..200 {
+                let started = start_process(&spec).expect("spawn");
+                super::sandboxed::reap_blocking(&started.pidfd);
+            }
+            spec.plan.remove_cgroup();
+            let _ = tx.send(());
+        });
+        let finished = rx.recv_timeout(Duration::from_secs(120));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let allocated: u64 = churn.into_iter().map(|t| t.join().unwrap()).sum();
+        assert!(
+            finished.is_ok(),
+            "200 spawns did not finish in 120 s: a child deadlocked"
+        );
+        spawner.join().unwrap();
+        assert!(allocated > 0);
+        assert_eq!(
+            crate::alloc_probe::foreign_allocations(),
+            0,
+            "a spawned child allocated before its exec"
+        );
+    }
+
     #[test]
     fn a_stuck_sidecar_is_found_within_a_twentieth_of_its_timeout() {
         for secs in [1, 30, 300] {

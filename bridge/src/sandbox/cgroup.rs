@@ -66,6 +66,15 @@ impl Cgroup {
         }
     }
 
+    /// The group's directories, one per controller.
+    pub(crate) fn paths(&self) -> Vec<PathBuf> {
+        [&self.memory, &self.pids]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
     /// Whether memory is limited by the cgroup (not by an rlimit).
     pub(crate) fn limits_memory(&self) -> bool {
         self.memory.is_some()

@@ -19,6 +19,16 @@ pub(crate) struct Identity {
 pub(crate) fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Identity, String> {
     // SAFETY: geteuid and getegid have no preconditions and cannot fail.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    resolve_as(euid, egid, user, group)
+}
+
+/// [`resolve`] for a daemon running as `euid`/`egid`.
+fn resolve_as(
+    euid: u32,
+    egid: u32,
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<Identity, String> {
     if user.is_none() && group.is_none() {
         return Ok(Identity {
             uid: euid,
@@ -146,13 +156,20 @@ mod tests {
     }
 
     #[test]
+    fn a_daemon_that_is_not_root_refuses_a_user_saying_why() {
+        let err = resolve_as(1000, 1000, Some("65534"), None).unwrap_err();
+        assert!(
+            err.contains("need the daemon to run as root, and it runs as uid 1000"),
+            "{err}"
+        );
+        let err = resolve_as(1000, 1000, None, Some("65534")).unwrap_err();
+        assert!(err.contains("need the daemon to run as root"), "{err}");
+        assert!(!resolve_as(1000, 1000, None, None).unwrap().switch);
+    }
+
+    #[test]
     fn names_and_numbers_resolve_or_say_what_they_are_not() {
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            let err = resolve(Some("65534"), None).unwrap_err();
-            assert!(err.contains("need the daemon to run as root"), "{err}");
-            return;
-        }
+        let resolve = |u, g| resolve_as(0, 0, u, g);
         let id = resolve(Some("61001"), None).unwrap();
         assert_eq!((id.uid, id.gid, id.switch), (61001, 61001, true));
         let id = resolve(Some("61001"), Some("61002")).unwrap();

@@ -171,6 +171,8 @@ pub struct SandboxReport {
     pub seccomp: Enforcement,
     /// The memory and process limits of its cgroup (elsewhere: rlimits).
     pub cgroup: Enforcement,
+    /// The cgroup's directories (`memory`, `pids`), where it has one.
+    pub cgroup_paths: Vec<PathBuf>,
 }
 
 /// What every spawn of one plugin shares: its identity, its seccomp
@@ -262,6 +264,7 @@ impl Plan {
         let rlimits = rlimits(&limits, cgroup.as_ref(), identity.switch)?;
         let mut write_paths = sandbox.write_paths.clone();
         write_paths.push(data_dir.to_owned());
+        let cgroup_paths = cgroup.as_ref().map(Cgroup::paths).unwrap_or_default();
         Ok(Self {
             identity,
             program: program.to_owned(),
@@ -279,6 +282,7 @@ impl Plan {
                 landlock_abi,
                 seccomp: seccomp_state,
                 cgroup: cgroup_state,
+                cgroup_paths,
             },
         })
     }

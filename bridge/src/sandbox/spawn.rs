@@ -520,8 +520,8 @@ fn last_cap() -> u32 {
         .unwrap_or(40)
 }
 
-/// Waits for a child that failed before its exec.
-fn reap_blocking(pidfd: &OwnedFd) {
+/// Waits for a child (one that failed before its exec, or in tests).
+pub(crate) fn reap_blocking(pidfd: &OwnedFd) {
     // SAFETY: siginfo_t is plain old data filled by waitid.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: waitid on our own child's pidfd.

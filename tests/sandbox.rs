@@ -1,0 +1,331 @@
+//! The sandbox a spawned sidecar runs in, read off the real kernel: no
+//! capabilities, `no_new_privs`, a seccomp filter, a Landlock domain, a
+//! cgroup of its own, a uid of its own, the token out of its environment;
+//! and the limits that stop one, with the reason the supervisor gives.
+
+mod support;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pim_plugin_bridge::proto::pb;
+use pim_plugin_bridge::proto::pb::plugin_session_client::PluginSessionClient;
+use pim_plugin_bridge::testkit::{FakeHost, PortCall};
+use pim_plugin_bridge::{CommandSpec, EndReason, Enforcement, SidecarConfig};
+use pim_protocol::ControlFrame;
+use support::*;
+
+/// A line of `/proc/<pid>/status`, without its name.
+fn status(pid: u32, field: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawned_sidecar_has_no_privileges_and_no_token_in_its_environment() {
+    init_logging();
+    let dir = temp_dir();
+    let host = FakeHost::start(probe_named(dir.path(), "bare"), dir.path())
+        .await
+        .unwrap();
+    let pid = host.plugin().pid().unwrap();
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(status(pid, set), "0000000000000000", "{set}");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Only a privileged daemon can empty the bounding set.
+        assert_eq!(status(pid, "CapBnd"), "0000000000000000");
+    }
+    assert_eq!(status(pid, "NoNewPrivs"), "1");
+    assert_eq!(status(pid, "Seccomp"), "2", "a seccomp filter");
+    assert_eq!(
+        status(pid, "Seccomp_filters"),
+        "2",
+        "the deny-list and clone3"
+    );
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(environ.contains("PIM_PLUGIN_TOKEN_FD=3"), "{environ}");
+    assert!(
+        !environ.contains(host.plugin().token()),
+        "the token is in the sidecar's original environment block"
+    );
+    let report = host.plugin().stats().sandbox.expect("a sandbox report");
+    assert_eq!(report.seccomp, Enforcement::Enforced);
+    // Under CI=true Landlock must be there (its kernels have it);
+    // elsewhere wherever this kernel has it.
+    if std::env::var("CI").as_deref() == Ok("true") || report.landlock_abi > 0 {
+        assert_eq!(report.landlock, Enforcement::Enforced, "{report:?}");
+        assert!(report.landlock_abi >= 1);
+    }
+    if root_or_skip("a cgroup of its own needs a root daemon") {
+        assert_eq!(report.cgroup, Enforcement::Enforced, "{report:?}");
+        let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert!(
+            groups
+                .lines()
+                .any(|l| l.contains(":memory:") && l.contains("-bare")),
+            "{groups}"
+        );
+        assert!(
+            groups
+                .lines()
+                .any(|l| l.contains(":pids:") && l.contains("-bare")),
+            "{groups}"
+        );
+    }
+    host.shutdown().await;
+}
+
+/// A copy of `bin` in a directory any uid can reach, as a sidecar of
+/// another user needs (the build directory may sit under a closed home).
+fn reachable_copy(bin: &Path, dir: &Path) -> PathBuf {
+    let bins = dir.join("bin");
+    std::fs::create_dir_all(&bins).unwrap();
+    std::fs::set_permissions(&bins, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = bins.join(bin.file_name().unwrap());
+    std::fs::copy(bin, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+/// A test directory other uids may search (a temp dir is 0700).
+fn searchable_temp_dir() -> tempfile::TempDir {
+    let dir = temp_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_runs_as_its_own_user_with_its_socket_and_directory_its_own() {
+    init_logging();
+    if !root_or_skip("switching a sidecar's uid needs a root daemon") {
+        return;
+    }
+    let dir = searchable_temp_dir();
+    let echo = reachable_copy(&echo_bin(), dir.path());
+    let mut config = SidecarConfig::spawn(
+        "echo",
+        ["echo.ping", "echo.pong"],
+        dir.path().join("sock"),
+        CommandSpec::new(echo),
+    );
+    config.user = Some("61001".into());
+    config.group = Some("61002".into());
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let pid = host.plugin().pid().unwrap();
+    assert_eq!(status(pid, "Uid"), "61001\t61001\t61001\t61001");
+    assert_eq!(status(pid, "Gid"), "61002\t61002\t61002\t61002");
+    assert_eq!(status(pid, "Groups"), "", "supplementary groups cleared");
+    assert_eq!(status(pid, "CapBnd"), "0000000000000000");
+    let socket = std::fs::metadata(host.plugin().socket_path()).unwrap();
+    assert_eq!(
+        (socket.uid(), socket.gid(), socket.mode() & 0o777),
+        (61001, 61002, 0o600)
+    );
+    let sock_dir = std::fs::metadata(dir.path().join("sock")).unwrap();
+    assert_eq!(sock_dir.mode() & 0o777, 0o711, "searchable, not listable");
+    let data = std::fs::metadata(dir.path().join("plugins/echo")).unwrap();
+    assert_eq!(
+        (data.uid(), data.gid(), data.mode() & 0o777),
+        (61001, 61002, 0o700)
+    );
+    // It works: a ping is answered by name.
+    let alice = node(1);
+    host.ports().add_peer(alice, [1; 32], "alice");
+    host.inject_payload(alice, "echo.ping", "hi").await;
+    host.ports()
+        .wait_until(WAIT, |calls| {
+            calls
+                .iter()
+                .any(|c| {
+                    matches!(c, PortCall::SendRouted { frame: ControlFrame::PluginPayload { kind, .. }, .. } if kind == "echo.pong")
+                })
+                .then_some(())
+        })
+        .await
+        .unwrap();
+    // allowed_uids defaults to the sidecar's uid: root, with the token, is refused.
+    let ch = pim_sidecar::connect_channel(&host.plugin().socket_path())
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(pb::RegisterRequest::default());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", host.plugin().token()).parse().unwrap(),
+    );
+    let err = PluginSessionClient::new(ch)
+        .register(req)
+        .await
+        .expect_err("root is not the plugin's uid");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("allowed uids: [61001]"), "{err:?}");
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_that_cannot_reach_its_data_directory_is_refused_naming_the_directory() {
+    init_logging();
+    if !root_or_skip("switching a sidecar's uid needs a root daemon") {
+        return;
+    }
+    let dir = temp_dir();
+    // Closed: uid 61001 cannot enter it.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut config = SidecarConfig::spawn(
+        "echo",
+        ["echo.ping", "echo.pong"],
+        dir.path().join("sock"),
+        CommandSpec::new(echo_bin()),
+    );
+    config.user = Some("61001".into());
+    config.required = true;
+    let err = FakeHost::start(config, dir.path())
+        .await
+        .expect_err("unreachable data dir")
+        .to_string();
+    assert!(
+        err.contains("uid 61001 cannot reach")
+            && err.contains(&dir.path().display().to_string())
+            && err.contains("mode 700"),
+        "{err}"
+    );
+}
+
+/// A sidecar whose command is `program args…` and that never registers.
+fn plain(dir: &Path, name: &str, program: &str, args: &[&str]) -> SidecarConfig {
+    let mut cmd = CommandSpec::new(program);
+    cmd.args = args.iter().map(Into::into).collect();
+    let mut config = SidecarConfig::spawn(name, [format!("{name}.cmd")], dir.join("sock"), cmd);
+    config.wait_for_register = false;
+    config.restart.initial_backoff = Duration::from_millis(50);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_over_its_memory_limit_is_killed_and_reported_out_of_memory() {
+    init_logging();
+    if !root_or_skip("a memory cgroup needs a root daemon") {
+        return;
+    }
+    let dir = temp_dir();
+    // `tail` keeps an endless line in memory.
+    let mut config = plain(dir.path(), "hog", "tail", &["/dev/zero"]);
+    config.sandbox.limits.memory = Some(64 * 1024 * 1024);
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    eventually("the sidecar to be killed for memory", || {
+        host.plugin().stats().last_end.is_some()
+    })
+    .await;
+    let end = host.plugin().stats().last_end.unwrap();
+    assert_eq!(
+        end.reason,
+        EndReason::OutOfMemory {
+            limit_bytes: Some(64 * 1024 * 1024)
+        },
+        "{end:?}"
+    );
+    assert!(end.status.contains("signal 9"), "{end:?}");
+    eventually("the restart", || host.plugin().stats().restarts >= 1).await;
+    assert!(logged(|l| l.contains(
+        "sidecar process ended: killed by the kernel: out of memory (limit 64 MiB)"
+    )));
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_past_its_cpu_time_is_stopped_and_restarted() {
+    init_logging();
+    let dir = temp_dir();
+    let mut config = plain(dir.path(), "spin", "sh", &["-c", "while :; do :; done"]);
+    config.sandbox.limits.cpu_time = Some(Duration::from_secs(1));
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    eventually("the sidecar to use up its second", || {
+        host.plugin().stats().last_end.is_some()
+    })
+    .await;
+    let end = host.plugin().stats().last_end.unwrap();
+    assert_eq!(end.reason, EndReason::CpuTimeLimit, "{end:?}");
+    eventually("the restart", || host.plugin().stats().restarts >= 1).await;
+    host.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forking_sidecar_is_held_to_its_process_limit_and_leaves_nothing_behind() {
+    init_logging();
+    if !root_or_skip("a pids cgroup needs a root daemon") {
+        return;
+    }
+    let dir = temp_dir();
+    // Children that leave its process group, until a fork is refused.
+    let script = "i=0; while [ $i -lt 200 ]; do setsid sleep 60 & i=$((i+1)); done; wait";
+    let mut config = plain(dir.path(), "forks", "sh", &["-c", script]);
+    config.sandbox.limits.processes = Some(16);
+    config.restart.max_restarts = 0;
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let report = host.plugin().stats().sandbox.unwrap();
+    let cgroup = report
+        .cgroup_paths
+        .iter()
+        .find(|p| p.join("pids.max").exists())
+        .unwrap_or_else(|| panic!("no pids group: {report:?}"))
+        .clone();
+    assert_eq!(
+        std::fs::read_to_string(cgroup.join("pids.max"))
+            .unwrap()
+            .trim(),
+        "16"
+    );
+    eventually("the shell to give up", || host.plugin().stats().failed).await;
+    let end = host.plugin().stats().last_end.unwrap();
+    assert!(
+        end.last_output.iter().any(|l| l.contains("Cannot fork")),
+        "{end:?}"
+    );
+    let refused: u64 = std::fs::read_to_string(cgroup.join("pids.events"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(refused > 0, "the kernel refused no fork");
+    // The children it left, outside its process group, are gone with it.
+    let members = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
+    assert_eq!(members.lines().count(), 0, "left behind: {members}");
+    host.shutdown().await;
+    assert!(
+        !cgroup.exists(),
+        "the group is removed when the plugin stops"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_open_files_are_refused_by_the_kernel() {
+    init_logging();
+    let dir = temp_dir();
+    // Opens descriptors until refused, then reports how many it held.
+    let script = "for i in $(seq 3 5000); do eval \"exec $i</dev/null\" 2>/dev/null || { echo opened $((i - 3)); exit 3; }; done; echo opened all; exit 4";
+    let mut config = plain(dir.path(), "fds", "bash", &["-c", script]);
+    config.sandbox.limits.open_files = Some(64);
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    eventually("the script to stop", || {
+        host.plugin().stats().last_end.is_some()
+    })
+    .await;
+    let end = host.plugin().stats().last_end.unwrap();
+    assert_eq!(end.reason, EndReason::Exited { code: 3 }, "{end:?}");
+    let opened = end
+        .last_output
+        .iter()
+        .find_map(|l| l.split("opened ").nth(1))
+        .and_then(|n| n.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no count in {:?}", end.last_output));
+    assert!(opened < 64, "held {opened} descriptors with a limit of 64");
+    host.shutdown().await;
+}
