@@ -329,3 +329,211 @@ async fn too_many_open_files_are_refused_by_the_kernel() {
     assert!(opened < 64, "held {opened} descriptors with a limit of 64");
     host.shutdown().await;
 }
+
+/// One line of the hostile sidecar's report.
+#[derive(Debug)]
+struct Attempt {
+    attack: String,
+    outcome: String,
+    detail: String,
+}
+
+fn report(path: &Path) -> Vec<Attempt> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| Attempt {
+            attack: v["attack"].as_str().unwrap_or_default().to_owned(),
+            outcome: v["outcome"].as_str().unwrap_or_default().to_owned(),
+            detail: v["detail"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect()
+}
+
+fn hostile_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hostile-sidecar"))
+}
+
+/// Every attack of the hostile sidecar, run as a spawned sidecar next to
+/// an echo plugin and an external plugin (whose token is a file), with the
+/// default sandbox: as the daemon's uid (root under CI, without any
+/// capability), and as a uid of its own. Each attack is refused or
+/// contained, the neighbour keeps answering, the hostile one is not even
+/// restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_sidecar_is_refused_or_contained_and_its_neighbours_work_on() {
+    init_logging();
+    hostile_round(None).await;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        hostile_round(Some("61003")).await;
+    }
+}
+
+async fn hostile_round(user: Option<&str>) {
+    let dir = searchable_temp_dir();
+    let secret = dir.path().join("daemon.key");
+    std::fs::write(&secret, "the daemon's signing key").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The neighbours: a spawned echo and an external plugin.
+    let echo = FakeHost::start(
+        SidecarConfig::spawn(
+            "echo",
+            ["echo.ping", "echo.pong"],
+            dir.path().join("sock"),
+            CommandSpec::new(echo_bin()),
+        ),
+        dir.path(),
+    )
+    .await
+    .unwrap();
+    let external = FakeHost::start(
+        SidecarConfig::external("ext", ["ext.cmd"], dir.path().join("sock")),
+        dir.path(),
+    )
+    .await
+    .unwrap();
+    let echo_pid = echo.plugin().pid().unwrap();
+    let data = dir.path().join("plugins/hostile");
+    let report_path = data.join("report.jsonl");
+    let program = match user {
+        Some(_) => reachable_copy(&hostile_bin(), dir.path()),
+        None => hostile_bin(),
+    };
+    let join = |paths: &[&Path]| {
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let sock = dir.path().join("sock");
+    let echo_data = dir.path().join("plugins/echo");
+    let tmp = std::env::temp_dir();
+    let cmd = CommandSpec::new(program)
+        .env("HOSTILE_REPORT", &report_path)
+        .env("HOSTILE_SECRET_FILE", &secret)
+        .env(
+            "HOSTILE_OTHER_TOKEN_FILE",
+            external.plugin().socket_path().with_extension("token"),
+        )
+        .env("HOSTILE_OTHER_PID", echo_pid.to_string())
+        .env("HOSTILE_LIST_DIRS", join(&[&sock, &echo_data, dir.path()]))
+        .env(
+            "HOSTILE_WRITE_DIRS",
+            join(&[dir.path(), &echo_data, &sock, &tmp]),
+        )
+        .env("HOSTILE_OTHER_SOCKET", echo.plugin().socket_path())
+        .env("HOSTILE_OTHER_NAME", "echo")
+        .env("HOSTILE_OTHER_KINDS", "echo.ping,echo.pong");
+    let mut config = SidecarConfig::spawn(
+        "hostile",
+        ["hostile.cmd", "hostile.seq"],
+        dir.path().join("sock"),
+        cmd,
+    );
+    config.user = user.map(Into::into);
+    config.sandbox.limits.processes = Some(32);
+    config.sandbox.limits.open_files = Some(256);
+    let hostile = FakeHost::start(config, dir.path()).await.unwrap();
+    eventually("the hostile sidecar to finish its attacks", || {
+        report(&report_path).iter().any(|a| a.attack == "done")
+    })
+    .await;
+    let attempts = report(&report_path);
+    for a in &attempts {
+        println!(
+            "figure: hostile ({}) {:<22} {:<9} {}",
+            user.unwrap_or("daemon uid"),
+            a.attack,
+            a.outcome,
+            a.detail
+        );
+    }
+    let expected = [
+        ("read_secret", "refused"),
+        ("read_token_file", "refused"),
+        ("read_environ", "refused"),
+        ("list_dirs", "refused"),
+        ("write_outside", "refused"),
+        ("connect_other_socket", "refused"),
+        ("read_daemon_memory", "refused"),
+        ("ptrace", "refused"),
+        ("signal_outside", "refused"),
+        ("mount", "refused"),
+        ("unshare", "refused"),
+        ("bpf", "refused"),
+        ("keyctl", "refused"),
+        ("fork_bomb", "contained"),
+        ("open_files", "contained"),
+    ];
+    for (attack, outcome) in expected {
+        let a = attempts
+            .iter()
+            .find(|a| a.attack == attack)
+            .unwrap_or_else(|| panic!("no report of {attack}: {attempts:?}"));
+        assert_eq!(a.outcome, outcome, "{attack}: {}", a.detail);
+    }
+    assert!(!secret.with_file_name("hostile-was-here").exists());
+    // The neighbour works on; the hostile one was never stopped.
+    let alice = node(1);
+    echo.ports().add_peer(alice, [1; 32], "alice");
+    echo.inject_payload(alice, "echo.ping", "still there?")
+        .await;
+    echo.ports()
+        .wait_until(WAIT, |calls| {
+            calls
+                .iter()
+                .any(|c| matches!(c, PortCall::SendRouted { frame: ControlFrame::PluginPayload { kind, .. }, .. } if kind == "echo.pong"))
+                .then_some(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(echo.plugin().stats().restarts, 0);
+    let stats = hostile.plugin().stats();
+    assert!(stats.connected && stats.restarts == 0, "{stats:?}");
+    hostile.shutdown().await;
+    external.shutdown().await;
+    echo.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_sidecar_allocating_past_its_limit_is_killed_and_restarted() {
+    init_logging();
+    if !root_or_skip("a memory cgroup needs a root daemon") {
+        return;
+    }
+    let dir = temp_dir();
+    let report_path = dir.path().join("plugins/hog/report.jsonl");
+    let cmd = CommandSpec::new(hostile_bin())
+        .env("HOSTILE_ATTACKS", "memory")
+        .env("HOSTILE_KINDS", "hog.cmd")
+        .env("HOSTILE_MEMORY_MIB", "1024")
+        .env("HOSTILE_REPORT", &report_path);
+    let mut config = SidecarConfig::spawn("hog", ["hog.cmd"], dir.path().join("sock"), cmd);
+    config.sandbox.limits.memory = Some(96 * 1024 * 1024);
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    eventually("the hog to be killed", || {
+        host.plugin().stats().last_end.is_some()
+    })
+    .await;
+    let end = host.plugin().stats().last_end.unwrap();
+    assert_eq!(
+        end.reason,
+        EndReason::OutOfMemory {
+            limit_bytes: Some(96 * 1024 * 1024)
+        },
+        "{end:?}"
+    );
+    let progress: Vec<_> = report(&report_path)
+        .into_iter()
+        .filter(|a| a.attack == "memory")
+        .collect();
+    assert!(
+        progress.iter().all(|a| a.outcome == "progress"),
+        "the allocation never failed or finished: {progress:?}"
+    );
+    eventually("the restart", || host.plugin().stats().restarts >= 1).await;
+    host.shutdown().await;
+}

@@ -30,7 +30,7 @@ use pim_core::NodeId;
 use pim_plugin::{
     ControlSender, DaemonPlugin, IdentitySecrets, PeerDirectory, PeerDirectoryEvent, PluginContext,
 };
-use pim_plugin_bridge::{CommandSpec, QueueLimits, SidecarConfig, SidecarPlugin};
+use pim_plugin_bridge::{CommandSpec, QueueLimits, Sandbox, SidecarConfig, SidecarPlugin};
 use pim_protocol::ControlFrame;
 use pim_sidecar::proto::pb;
 use tokio::sync::{broadcast, mpsc};
@@ -654,34 +654,106 @@ async fn round_trips(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::R
     Ok(())
 }
 
-async fn spawn_to_registered(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<()> {
-    println!(
-        "\n# spawn -> registered, the Rust echo sidecar ({} starts; daemon RSS {} MiB)",
-        scale.spawns,
-        status_kib("VmRSS:") / 1024
-    );
+/// `pim-bench spawn <ballast MiB> <on|off> <n>`: in a fresh process that
+/// first grows its RSS by the ballast (touched), spawns the echo sidecar `n`
+/// times with the sandbox on or off and prints
+/// `spawn <rss KiB> <median ns> <max ns>`.
+async fn spawn_probe(ballast_mib: usize, sandbox: bool, n: usize) -> anyhow::Result<()> {
+    let ballast: Vec<u8> = vec![1u8; ballast_mib << 20];
+    std::hint::black_box(&ballast);
+    let dir = tempfile::Builder::new()
+        .prefix("pim-bench-spawn-")
+        .tempdir()?;
     let exe = std::env::current_exe()?;
     let mut times = Vec::new();
-    for i in 0..scale.spawns {
+    for i in 0..n {
         let mut config = SidecarConfig::spawn(
             "echo",
             ["echo.ping", "echo.pong"],
-            dir.join(format!("sock-spawn{i}")),
+            dir.path().join(format!("sock{i}")),
             CommandSpec::new(&exe).arg("echo"),
         );
         config.stuck_timeout = None;
+        if !sandbox {
+            config.sandbox = Sandbox::off();
+        }
         let started = Instant::now();
-        let host = start_host(config, dir).await?;
+        let host = start_host(config, dir.path()).await?;
         times.push(started.elapsed().as_nanos() as u64);
         host.stop().await;
     }
-    let (med, p99) = median_p99(&mut times);
+    let (med, max) = median_p99(&mut times);
+    println!("spawn {} {med} {max}", status_kib("VmRSS:"));
+    drop(ballast);
+    Ok(())
+}
+
+/// Runs one spawn probe; returns (RSS KiB, median ns, max ns).
+async fn run_spawn_probe(
+    ballast_mib: usize,
+    sandbox: bool,
+    n: usize,
+) -> anyhow::Result<(u64, u64, u64)> {
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "spawn",
+            &ballast_mib.to_string(),
+            if sandbox { "on" } else { "off" },
+            &n.to_string(),
+        ])
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<u64> = text
+        .lines()
+        .find(|l| l.starts_with("spawn "))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "the spawn probe failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?
+        .split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    anyhow::ensure!(f.len() == 3, "the spawn probe printed {text}");
+    Ok((f[0], f[1], f[2]))
+}
+
+async fn spawn_to_registered(report: &mut Report, scale: Scale) -> anyhow::Result<()> {
+    println!(
+        "\n# spawn -> registered, the Rust echo sidecar ({} starts per row, each row a fresh daemon process)",
+        scale.spawns
+    );
+    let ballast = if scale.spawns > 2 { 1024 } else { 64 };
+    let (small_rss, small, small_max) = run_spawn_probe(0, true, scale.spawns).await?;
+    let (big_rss, big, big_max) = run_spawn_probe(ballast, true, scale.spawns).await?;
+    let (_, off, off_max) = run_spawn_probe(0, false, scale.spawns).await?;
     report.row(
-        "spawn -> registered  median / max",
-        format!("{} / {}", ns(med), ns(p99)),
-        String::new(),
-        String::new(),
-        Target::at_most(med as f64, 2_000_000.0, "<= 2 ms"),
+        &format!(
+            "sandbox on, daemon RSS {} MiB  median / max",
+            small_rss / 1024
+        ),
+        format!("{} / {}", ns(small), ns(small_max)),
+        format!("sandbox off {} / {}", ns(off), ns(off_max)),
+        format!("{:.2}x", small as f64 / off.max(1) as f64),
+        Target::at_most(small as f64, 2_000_000.0, "<= 2 ms"),
+    );
+    report.row(
+        &format!(
+            "sandbox on, daemon RSS {} MiB  median / max",
+            big_rss / 1024
+        ),
+        format!("{} / {}", ns(big), ns(big_max)),
+        format!("RSS {} MiB {}", small_rss / 1024, ns(small)),
+        format!("{:.2}x", big as f64 / small.max(1) as f64),
+        Target::at_most(
+            big as f64 / small.max(1) as f64,
+            1.10,
+            "<= 1.10x the small daemon (flat)",
+        ),
     );
     Ok(())
 }
@@ -798,7 +870,7 @@ async fn bench(smoke: bool) -> anyhow::Result<Report> {
     // depends on the daemon's size; here it is a small daemon at start-up
     // (the row says how big), not one that just ran a million-event burst.
     if run("spawn") {
-        spawn_to_registered(&mut report, scale, dir.path()).await?;
+        spawn_to_registered(&mut report, scale).await?;
     }
     if run("cost") {
         handle_payload_cost(&mut report, scale, dir.path()).await?;
@@ -850,6 +922,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.first().map(String::as_str) == Some("spawn") {
+        let num =
+            |i: usize, default: usize| args.get(i).and_then(|n| n.parse().ok()).unwrap_or(default);
+        let sandbox = args.get(2).map(String::as_str) != Some("off");
+        return match runtime.block_on(spawn_probe(num(1, 0), sandbox, num(3, 20))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("spawn probe: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.first().map(String::as_str) == Some("memory") {
         let mib = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(64);
         return match runtime.block_on(memory_probe(mib)) {
