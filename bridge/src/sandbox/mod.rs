@@ -192,6 +192,22 @@ pub(crate) struct Plan {
     pub(crate) rlimits: Vec<(u32, u64, u64)>,
     pub(crate) token_env: bool,
     pub(crate) report: SandboxReport,
+    /// The last ruleset built, with the files it was built for.
+    #[allow(clippy::type_complexity)]
+    ruleset: std::sync::Mutex<
+        Option<(
+            Vec<(PathBuf, Option<(u64, u64, i64)>)>,
+            std::sync::Arc<std::os::fd::OwnedFd>,
+        )>,
+    >,
+}
+
+/// Device, inode and change time of `path`, if it exists.
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.ctime()))
 }
 
 impl Plan {
@@ -275,6 +291,7 @@ impl Plan {
             cgroup: cgroup.map(std::sync::Mutex::new),
             rlimits,
             token_env: sandbox.token_env,
+            ruleset: std::sync::Mutex::new(None),
             report: SandboxReport {
                 uid: identity.uid,
                 gid: identity.gid,
@@ -301,20 +318,39 @@ impl Plan {
         Ok((program, interpreter))
     }
 
-    /// A fresh Landlock ruleset (numbered above the standard descriptors)
-    /// for `program`, if Landlock is on.
+    /// The Landlock ruleset (numbered above the standard descriptors) for
+    /// `program`, if Landlock is on. A ruleset holds the inodes of its
+    /// paths: it is reused while the program, its interpreter and the
+    /// writable directories are the same files, and built anew otherwise
+    /// (an upgraded program is a new inode).
     pub(crate) fn landlock_ruleset(
         &self,
         program: &std::path::Path,
         interpreter: Option<&std::path::Path>,
-    ) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+    ) -> std::io::Result<Option<std::sync::Arc<std::os::fd::OwnedFd>>> {
         if !self.landlock {
             return Ok(None);
         }
-        landlock::ruleset(program, interpreter, &self.read_paths, &self.write_paths)
+        let key: Vec<(PathBuf, Option<(u64, u64, i64)>)> = std::iter::once(program)
+            .chain(interpreter)
+            .chain(self.write_paths.iter().map(PathBuf::as_path))
+            .map(|p| (p.to_owned(), file_identity(p)))
+            .collect();
+        let mut cached = self.ruleset.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, fd)) = cached.as_ref() {
+            if *k == key {
+                return Ok(Some(fd.clone()));
+            }
+        }
+        let fd = landlock::ruleset(program, interpreter, &self.read_paths, &self.write_paths)
             .map_err(std::io::Error::other)?
             .map(spawn::high)
-            .transpose()
+            .transpose()?
+            .map(std::sync::Arc::new);
+        if let Some(fd) = &fd {
+            *cached = Some((key, fd.clone()));
+        }
+        Ok(fd)
     }
 
     /// The files through which a new process joins the cgroup.
@@ -403,14 +439,19 @@ fn rlimits(
 const CAP_SYS_RESOURCE: u32 = 24;
 pub(crate) const CAP_SETPCAP: u32 = 8;
 
-/// Whether this process has `cap` in its effective set.
+/// Whether this process has `cap` in its effective set (read once: a
+/// daemon does not gain capabilities as it runs).
 pub(crate) fn has_capability(cap: u32) -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << cap) != 0)
+    static EFFECTIVE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let caps = *EFFECTIVE.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            })
+            .unwrap_or(0)
+    });
+    caps & (1 << cap) != 0
 }

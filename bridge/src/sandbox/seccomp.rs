@@ -79,10 +79,28 @@ const NAMESPACE_FLAGS: &[u64] = &[
 
 /// The compiled filters: the deny-list (`EPERM`) and `clone3` (`ENOSYS`).
 /// `None` on an architecture `seccompiler` does not know.
+/// Compiled once per process for each configuration (compiling costs
+/// about two milliseconds; most plugins share the default).
 pub(crate) fn filters(
     allow: &[String],
     deny: &[String],
 ) -> Result<Option<Vec<BpfProgram>>, String> {
+    type Cache = std::collections::HashMap<(Vec<String>, Vec<String>), Option<Vec<BpfProgram>>>;
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<Cache>> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (allow.to_vec(), deny.to_vec());
+    if let Some(hit) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(hit.clone());
+    }
+    let built = build(allow, deny)?;
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, built.clone());
+    Ok(built)
+}
+
+fn build(allow: &[String], deny: &[String]) -> Result<Option<Vec<BpfProgram>>, String> {
     let Some(arch) = target_arch() else {
         return Ok(None);
     };
