@@ -193,14 +193,12 @@ pub(crate) struct Plan {
     pub(crate) token_env: bool,
     pub(crate) report: SandboxReport,
     /// The last ruleset built, with the files it was built for.
-    #[allow(clippy::type_complexity)]
-    ruleset: std::sync::Mutex<
-        Option<(
-            Vec<(PathBuf, Option<(u64, u64, i64)>)>,
-            std::sync::Arc<std::os::fd::OwnedFd>,
-        )>,
-    >,
+    ruleset: std::sync::Mutex<Option<(RulesetKey, std::sync::Arc<std::os::fd::OwnedFd>)>>,
 }
+
+/// The files a ruleset was built for: each path with its device, inode and
+/// change time.
+type RulesetKey = Vec<(PathBuf, Option<(u64, u64, i64)>)>;
 
 /// Device, inode and change time of `path`, if it exists.
 fn file_identity(path: &std::path::Path) -> Option<(u64, u64, i64)> {
@@ -331,7 +329,7 @@ impl Plan {
         if !self.landlock {
             return Ok(None);
         }
-        let key: Vec<(PathBuf, Option<(u64, u64, i64)>)> = std::iter::once(program)
+        let key: RulesetKey = std::iter::once(program)
             .chain(interpreter)
             .chain(self.write_paths.iter().map(PathBuf::as_path))
             .map(|p| (p.to_owned(), file_identity(p)))
