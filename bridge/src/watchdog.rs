@@ -1,8 +1,9 @@
 //! The per-sidecar watchdog: the graceful stop, and no orphans, even when
 //! the daemon exits without stopping its plugins or is SIGKILLed.
 //!
-//! Between fork and exec, the sidecar's process starts one more process,
-//! the watchdog, and waits until it has exec'd (`CLONE_VFORK`) a three-line
+//! Between clone and exec, the sidecar's process starts one more process,
+//! the watchdog, before the sandbox applies, and waits until it has exec'd
+//! (`CLONE_VFORK`) a three-line
 //! `/bin/sh` script: so the watchdog holds none of the daemon's memory (no
 //! secrets, no copy-on-write pages) and none of its descriptors but the
 //! read end of a pipe whose only write end lives in the daemon. It blocks

@@ -18,8 +18,8 @@ pub struct ConnectOptions {
     /// The file the token was read from, read again before each reconnect
     /// (a restarted host writes a new token there).
     pub token_file: Option<PathBuf>,
-    /// Whether the host spawned this process (the token came in
-    /// `PIM_PLUGIN_TOKEN`). A spawned sidecar gives up on a lost host after
+    /// Whether the host spawned this process (the token came through
+    /// `PIM_PLUGIN_TOKEN_FD` or `PIM_PLUGIN_TOKEN`). A spawned sidecar gives up on a lost host after
     /// `reconnect_timeout`; one that runs on its own retries forever.
     pub spawned: bool,
     /// How long to keep retrying a lost host before exiting. `None` retries

@@ -186,4 +186,59 @@ fn the_readme_settings_are_the_defaults() {
     assert_eq!(shown.stuck_timeout, defaults.stuck_timeout);
     assert_eq!(shown.allowed_uids, defaults.allowed_uids);
     assert_eq!(shown.grants, defaults.grants);
+    assert_eq!(shown.sandbox, defaults.sandbox);
+    assert_eq!(
+        (&shown.user, &shown.group),
+        (&defaults.user, &defaults.group)
+    );
+}
+
+#[test]
+fn the_sandbox_settings_are_read_and_bad_ones_named() {
+    let text = r#"
+[[sidecar]]
+name = "echo"
+payload_kinds = ["echo.ping"]
+command = ["/bin/echo-sidecar"]
+socket_dir = "/run/pim"
+user = 61001
+group = "pim-echo"
+
+[sidecar.sandbox]
+landlock = false
+read_paths = ["share"]
+write_paths = ["/var/cache/echo"]
+allow_syscalls = ["ptrace"]
+deny_syscalls = ["kill"]
+token_env = true
+limits = { memory = "2GiB", processes = "off", open_files = 4096, cpu_time = "1h" }
+"#;
+    let c = &parse_sidecars(text, Path::new("/etc/pim")).unwrap()[0];
+    assert_eq!(c.user.as_deref(), Some("61001"));
+    assert_eq!(c.group.as_deref(), Some("pim-echo"));
+    let b = &c.sandbox;
+    assert!(!b.landlock && b.seccomp && b.token_env);
+    assert_eq!(b.read_paths, vec![PathBuf::from("/etc/pim/share")]);
+    assert_eq!(b.write_paths, vec![PathBuf::from("/var/cache/echo")]);
+    assert_eq!((b.allow_syscalls.as_slice(), b.deny_syscalls.as_slice()), (&["ptrace".to_owned()][..], &["kill".to_owned()][..]));
+    assert_eq!(b.limits.memory, Some(2 << 30));
+    assert_eq!(b.limits.processes, None);
+    assert_eq!(b.limits.open_files, Some(4096));
+    assert_eq!(b.limits.cpu_time, Some(Duration::from_secs(3600)));
+    let bad = |limits: &str| err(&text.replace(
+        r#"limits = { memory = "2GiB", processes = "off", open_files = 4096, cpu_time = "1h" }"#,
+        limits,
+    ));
+    let e = bad(r#"limits = { memory = "2GB" }"#);
+    assert!(e.contains("expected a size like"), "{e}");
+    let e = bad(r#"limits = { memory = "1MiB" }"#);
+    assert!(e.contains("sidecar[0].sandbox.limits.memory") && e.contains("at least 4 MiB"), "{e}");
+    let e = bad(r#"limits = { open_files = 3 }"#);
+    assert!(e.contains("sidecar[0].sandbox.limits.open_files"), "{e}");
+    let e = bad(r#"limits = { processes = "lots" }"#);
+    assert!(e.contains(r#"expected a number or \"off\""#) || e.contains("expected a number or"), "{e}");
+    let e = bad(r#"limits = { frobs = 1 }"#);
+    assert!(e.contains("frobs"), "{e}");
+    assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+    assert!(parse_size("99999999999GiB").unwrap_err().contains("more than 2^64"));
 }
