@@ -220,25 +220,38 @@ limits = { memory = "2GiB", processes = "off", open_files = 4096, cpu_time = "1h
     assert!(!b.landlock && b.seccomp && b.token_env);
     assert_eq!(b.read_paths, vec![PathBuf::from("/etc/pim/share")]);
     assert_eq!(b.write_paths, vec![PathBuf::from("/var/cache/echo")]);
-    assert_eq!((b.allow_syscalls.as_slice(), b.deny_syscalls.as_slice()), (&["ptrace".to_owned()][..], &["kill".to_owned()][..]));
+    assert_eq!(
+        (b.allow_syscalls.as_slice(), b.deny_syscalls.as_slice()),
+        (&["ptrace".to_owned()][..], &["kill".to_owned()][..])
+    );
     assert_eq!(b.limits.memory, Some(2 << 30));
     assert_eq!(b.limits.processes, None);
     assert_eq!(b.limits.open_files, Some(4096));
     assert_eq!(b.limits.cpu_time, Some(Duration::from_secs(3600)));
-    let bad = |limits: &str| err(&text.replace(
+    let bad = |limits: &str| {
+        err(&text.replace(
         r#"limits = { memory = "2GiB", processes = "off", open_files = 4096, cpu_time = "1h" }"#,
         limits,
-    ));
+    ))
+    };
     let e = bad(r#"limits = { memory = "2GB" }"#);
     assert!(e.contains("expected a size like"), "{e}");
     let e = bad(r#"limits = { memory = "1MiB" }"#);
-    assert!(e.contains("sidecar[0].sandbox.limits.memory") && e.contains("at least 4 MiB"), "{e}");
+    assert!(
+        e.contains("sidecar[0].sandbox.limits.memory") && e.contains("at least 4 MiB"),
+        "{e}"
+    );
     let e = bad(r#"limits = { open_files = 3 }"#);
     assert!(e.contains("sidecar[0].sandbox.limits.open_files"), "{e}");
     let e = bad(r#"limits = { processes = "lots" }"#);
-    assert!(e.contains(r#"expected a number or \"off\""#) || e.contains("expected a number or"), "{e}");
+    assert!(
+        e.contains(r#"expected a number or \"off\""#) || e.contains("expected a number or"),
+        "{e}"
+    );
     let e = bad(r#"limits = { frobs = 1 }"#);
     assert!(e.contains("frobs"), "{e}");
     assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
-    assert!(parse_size("99999999999GiB").unwrap_err().contains("more than 2^64"));
+    assert!(parse_size("99999999999GiB")
+        .unwrap_err()
+        .contains("more than 2^64"));
 }
