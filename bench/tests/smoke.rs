@@ -48,5 +48,5 @@ fn the_benchmark_runs_end_to_end_in_smoke_mode() {
     ] {
         assert!(stdout.contains(section), "no `{section}` in:\n{stdout}");
     }
-    assert!(stdout.contains("smoke run: 22 figures printed"), "{stdout}");
+    assert!(stdout.contains("smoke run: 23 figures printed"), "{stdout}");
 }
