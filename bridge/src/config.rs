@@ -387,6 +387,12 @@ impl SidecarConfig {
             if value.as_deref().is_some_and(str::is_empty) {
                 return Err(ConfigError::new(field, "must not be empty"));
             }
+            if value.is_some() && matches!(self.launch, Launch::External) {
+                return Err(ConfigError::new(
+                    field,
+                    "applies to a spawned sidecar only: an external one runs as whoever started it (add its uid to allowed_uids)",
+                ));
+            }
         }
         if let Some(n) = self.sandbox.limits.open_files {
             if n < 16 {

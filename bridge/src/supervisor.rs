@@ -340,7 +340,6 @@ impl Supervision {
         status: &std::io::Result<ExitStatus>,
         reason: EndReason,
     ) -> ProcessEnd {
-        running.child.kill_group();
         let plan = self.spec.plan.clone();
         let _ = tokio::task::spawn_blocking(move || plan.kill_leftovers()).await;
         running.drain().await;
@@ -616,7 +615,10 @@ async fn on_spawner_thread<T: Send + 'static>(
             .name("pim-sidecar-spawner".into())
             .spawn(move || {
                 for job in rx {
-                    job();
+                    // A job that panics must not end the thread: the
+                    // parent-death signal of sidecars started without a
+                    // watchdog is tied to it. Its caller sees the error.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                 }
             });
         Mutex::new(tx)
@@ -630,8 +632,9 @@ async fn on_spawner_thread<T: Send + 'static>(
         .unwrap_or_else(|e| e.into_inner())
         .send(job)
         .map_err(|_| std::io::Error::other("the sidecar spawner thread is gone"))?;
-    rx.await
-        .map_err(|_| std::io::Error::other("the sidecar spawner thread is gone"))?
+    rx.await.map_err(|_| {
+        std::io::Error::other("the spawn failed inside the sidecar spawner thread (it panicked)")
+    })?
 }
 
 #[cfg(test)]
@@ -668,17 +671,30 @@ mod tests {
     /// they can all finish, and no allocation is made by another process.
     #[test]
     fn spawning_is_allocation_free_while_other_threads_allocate() {
-        let mut spec = spec();
-        spec.plan = Arc::new(
-            Plan::new(
-                "forksafe",
-                std::path::Path::new("/bin/true"),
-                crate::sandbox::resolve_identity(None, None).unwrap(),
-                &crate::Sandbox::default(),
-                std::path::Path::new("/tmp"),
+        let plan = |user: Option<&str>| {
+            Arc::new(
+                Plan::new(
+                    "forksafe",
+                    std::path::Path::new("/bin/true"),
+                    crate::sandbox::resolve_identity(user, None).unwrap(),
+                    &crate::Sandbox::default(),
+                    std::path::Path::new("/tmp"),
+                )
+                .unwrap(),
             )
-            .unwrap(),
-        );
+        };
+        let mut spec = spec();
+        spec.plan = plan(None);
+        // As root, every step runs: the uid switch, securebits, the
+        // bounding set, the cgroup.
+        // SAFETY: geteuid cannot fail.
+        let mut switched = spec.clone();
+        if unsafe { libc::geteuid() } == 0 {
+            switched.plan = plan(Some("61001"));
+        }
+        // And a child that fails at a stage and reports it.
+        let mut failing = spec.clone();
+        failing.command.current_dir = Some("/nonexistent/dir".into());
         crate::alloc_probe::watch();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let churn: Vec<_> = (0..2)
@@ -697,11 +713,21 @@ mod tests {
             .collect();
         let (tx, rx) = std::sync::mpsc::channel();
         let spawner = std::thread::spawn(move || {
-            for _ in 0..200 {
-                let started = start_process(&spec).expect("spawn");
+            for i in 0..200 {
+                let spec = if i % 2 == 0 { &spec } else { &switched };
+                let started = start_process(spec).expect("spawn");
                 super::sandboxed::reap_blocking(&started.pidfd);
+                if i % 20 == 0 {
+                    let err = start_process(&failing).expect_err("a bad working directory");
+                    assert!(
+                        err.to_string()
+                            .contains("changing to the working directory"),
+                        "{err}"
+                    );
+                }
             }
             spec.plan.remove_cgroup();
+            switched.plan.remove_cgroup();
             let _ = tx.send(());
         });
         let finished = rx.recv_timeout(Duration::from_secs(120));

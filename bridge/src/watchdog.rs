@@ -29,6 +29,8 @@ use std::time::Duration;
 const SCRIPT: &CStr = c"read x <&3; sleep \"$1\"; kill -TERM \"$PPID\" 2>/dev/null || exit 0; sleep \"$2\"; kill -KILL \"$PPID\" 2>/dev/null";
 const SHELL: &CStr = c"/bin/sh";
 const ENV_PATH: &CStr = c"PATH=/usr/bin:/bin";
+/// `CAP_KILL` (linux/capability.h).
+const CAP_KILL: libc::c_int = 5;
 
 /// The pipe whose write end only the daemon holds (close-on-exec, so no
 /// sidecar inherits it): created once per process, both ends above the
@@ -97,7 +99,7 @@ pub(crate) struct Watchdog {
     _term: CString,
     argv: [*const libc::c_char; 7],
     envp: [*const libc::c_char; 2],
-    stack: Vec<u8>,
+    stack: crate::sandbox::spawn::Stack,
 }
 
 // SAFETY: the pointers point into the strings owned alongside them and into
@@ -133,7 +135,7 @@ pub(crate) fn prepare(
         envp: [ENV_PATH.as_ptr(), std::ptr::null()],
         _grace: grace,
         _term: term,
-        stack: vec![0; STACK_BYTES],
+        stack: crate::sandbox::spawn::Stack::new(STACK_BYTES)?,
     }))
 }
 
@@ -145,19 +147,23 @@ pub(crate) fn prepare(
 /// the watchdog borrows `w` (in memory the child shares with the daemon)
 /// and runs on `w.stack` until its own exec, while the child waits
 /// (`CLONE_VFORK`). Allocation-free: raw system calls only.
-pub(crate) unsafe fn start_in_child(w: &Watchdog, sidecar: libc::pid_t) -> Result<(), i32> {
+pub(crate) unsafe fn start_in_child(
+    w: &Watchdog,
+    sidecar: libc::pid_t,
+    privileged: Option<u32>,
+) -> Result<(), i32> {
     let args = WatchArgs {
         sidecar,
         read_fd: w.read_fd,
         argv: w.argv.as_ptr(),
         envp: w.envp.as_ptr(),
+        last_cap: privileged.map_or(-1, |c| c as libc::c_int),
     };
-    // SAFETY: the stack is the watchdog's own, 16-byte aligned at its top;
+    // SAFETY: the stack is the watchdog's own mapping, aligned at its top;
     // `args` outlives the watchdog's use of it (the call returns only after
     // the watchdog exec'd or exited).
     unsafe {
-        let top = w.stack.as_ptr().add(w.stack.len()).cast_mut();
-        let top = top.sub(top as usize % 16);
+        let top = w.stack.top();
         let pid = libc::clone(
             watchdog_main,
             top.cast(),
@@ -178,6 +184,9 @@ struct WatchArgs {
     read_fd: libc::c_int,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
+    /// The highest capability number, when the daemon may drop
+    /// capabilities (it is root); -1 otherwise.
+    last_cap: libc::c_int,
 }
 
 /// The watchdog until its exec, on its own stack, in memory shared with
@@ -192,10 +201,22 @@ extern "C" fn watchdog_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::getppid() != args.sidecar {
             libc::_exit(0);
         }
-        // Signals meant for the sidecar's process group (a terminal's, a
-        // service manager's) must not end the watchdog; the rest take
-        // their default action, none runs a handler of the daemon's.
-        for signal in 1..libc::SIGRTMAX() {
+        // Of root's powers it keeps one, to signal a sidecar of another
+        // uid: CAP_KILL is all that /bin/sh gets at exec.
+        if args.last_cap >= 0 {
+            for cap in 0..=args.last_cap {
+                if cap != CAP_KILL {
+                    libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong);
+                }
+            }
+        }
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        // Out of the daemon's session and process group; signals a
+        // terminal or a service manager sends to that group must not end
+        // the watchdog either. The rest take their default action: none
+        // runs a handler of the daemon's.
+        libc::setsid();
+        for signal in 1..=libc::SIGRTMAX() {
             let disposition = match signal {
                 libc::SIGKILL | libc::SIGSTOP => continue,
                 libc::SIGTERM | libc::SIGINT | libc::SIGHUP | libc::SIGQUIT => libc::SIG_IGN,

@@ -24,7 +24,8 @@
 //! `{"attack":"done","outcome":"done","detail":""}`; `memory` also writes
 //! `{"attack":"memory","outcome":"progress","detail":"<n> MiB"}` every 64 MiB.
 //!
-//! The attacks and their inputs: `read_secret` (`HOSTILE_SECRET_FILE`),
+//! The attacks and their inputs: `read_secret` and `chmod_secret`
+//! (`HOSTILE_SECRET_FILE`),
 //! `read_token_file` (`HOSTILE_OTHER_TOKEN_FILE`), `read_environ`
 //! (`HOSTILE_OTHER_PID`), `list_dirs` (`HOSTILE_LIST_DIRS`, comma separated),
 //! `write_outside` (`HOSTILE_WRITE_DIRS`, comma separated),
@@ -142,6 +143,11 @@ const ATTACKS: &[Attack] = &[
         name: "read_secret",
         lethal: false,
         run: read_secret,
+    },
+    Attack {
+        name: "chmod_secret",
+        lethal: false,
+        run: chmod_secret,
     },
     Attack {
         name: "read_token_file",
@@ -340,6 +346,19 @@ fn read_secret(_: &mut Attacker) -> Finding {
     match std::fs::read(&path) {
         Ok(bytes) => Finding::succeeded(format!("read {} bytes of {path}", bytes.len())),
         Err(e) => Finding::refused(format!("{path}: {e}")),
+    }
+}
+
+/// `chmod_secret`: makes `HOSTILE_SECRET_FILE` readable by everyone, as a
+/// capless uid 0 may (it owns root's files) unless something stops it.
+fn chmod_secret(_: &mut Attacker) -> Finding {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = env_var("HOSTILE_SECRET_FILE") else {
+        return Finding::no_target();
+    };
+    match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)) {
+        Ok(()) => Finding::succeeded(format!("made {path} mode 644")),
+        Err(e) => Finding::refused(format!("chmod {path}: {e}")),
     }
 }
 

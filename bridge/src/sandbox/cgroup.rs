@@ -3,8 +3,7 @@
 //! process it left behind.
 //!
 //! The group is `<controller mount>/<the daemon's group>/pim-<daemon pid>-<n>-<plugin>`,
-//! made when the plugin's first process is spawned and removed when the
-//! plugin stops. The child joins it before exec by writing `0` to the
+//! made when the plugin starts and removed when it stops. The child joins it before exec by writing `0` to the
 //! `cgroup.procs` files the daemon opened, so nothing it starts escapes.
 
 use std::io::Write;
@@ -41,10 +40,12 @@ impl Cgroup {
         if let Some(bytes) = memory {
             match make(controller_dir("memory"), &leaf) {
                 Ok(dir) => {
-                    write(&dir.join("memory.limit_in_bytes"), &bytes.to_string())?;
+                    group.memory = Some(dir.clone());
+                    if let Err(e) = write(&dir.join("memory.limit_in_bytes"), &bytes.to_string()) {
+                        why.push(format!("memory: {e}"));
+                    }
                     // With swap accounting, swap counts against the limit too.
                     let _ = write(&dir.join("memory.memsw.limit_in_bytes"), &bytes.to_string());
-                    group.memory = Some(dir);
                 }
                 Err(e) => why.push(format!("memory: {e}")),
             }
@@ -52,8 +53,10 @@ impl Cgroup {
         if let Some(max) = pids {
             match make(controller_dir("pids"), &leaf) {
                 Ok(dir) => {
-                    write(&dir.join("pids.max"), &max.to_string())?;
-                    group.pids = Some(dir);
+                    group.pids = Some(dir.clone());
+                    if let Err(e) = write(&dir.join("pids.max"), &max.to_string()) {
+                        why.push(format!("pids: {e}"));
+                    }
                 }
                 Err(e) => why.push(format!("pids: {e}")),
             }
@@ -133,10 +136,7 @@ impl Cgroup {
                 return;
             }
             for pid in pids {
-                // SAFETY: kill has no memory-safety preconditions. A pid
-                // listed in the group is a process of the sidecar's: it can
-                // only have been reused by another process of the group.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                kill_member(pid, dir);
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -154,6 +154,40 @@ impl Cgroup {
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
         }
+    }
+}
+
+/// SIGKILLs `pid` if it is still a member of the group at `dir`: through
+/// a pidfd, taken before the membership is checked, so a pid that exited
+/// and was reused meanwhile is never signalled.
+fn kill_member(pid: i32, dir: &Path) {
+    // SAFETY: pidfd_open returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
+    let Ok(fd) = libc::c_int::try_from(fd) else {
+        return;
+    };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: pidfd_open succeeded: `fd` is ours.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let leaf = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let member = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .is_ok_and(|groups| groups.lines().any(|l| l.ends_with(&format!("/{leaf}"))));
+    if member {
+        // SAFETY: pidfd_send_signal on the pidfd just checked, no siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            )
+        };
     }
 }
 

@@ -15,9 +15,11 @@ const TARGET: ABI = ABI::V6;
 
 /// What a program needs to run on a usual Linux system, read-only: the
 /// system's programs and libraries, the dynamic loader's configuration,
-/// name resolution, time zones, certificates, `/proc` (other processes'
-/// entries there are guarded by Landlock's ptrace scoping) and the CPU
-/// count. Paths that do not exist are left out.
+/// name resolution, time zones, CA certificates (not private keys),
+/// `/proc` (the entries of other processes that ptrace guards, `mem`,
+/// `environ`, `maps`, are refused by Landlock's ptrace scoping; `cmdline`
+/// and `status` stay readable, as for any process) and the CPU count.
+/// Paths that do not exist are left out.
 const SYSTEM_READ: &[&str] = &[
     "/usr",
     "/lib",
@@ -40,9 +42,10 @@ const SYSTEM_READ: &[&str] = &[
     "/etc/protocols",
     "/etc/passwd",
     "/etc/group",
-    "/etc/ssl",
+    "/etc/ssl/certs",
     "/etc/ca-certificates",
-    "/etc/pki",
+    "/etc/pki/ca-trust",
+    "/etc/pki/tls/certs",
     "/etc/alternatives",
     "/etc/os-release",
     "/proc",

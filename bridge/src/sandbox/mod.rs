@@ -24,16 +24,16 @@ pub(crate) use spawn::Process;
 /// [`crate::SidecarConfig::user`] and [`crate::SidecarConfig::group`].
 ///
 /// Whatever the settings, a spawned sidecar runs with `no_new_privs` set
-/// and no capabilities (bounding, ambient, inheritable, permitted and
-/// effective sets all empty).
+/// and no capabilities (ambient, inheritable, permitted and effective sets
+/// empty; the bounding set too under a root daemon).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Sandbox {
     /// Confine the file system with Landlock (default true): the sidecar
     /// may read and execute only the system's programs and libraries, its
     /// own program and interpreter, and `read_paths`; write only its data
-    /// directory and `write_paths`; signal and connect to abstract sockets
-    /// only within its own sandbox.
+    /// directory and `write_paths`; on Linux 6.12 or later (Landlock ABI 6)
+    /// signal and connect to abstract sockets only within its own sandbox.
     pub landlock: bool,
     /// More paths (files or directories, taken with everything beneath)
     /// the sidecar may read and execute.
@@ -235,6 +235,15 @@ impl Plan {
                 }
             }
         }
+        if identity.uid == 0 {
+            // Without capabilities, but still the owner of root's files and
+            // admitted by root-only Unix sockets (a service manager's, a
+            // container engine's) that check the peer's uid alone.
+            tracing::warn!(
+                plugin = name,
+                "sidecar runs as uid 0 (without capabilities): give it a `user` of its own; as uid 0 it can still connect to Unix sockets that trust uid 0"
+            );
+        }
         let landlock_abi = landlock::kernel_abi();
         let landlock_state = match (sandbox.landlock, landlock_abi) {
             (false, _) => Enforcement::Off,
@@ -249,7 +258,11 @@ impl Plan {
         };
         let (seccomp, seccomp_state) = match sandbox.seccomp {
             false => (Vec::new(), Enforcement::Off),
-            true => match seccomp::filters(&sandbox.allow_syscalls, &sandbox.deny_syscalls)? {
+            true => match seccomp::filters(
+                &sandbox.allow_syscalls,
+                &sandbox.deny_syscalls,
+                identity.uid == 0,
+            )? {
                 Some(programs) => (programs, Enforcement::Enforced),
                 None => (
                     Vec::new(),
@@ -332,6 +345,7 @@ impl Plan {
         let key: RulesetKey = std::iter::once(program)
             .chain(interpreter)
             .chain(self.write_paths.iter().map(PathBuf::as_path))
+            .chain(self.read_paths.iter().map(PathBuf::as_path))
             .map(|p| (p.to_owned(), file_identity(p)))
             .collect();
         let mut cached = self.ruleset.lock().unwrap_or_else(|e| e.into_inner());

@@ -77,22 +77,46 @@ const NAMESPACE_FLAGS: &[u64] = &[
     libc::CLONE_NEWNET as u64,
 ];
 
-/// The compiled filters: the deny-list (`EPERM`) and `clone3` (`ENOSYS`).
-/// `None` on an architecture `seccompiler` does not know.
+/// What a sidecar that runs as uid 0 may not do besides: change the mode,
+/// owner or extended attributes of a file. Without capabilities it still
+/// owns every root-owned file, and Landlock does not govern metadata: it
+/// could make a program setuid root or the node key world-readable.
+pub(crate) const DENIED_AS_ROOT: &[&str] = &[
+    "chmod",
+    "fchmod",
+    "fchmodat",
+    "fchmodat2",
+    "chown",
+    "fchown",
+    "lchown",
+    "fchownat",
+    "setxattr",
+    "lsetxattr",
+    "fsetxattr",
+    "removexattr",
+    "lremovexattr",
+    "fremovexattr",
+];
+
+/// The compiled filters: the deny-list (`EPERM`), `clone3` (`ENOSYS`) and,
+/// on x86-64, the x32 system calls (`ENOSYS`), whose numbers the deny-list
+/// does not match. `None` on an architecture `seccompiler` does not know.
 /// Compiled once per process for each configuration (compiling costs
 /// about two milliseconds; most plugins share the default).
 pub(crate) fn filters(
     allow: &[String],
     deny: &[String],
+    as_root: bool,
 ) -> Result<Option<Vec<BpfProgram>>, String> {
-    type Cache = std::collections::HashMap<(Vec<String>, Vec<String>), Option<Vec<BpfProgram>>>;
+    type Key = (Vec<String>, Vec<String>, bool);
+    type Cache = std::collections::HashMap<Key, Option<Vec<BpfProgram>>>;
     static CACHE: std::sync::OnceLock<std::sync::Mutex<Cache>> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = (allow.to_vec(), deny.to_vec());
+    let key = (allow.to_vec(), deny.to_vec(), as_root);
     if let Some(hit) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(hit.clone());
     }
-    let built = build(allow, deny)?;
+    let built = build(allow, deny, as_root)?;
     cache
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -100,7 +124,11 @@ pub(crate) fn filters(
     Ok(built)
 }
 
-fn build(allow: &[String], deny: &[String]) -> Result<Option<Vec<BpfProgram>>, String> {
+fn build(
+    allow: &[String],
+    deny: &[String],
+    as_root: bool,
+) -> Result<Option<Vec<BpfProgram>>, String> {
     let Some(arch) = target_arch() else {
         return Ok(None);
     };
@@ -114,8 +142,10 @@ fn build(allow: &[String], deny: &[String]) -> Result<Option<Vec<BpfProgram>>, S
             }
         }
     }
+    let as_root_list: &[&str] = if as_root { DENIED_AS_ROOT } else { &[] };
     let denied: BTreeSet<String> = DEFAULT_DENIED
         .iter()
+        .chain(as_root_list)
         .map(|&s| s.to_owned())
         .filter(|name| known(name))
         .chain(deny.iter().cloned())
@@ -137,7 +167,38 @@ fn build(allow: &[String], deny: &[String]) -> Result<Option<Vec<BpfProgram>>, S
             "clone3",
         )?);
     }
+    if arch == TargetArch::x86_64 {
+        programs.push(no_x32());
+    }
     Ok(Some(programs))
+}
+
+/// On x86-64, x32 system calls carry the x86-64 audit architecture with bit
+/// 30 set in their number, so a list of x86-64 numbers does not match them.
+/// Where a kernel enables the x32 ABI this program answers all of them
+/// `ENOSYS`. Six instructions, the one thing `seccompiler` cannot express
+/// (a range of numbers).
+fn no_x32() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    // struct seccomp_data: int nr; __u32 arch; ...
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    let op = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    vec![
+        op(LD_W_ABS, 0, 0, ARCH),
+        op(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        op(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+        op(LD_W_ABS, 0, 0, NR),
+        op(JGE_K, 0, 1, X32_SYSCALL_BIT),
+        op(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        op(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ]
 }
 
 fn compile(
@@ -201,20 +262,25 @@ mod tests {
 
     #[test]
     fn the_default_list_compiles_and_bad_names_are_named() {
-        let programs = filters(&[], &[]).unwrap().unwrap();
-        assert_eq!(programs.len(), 2);
+        let programs = filters(&[], &[], false).unwrap().unwrap();
+        assert_eq!(
+            programs.len(),
+            if cfg!(target_arch = "x86_64") { 3 } else { 2 }
+        );
+        let as_root = filters(&[], &[], true).unwrap().unwrap();
+        assert!(as_root[0].len() > programs[0].len());
         assert!(programs[0].len() > DEFAULT_DENIED.len());
-        let err = filters(&["no_such_call".into()], &[]).unwrap_err();
+        let err = filters(&["no_such_call".into()], &[], false).unwrap_err();
         assert!(
             err.contains("sandbox.allow_syscalls: `no_such_call`"),
             "{err}"
         );
-        let err = filters(&[], &["frobnicate".into()]).unwrap_err();
+        let err = filters(&[], &["frobnicate".into()], false).unwrap_err();
         assert!(err.contains("sandbox.deny_syscalls"), "{err}");
-        let fewer = filters(&["ptrace".into(), "clone3".into()], &[])
+        let fewer = filters(&["ptrace".into(), "clone3".into()], &[], false)
             .unwrap()
             .unwrap();
-        assert_eq!(fewer.len(), 1);
+        assert_eq!(fewer.len(), programs.len() - 1);
         assert!(fewer[0].len() < programs[0].len());
     }
 }

@@ -41,6 +41,8 @@ const STAGES: &[&str] = &[
     "installing the seccomp filter",
     "asking for the parent-death signal",
     "exec",
+    "starting a session",
+    "marking descriptors close-on-exec",
 ];
 const WATCHDOG: u32 = 1;
 const STDIO: u32 = 2;
@@ -55,6 +57,8 @@ const LANDLOCK: u32 = 10;
 const SECCOMP: u32 = 11;
 const PDEATHSIG: u32 = 12;
 const EXEC: u32 = 13;
+const SESSION: u32 = 14;
+const CLOEXEC: u32 = 15;
 
 /// The descriptor through which a spawned sidecar reads its token.
 pub(crate) const TOKEN_FD: libc::c_int = 3;
@@ -84,7 +88,12 @@ pub(crate) struct Prepared {
     landlock: Option<libc::c_int>,
     seccomp: Vec<libc::sock_fprog>,
     watchdog: Option<Watchdog>,
-    stack: Vec<u8>,
+    stack: Stack,
+    /// The daemon's pid, to tell whether it died while the child set up.
+    daemon: libc::pid_t,
+    /// The highest descriptor that may be open, for the close-on-exec
+    /// fallback of kernels before 5.11.
+    max_fd: libc::c_int,
     failed_stage: AtomicU32,
     failed_errno: AtomicI32,
 }
@@ -189,7 +198,9 @@ pub(crate) fn prepare(req: Request<'_>) -> std::io::Result<Prepared> {
         landlock: req.landlock,
         seccomp: req.seccomp.iter().map(|p| seccomp::fprog(p)).collect(),
         watchdog: req.watchdog,
-        stack: vec![0; STACK_BYTES],
+        stack: Stack::new(STACK_BYTES)?,
+        daemon: std::process::id() as libc::pid_t,
+        max_fd: max_fd(),
         failed_stage: AtomicU32::new(0),
         failed_errno: AtomicI32::new(0),
     })
@@ -210,25 +221,23 @@ pub(crate) struct Started {
 /// consumed: nothing of it is needed after the exec.
 pub(crate) fn start(mut prepared: Prepared) -> std::io::Result<Started> {
     let mut pidfd: libc::c_int = -1;
-    let mut all: libc::sigset_t;
-    let mut before: libc::sigset_t;
-    // SAFETY: sigset_t is plain old data; sigfillset and pthread_sigmask
-    // fill them. Blocking every signal in this thread for the clone means
-    // no handler of the daemon's can run in the child, which shares its
+    // Every signal blocked in this thread for the clone, with the raw
+    // system call (glibc's wrappers keep two of its own signals open): no
+    // handler of the daemon's can run in the child, which shares its
     // memory, before the child has reset every disposition.
+    let all: u64 = !0;
+    let mut before: u64 = 0;
+    // SAFETY: rt_sigprocmask reads and writes one kernel sigset (8 bytes).
     unsafe {
-        all = std::mem::zeroed();
-        before = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before);
-    }
-    let top = {
-        // SAFETY: one past the end of the stack buffer, then aligned down
-        // to 16 bytes, as the x86-64 and AArch64 ABIs want.
-        let top = unsafe { prepared.stack.as_mut_ptr().add(prepared.stack.len()) };
-        // SAFETY: moving down by less than 16 bytes stays inside the buffer.
-        unsafe { top.sub(top as usize % 16) }
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all as *const u64,
+            &mut before as *mut u64,
+            8usize,
+        )
     };
+    let top = prepared.stack.top();
     // SAFETY: `child_main` runs on its own stack with `prepared`, which
     // outlives it: with CLONE_VFORK this call returns only once the child
     // exec'd or exited. CLONE_PIDFD writes the pidfd to `pidfd`.
@@ -243,7 +252,15 @@ pub(crate) fn start(mut prepared: Prepared) -> std::io::Result<Started> {
     };
     let clone_error = std::io::Error::last_os_error();
     // SAFETY: restores the mask saved above.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut()) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &before as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
     if pid < 0 {
         return Err(std::io::Error::new(
             clone_error.kind(),
@@ -309,30 +326,53 @@ unsafe fn apply(p: &Prepared) -> Result<(), (u32, i32)> {
     unsafe {
         // Handlers are the daemon's code: none may run here or in the
         // watchdog; exec resets handled signals, not ignored ones.
-        for signal in 1..libc::SIGRTMAX() {
+        for signal in 1..=libc::SIGRTMAX() {
             if signal != libc::SIGKILL && signal != libc::SIGSTOP {
                 libc::signal(signal, libc::SIG_DFL);
             }
         }
         let me = libc::syscall(libc::SYS_getpid) as libc::pid_t;
         if let Some(w) = &p.watchdog {
-            crate::watchdog::start_in_child(w, me).map_err(|e| (WATCHDOG, e))?;
+            crate::watchdog::start_in_child(w, me, p.privileged.then_some(p.last_cap))
+                .map_err(|e| (WATCHDOG, e))?;
         }
-        // Its own process group: a terminal's Ctrl-C reaches the daemon,
-        // which then stops the sidecar in order.
-        check(STDIO, libc::setpgid(0, 0))?;
+        // A session of its own: its own process group (a terminal's Ctrl-C
+        // reaches the daemon, which then stops the sidecar in order), and
+        // no controlling terminal to inject input into.
+        check(SESSION, libc::setsid())?;
         check(STDIO, libc::dup2(p.stdin.as_raw_fd(), 0))?;
         check(STDIO, libc::dup2(p.stdout.1.as_raw_fd(), 1))?;
         check(STDIO, libc::dup2(p.stderr.1.as_raw_fd(), 2))?;
         check(STDIO, libc::dup2(p.token.as_raw_fd(), TOKEN_FD))?;
         // Everything else closes at exec (the ruleset and cgroup files are
-        // still used before it).
-        libc::syscall(
+        // still used before it); one by one before Linux 5.11.
+        if libc::syscall(
             libc::SYS_close_range,
             (TOKEN_FD + 1) as libc::c_uint,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
+        ) < 0
+        {
+            for fd in TOKEN_FD + 1..=p.max_fd {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                    check(
+                        CLOEXEC,
+                        libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC),
+                    )?;
+                }
+            }
+        }
+        // The daemon's OOM protection is not the sidecar's: at the limit of
+        // its cgroup the kernel must be able to kill it.
+        let adj = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
         );
+        if adj >= 0 {
+            libc::write(adj, b"0".as_ptr().cast(), 1);
+            libc::close(adj);
+        }
         cgroup::join_in_child(&p.cgroup_fds).map_err(|e| (CGROUP, e))?;
         if let Some(dir) = &p.cwd {
             check(CHDIR, libc::chdir(dir.as_ptr()))?;
@@ -376,19 +416,23 @@ unsafe fn apply(p: &Prepared) -> Result<(), (u32, i32)> {
             let (uid, gid) = (p.identity.uid, p.identity.gid);
             check_long(
                 SETGID,
-                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
+                libc::syscall(SYS_SETGROUPS, 0, std::ptr::null::<libc::gid_t>()),
             )?;
-            check_long(SETGID, libc::syscall(libc::SYS_setresgid, gid, gid, gid))?;
-            check_long(SETUID, libc::syscall(libc::SYS_setresuid, uid, uid, uid))?;
+            check_long(SETGID, libc::syscall(SYS_SETRESGID, gid, gid, gid))?;
+            check_long(SETUID, libc::syscall(SYS_SETRESUID, uid, uid, uid))?;
         }
         drop_all_capabilities().map_err(|e| (CAPS, e))?;
         if p.watchdog.is_none() {
             // No watchdog: the kernel kills the sidecar when the daemon's
-            // spawning thread ends. Set after the uid switch, which clears it.
+            // spawning thread ends. Set after the uid switch, which clears it;
+            // a daemon that died before is seen as a new parent.
             check(
                 PDEATHSIG,
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL),
             )?;
+            if libc::getppid() != p.daemon {
+                return Err((PDEATHSIG, libc::ESRCH));
+            }
         }
         check(
             NO_NEW_PRIVS,
@@ -421,6 +465,91 @@ unsafe fn apply(p: &Prepared) -> Result<(), (u32, i32)> {
         );
         Ok(())
     }
+}
+
+// The 32-bit id calls: on i686 and 32-bit Arm the plain ones take 16-bit ids.
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SYS_SETGROUPS: libc::c_long = libc::SYS_setgroups32;
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SYS_SETRESGID: libc::c_long = libc::SYS_setresgid32;
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SYS_SETRESUID: libc::c_long = libc::SYS_setresuid32;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SYS_SETGROUPS: libc::c_long = libc::SYS_setgroups;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SYS_SETRESGID: libc::c_long = libc::SYS_setresgid;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SYS_SETRESUID: libc::c_long = libc::SYS_setresuid;
+
+/// A stack for a `CLONE_VM` child: a mapping of its own with an
+/// inaccessible guard page below it, so an overflow faults instead of
+/// writing into the daemon's heap.
+#[derive(Debug)]
+pub(crate) struct Stack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by the Stack alone and not tied to a thread.
+unsafe impl Send for Stack {}
+
+impl Stack {
+    /// `bytes` of stack (rounded up to pages) above one guard page.
+    pub(crate) fn new(bytes: usize) -> std::io::Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = bytes.div_ceil(page) * page + page;
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the lowest page of the mapping just made.
+        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: unmapping what was mapped above.
+            unsafe { libc::munmap(base, len) };
+            return Err(e);
+        }
+        Ok(Self { base, len })
+    }
+
+    /// The initial stack pointer: the top of the mapping (page aligned, so
+    /// 16-byte aligned as the ABIs want).
+    pub(crate) fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping, which the stack grows
+        // down from.
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; no child runs on it any more (a
+        // CLONE_VFORK child has exec'd or exited before its clone returns).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// The highest descriptor number this process may have open (its
+/// RLIMIT_NOFILE, at most 65536), for the close-on-exec fallback.
+fn max_fd() -> libc::c_int {
+    let mut limit = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit64 writes one rlimit64.
+    unsafe { libc::getrlimit64(libc::RLIMIT_NOFILE, &mut limit) };
+    libc::c_int::try_from(limit.rlim_cur.min(65_536)).unwrap_or(65_536)
 }
 
 /// Empties the permitted, effective and inheritable sets (`capset`).
@@ -622,17 +751,30 @@ impl Process {
 
     fn try_reap(&self) -> std::io::Result<Option<ExitStatus>> {
         use std::os::unix::process::ExitStatusExt;
+        let fd = self.pidfd.get_ref().as_raw_fd() as libc::id_t;
         // SAFETY: siginfo_t is plain old data filled by waitid.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: waitid on our own child's pidfd, without blocking.
+        // SAFETY: waitid on our own child's pidfd, without blocking and
+        // without reaping: while the exited leader is a zombie, its pid and
+        // so its process group's number cannot be reused, and whatever it
+        // left in its group (children that did not leave it) is killed.
         let rc = unsafe {
             libc::waitid(
                 libc::P_PIDFD,
-                self.pidfd.get_ref().as_raw_fd() as libc::id_t,
+                fd,
                 &mut info,
-                libc::WEXITED | libc::WNOHANG,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
             )
         };
+        // SAFETY: si_pid is valid for SIGCHLD information, 0 while running.
+        if rc == 0 && unsafe { info.si_pid() } != 0 {
+            // SAFETY: kill has no memory-safety preconditions; the group is
+            // the sidecar's (its number cannot be reused yet, see above).
+            unsafe { libc::kill(-(self.pid as libc::pid_t), libc::SIGKILL) };
+        }
+        // SAFETY: as above, now reaping.
+        let rc =
+            unsafe { libc::waitid(libc::P_PIDFD, fd, &mut info, libc::WEXITED | libc::WNOHANG) };
         if rc < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -678,17 +820,6 @@ impl Process {
     pub(crate) async fn kill(&mut self) -> std::io::Result<ExitStatus> {
         self.signal(libc::SIGKILL)?;
         self.wait().await
-    }
-
-    /// SIGKILLs what is left of the process group the sidecar led (its
-    /// children), once it has been reaped. The kernel does not reuse a pid
-    /// as long as a group of that number has members, so this reaches only
-    /// the sidecar's own.
-    pub(crate) fn kill_group(&self) {
-        if self.status.is_some() {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(-(self.pid as libc::pid_t), libc::SIGKILL) };
-        }
     }
 }
 
