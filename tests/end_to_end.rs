@@ -266,6 +266,7 @@ async fn register_checks_the_protocol_version() {
         payload_kinds: vec!["probe.cmd".into()],
         sdk_name: "test".into(),
         sdk_version: "0".into(),
+        takeover: false,
     });
     req.metadata_mut().insert(
         "authorization",

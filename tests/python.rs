@@ -301,3 +301,71 @@ async fn the_python_echo_stops_cleanly_when_restarted() {
     let Some(python) = python().await else { return };
     restart_stops_cleanly_on_sigterm(Echo::Python(python)).await;
 }
+
+/// The Python module keeps the takeover rule: taken over, it stops (exit 0,
+/// no new Register); started while another client is live, it waits and
+/// registers once that client is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_module_stops_when_taken_over_and_waits_its_turn() {
+    init_logging();
+    let Some(python) = python().await else { return };
+    let dir = temp_dir();
+    let config =
+        SidecarConfig::external("echo", ["echo.ping", "echo.pong"], dir.path().join("sock"));
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let client = |label: &str, program: &std::path::Path, script: bool, takeover: bool| {
+        let mut cmd = tokio::process::Command::new(program);
+        if script {
+            cmd.arg(python_dir().join("echo_sidecar.py"));
+        }
+        cmd.env_clear()
+            .env("PIM_PLUGIN_SOCKET", dir.path().join("sock/echo.sock"))
+            .env("PIM_PLUGIN_TOKEN_FILE", dir.path().join("sock/echo.token"))
+            .env("PIM_PLUGIN_NAME", "echo")
+            .env("RUST_LOG", "info");
+        if takeover {
+            cmd.env("PIM_PLUGIN_TAKEOVER", "1");
+        }
+        ChildProcess::spawn(label, cmd)
+    };
+    let mut first = client("python 1", &python, true, false);
+    eventually("the Python client", || host.plugin().stats().connected).await;
+    let taker = client("rust taker", &echo_bin(), false, true);
+    let status = tokio::time::timeout(WAIT, first.wait())
+        .await
+        .expect("the superseded Python client stops");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        first
+            .lines()
+            .iter()
+            .any(|l| l.contains("another client took this plugin's session over: stopping")),
+        "{:?}",
+        first.lines()
+    );
+    let second = client("python 2", &python, true, false);
+    eventually("the second Python client to wait", || {
+        second
+            .lines()
+            .iter()
+            .any(|l| l.contains("another client holds this plugin's session; waiting"))
+    })
+    .await;
+    taker.signal(libc::SIGKILL);
+    eventually("the second Python client to register", || {
+        second.lines().iter().any(|l| l.contains("registered echo"))
+    })
+    .await;
+    let alice = node(1);
+    host.ports().add_peer(alice, [1; 32], "alice");
+    host.inject_payload(alice, "echo.ping", "turn").await;
+    host.ports()
+        .wait_until(WAIT, |calls| {
+            pongs_to(calls, alice)
+                .into_iter()
+                .find(|p| p.contains("turn"))
+        })
+        .await
+        .unwrap();
+    host.shutdown().await;
+}

@@ -49,6 +49,8 @@ async fn register(host: &FakeHost, ch: &Channel, name: &str) -> pb::RegisterResp
                 payload_kinds: vec![format!("{name}.cmd"), format!("{name}.seq")],
                 sdk_name: "test".into(),
                 sdk_version: "0".into(),
+                // Tests register again and again on one socket.
+                takeover: true,
             },
             host.plugin().token(),
         ))
@@ -459,8 +461,8 @@ async fn bad_input_on_every_rpc_gets_a_clear_error_and_harms_nothing() {
                 t,
             ))
             .await,
-        Code::FailedPrecondition,
-        "not the live session",
+        Code::Aborted,
+        "superseded: another client took this plugin's session over",
     );
     assert_status(
         peers
@@ -954,6 +956,7 @@ async fn malformed_and_oversized_input_is_invalid_argument_with_a_bounded_messag
                 payload_kinds: kinds,
                 sdk_name: sdk,
                 sdk_version: "0".into(),
+                takeover: false,
             },
             &token,
         )

@@ -124,7 +124,7 @@ class Host:
     def set_token(self, token):
         self._metadata = [("authorization", f"Bearer {token}")]
 
-    def register(self, name, kinds):
+    def register(self, name, kinds, takeover=False):
         resp = self.session.Register(
             session_pb.RegisterRequest(
                 protocol_version=PROTOCOL_VERSION,
@@ -132,6 +132,7 @@ class Host:
                 payload_kinds=list(kinds),
                 sdk_name="pim_sidecar.py",
                 sdk_version="0.1.0",
+                takeover=takeover,
             ),
             metadata=self._metadata,
             timeout=10,
@@ -262,9 +263,28 @@ def _options():
     return socket_path, token, token_file, (5.0 if spawned else None)
 
 
-def _register(host, sidecar, token_file, give_up_after):
+def _takeover_from_env():
+    """PIM_PLUGIN_TAKEOVER=1: the first Register takes the session from a live client."""
+    value = os.environ.get("PIM_PLUGIN_TAKEOVER", "")
+    if value in ("", "0", "false"):
+        return False
+    if value in ("1", "true"):
+        return True
+    raise Refused(f"PIM_PLUGIN_TAKEOVER={value!r}: expected 1, true, 0 or false")
+
+
+def _superseded(e):
+    """Whether an RPC error says another client took this session over."""
+    if e.code() != grpc.StatusCode.ABORTED:
+        return False
+    trailers = e.trailing_metadata() or ()
+    return any(k == "pim-session-end" and v == "superseded" for k, v in trailers)
+
+
+def _register(host, sidecar, token_file, give_up_after, takeover=False):
     started = time.monotonic()
     delay = 0.02
+    waiting = False
     while True:
         if token_file:
             try:
@@ -272,10 +292,19 @@ def _register(host, sidecar, token_file, give_up_after):
             except OSError:
                 pass
         try:
-            return host.register(sidecar.name, sidecar.payload_kinds)
+            return host.register(sidecar.name, sidecar.payload_kinds, takeover)
         except grpc.RpcError as e:
             if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
                 raise Refused(e.details()) from None
+            if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+                # Another client holds the session: wait, however long, for it to end.
+                if not waiting:
+                    log("INFO", f"another client holds this plugin's session; waiting for it to end ({e.details()})")
+                    waiting = True
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                started = time.monotonic()
+                continue
             if give_up_after is not None and time.monotonic() - started > give_up_after:
                 raise RuntimeError(f"the host is gone: {e.code().name}: {e.details()}") from None
             time.sleep(delay)
@@ -348,7 +377,8 @@ def run(sidecar):
     try:
         socket_path, token, token_file, give_up_after = _options()
         host = Host(socket_path, token)
-        resp = _register(host, sidecar, token_file, give_up_after)
+        # Only the first Register may take over, never one after a lost stream.
+        resp = _register(host, sidecar, token_file, give_up_after, _takeover_from_env())
         log("INFO", f"registered {sidecar.name} acked={resp.acked_seq}")
         with sigterm.handling():
             sidecar.start(host, resp.data_dir, list(resp.granted))
@@ -398,6 +428,12 @@ def run(sidecar):
         except _Terminated:
             return _terminated(host, sidecar, sigterm, last)
         except grpc.RpcError as e:
+            if _superseded(e):
+                log("WARN", "another client took this plugin's session over: stopping")
+                with sigterm.handling():
+                    sidecar.shutdown()
+                host.channel.close()
+                return 0
             log("WARN", f"event stream lost: {e.code().name}")
         try:
             resp = _register(host, sidecar, token_file, give_up_after)

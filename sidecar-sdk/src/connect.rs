@@ -30,6 +30,11 @@ pub struct ConnectOptions {
     /// Default: [`default_busy_poll`], or `PIM_SIDECAR_BUSY_POLL_US`
     /// microseconds when that is set (`0` turns it off).
     pub busy_poll: Duration,
+    /// Whether the first Register takes the session over from a live
+    /// client (`PIM_PLUGIN_TAKEOVER=1`): for a process started by hand to
+    /// replace a running sidecar. Never used when registering again after
+    /// a lost stream. Default false: with a live client, Register waits.
+    pub takeover: bool,
 }
 
 impl std::fmt::Debug for ConnectOptions {
@@ -41,6 +46,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("spawned", &self.spawned)
             .field("reconnect_timeout", &self.reconnect_timeout)
             .field("busy_poll", &self.busy_poll)
+            .field("takeover", &self.takeover)
             .finish()
     }
 }
@@ -108,7 +114,20 @@ impl ConnectOptions {
             spawned,
             reconnect_timeout: spawned.then(|| Duration::from_secs(5)),
             busy_poll: busy_poll_from_env()?,
+            takeover: takeover_from_env()?,
         })
+    }
+}
+
+/// Environment variable that sets [`ConnectOptions::takeover`]: `1` or
+/// `true` to take the session over from a live client.
+pub const TAKEOVER_ENV: &str = "PIM_PLUGIN_TAKEOVER";
+
+fn takeover_from_env() -> anyhow::Result<bool> {
+    match std::env::var(TAKEOVER_ENV).as_deref() {
+        Err(_) | Ok("" | "0" | "false") => Ok(false),
+        Ok("1" | "true") => Ok(true),
+        Ok(other) => anyhow::bail!("{TAKEOVER_ENV}={other:?}: expected 1, true, 0 or false"),
     }
 }
 

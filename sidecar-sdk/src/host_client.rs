@@ -141,6 +141,18 @@ impl HostClient {
         kinds: &[&str],
         sdk_name: &str,
     ) -> Result<pb::RegisterResponse, HostError> {
+        self.register_session(name, kinds, sdk_name, false).await
+    }
+
+    /// [`HostClient::register`], taking the session over from a live
+    /// client when `takeover` is set.
+    pub(crate) async fn register_session(
+        &self,
+        name: &str,
+        kinds: &[&str],
+        sdk_name: &str,
+        takeover: bool,
+    ) -> Result<pb::RegisterResponse, HostError> {
         let resp = self
             .session_client()
             .register(self.req(pb::RegisterRequest {
@@ -149,6 +161,7 @@ impl HostClient {
                 payload_kinds: kinds.iter().map(|k| (*k).to_owned()).collect(),
                 sdk_name: sdk_name.to_owned(),
                 sdk_version: env!("CARGO_PKG_VERSION").to_owned(),
+                takeover,
             }))
             .await?
             .into_inner();

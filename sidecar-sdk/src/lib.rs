@@ -11,6 +11,7 @@ mod sidecar;
 pub use adapter::{run_daemon_plugin, DaemonPluginSidecar, HostPorts};
 pub use connect::{
     connect_channel, default_busy_poll, read_token_file, ConnectOptions, BUSY_POLL_ENV,
+    TAKEOVER_ENV,
 };
 pub use error::HostError;
 pub use host_client::{HostClient, PeerWatch};

@@ -103,6 +103,12 @@ pub async fn run_async<S: Sidecar + ?Sized>(
     let name = plugin.name().to_owned();
     let term = Terminate::new();
     let (host, registered) = connect_and_register(&options, &name, &kinds).await?;
+    // Only the first Register may take over: one that follows a lost
+    // stream must not take the session from whoever holds it now.
+    let options = ConnectOptions {
+        takeover: false,
+        ..options
+    };
     tracing::info!(acked = registered.acked_seq, "registered");
     let cancel = CancellationToken::new();
     let _cancel_on_exit = cancel.clone().drop_guard();
@@ -137,6 +143,12 @@ pub async fn run_async<S: Sidecar + ?Sized>(
             }
             Ok(Ended::Terminated) => {
                 return terminated(&*plugin, &host, &delivery, &cancel).await;
+            }
+            Ok(Ended::Superseded) => {
+                tracing::warn!("another client took this plugin's session over: stopping");
+                cancel.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(5), plugin.shutdown()).await;
+                return Ok(());
             }
             Ok(Ended::StreamClosed) => tracing::warn!("the host closed the event stream"),
             Err(e) => tracing::warn!("event stream lost: {e}"),
@@ -257,6 +269,17 @@ enum Ended {
     Shutdown,
     StreamClosed,
     Terminated,
+    /// Another client took the session over: stop, do not register again.
+    Superseded,
+}
+
+/// Whether `status` says this client's session was taken over.
+fn superseded(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Aborted
+        && status
+            .metadata()
+            .get("pim-session-end")
+            .is_some_and(|v| v.as_bytes() == b"superseded")
 }
 
 /// Delivers one Events stream's events in order.
@@ -267,13 +290,19 @@ async fn deliver<S: Sidecar + ?Sized>(
     ack: &watch::Sender<u64>,
     term: &Terminate,
 ) -> anyhow::Result<Ended> {
-    let mut stream = host.events().await?;
+    let mut stream = match host.events().await {
+        Err(HostError::Rpc(s)) if superseded(&s) => return Ok(Ended::Superseded),
+        other => other?,
+    };
     loop {
         // SIGTERM is looked at between events: the event in hand is finished.
         let batch = tokio::select! {
             biased;
             () = term.received() => return Ok(Ended::Terminated),
-            batch = stream.message() => batch.map_err(HostError::from)?,
+            batch = stream.message() => match batch {
+                Err(s) if superseded(&s) => return Ok(Ended::Superseded),
+                other => other.map_err(HostError::from)?,
+            },
         };
         let Some(batch) = batch else { break };
         for wire in batch.events {
@@ -389,15 +418,18 @@ async fn retry_connect(options: &ConnectOptions) -> anyhow::Result<HostClient> {
 /// Registers a session: at start, and after the stream was lost. The
 /// connection itself re-dials the socket on its own; this retries Register
 /// until the host answers or the reconnect timeout runs out. A refusal
-/// (`FAILED_PRECONDITION`, `INVALID_ARGUMENT`) is final.
+/// (`FAILED_PRECONDITION`, `INVALID_ARGUMENT`) is final. While another
+/// client holds a live session (`ALREADY_EXISTS`), it waits, however long:
+/// the host is there, and the session is free when that client ends.
 async fn register(
     options: &ConnectOptions,
     host: &HostClient,
     name: &str,
     kinds: &[&str],
 ) -> anyhow::Result<pb::RegisterResponse> {
-    let started = Instant::now();
+    let mut started = Instant::now();
     let mut delay = Duration::from_millis(20);
+    let mut waiting = false;
     loop {
         if let Some(file) = &options.token_file {
             match crate::read_token_file(file) {
@@ -405,8 +437,23 @@ async fn register(
                 Err(e) => tracing::debug!("token file not readable yet: {e:#}"),
             }
         }
-        match host.register(name, kinds, SDK_NAME).await {
+        match host
+            .register_session(name, kinds, SDK_NAME, options.takeover)
+            .await
+        {
             Ok(resp) => return Ok(resp),
+            Err(HostError::Rpc(s)) if s.code() == tonic::Code::AlreadyExists => {
+                if !waiting {
+                    tracing::info!(
+                        "another client holds this plugin's session; waiting for it to end ({})",
+                        s.message()
+                    );
+                    waiting = true;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+                started = Instant::now();
+            }
             Err(HostError::Rpc(s))
                 if matches!(
                     s.code(),

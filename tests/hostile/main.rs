@@ -523,6 +523,8 @@ async fn register_on(
         payload_kinds: kinds,
         sdk_name: "hostile-sidecar".into(),
         sdk_version: env!("CARGO_PKG_VERSION").into(),
+        // The nastiest request: take the session from its client.
+        takeover: true,
     });
     match auth::bearer(token).parse() {
         Ok(value) => {

@@ -26,6 +26,36 @@ struct Session {
     /// Cancelled when a newer Register supersedes this session.
     superseded: CancellationToken,
     events_open: bool,
+    /// Whether an Events stream was ever opened for this session.
+    streamed: bool,
+    registered_at: std::time::Instant,
+}
+
+impl Session {
+    /// Whether a client holds this session: its Events stream is open, or
+    /// it registered so recently that it is about to open it.
+    fn live(&self) -> bool {
+        self.events_open || (!self.streamed && self.registered_at.elapsed() < LIVE_AFTER_REGISTER)
+    }
+}
+
+/// How long a session without an Events stream counts as live after its
+/// Register.
+const LIVE_AFTER_REGISTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The trailer that tells a client its session was taken over.
+pub(crate) const SESSION_END: &str = "pim-session-end";
+
+/// The status of a call or stream of a session that a takeover ended.
+pub(crate) fn superseded() -> Status {
+    let mut status = Status::aborted(
+        "superseded: another client took this plugin's session over (Register with takeover); this client must stop, not register again",
+    );
+    status.metadata_mut().insert(
+        SESSION_END,
+        tonic::metadata::MetadataValue::from_static("superseded"),
+    );
+    status
 }
 
 /// Everything the services of one plugin share.
@@ -39,6 +69,9 @@ pub(crate) struct Host {
     pub(crate) data_dir: std::path::PathBuf,
     pub(crate) queue: Arc<EventQueue>,
     session: Mutex<Option<Session>>,
+    /// The ids of the sessions most recently taken over (at most 16), whose
+    /// clients are told so.
+    superseded_ids: Mutex<std::collections::VecDeque<String>>,
     /// Number of successful Registers so far.
     registered: watch::Sender<u64>,
     /// Cancelled when the host stops serving.
@@ -78,10 +111,32 @@ impl Host {
             data_dir,
             queue,
             session: Mutex::new(None),
+            superseded_ids: Mutex::default(),
             registered: watch::channel(0).0,
             stopping,
             sidecar_pid: Arc::default(),
         }
+    }
+
+    /// Whether `id` belongs to a session that a takeover ended.
+    fn was_superseded(&self, id: &str) -> bool {
+        self.superseded_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|s| s == id)
+    }
+
+    /// Remembers that a takeover ended session `id`.
+    fn note_superseded(&self, id: String) {
+        let mut ids = self
+            .superseded_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if ids.len() == 16 {
+            ids.pop_front();
+        }
+        ids.push_back(id);
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, Option<Session>> {
@@ -103,8 +158,9 @@ impl Host {
             Some(_) if id.is_empty() => Err(Status::invalid_argument(
                 "invalid field `session_id`: is required (from RegisterResponse)",
             )),
+            Some(_) if self.was_superseded(id) => Err(superseded()),
             Some(_) => Err(Status::failed_precondition(
-                "invalid field `session_id`: not the live session (superseded by a newer Register, or never issued)",
+                "stale session: this session id is not the live one (it ended when a later Register replaced it after its client went away, or it was never issued); register again",
             )),
         }
     }

@@ -56,9 +56,19 @@ impl PluginSession for HostServices {
             )));
         }
         let id = new_session_id();
-        {
+        let took_over = {
             let mut slot = host.sessions();
+            let live = slot.as_ref().is_some_and(Session::live);
+            if live && !req.takeover {
+                return Err(Status::already_exists(format!(
+                    "plugin `{}` already has a live client (it holds the Events stream, or registered less than 10 s ago); a second one is refused. Wait for it to end, or register with `takeover: true` (the SDKs: PIM_PLUGIN_TAKEOVER=1) to replace it",
+                    host.name
+                )));
+            }
             if let Some(old) = slot.take() {
+                if live {
+                    host.note_superseded(old.id.clone());
+                }
                 old.superseded.cancel();
                 host.queue.wake();
             }
@@ -66,7 +76,13 @@ impl PluginSession for HostServices {
                 id: id.clone(),
                 superseded: CancellationToken::new(),
                 events_open: false,
+                streamed: false,
+                registered_at: std::time::Instant::now(),
             });
+            live
+        };
+        if took_over {
+            tracing::warn!(plugin = host.name, "a client took the live session over (Register with takeover); the previous client is told to stop");
         }
         tracing::info!(
             plugin = host.name,
@@ -110,13 +126,14 @@ impl PluginSession for HostServices {
             let session = slot
                 .as_mut()
                 .filter(|s| s.id == session_id)
-                .ok_or_else(|| Status::failed_precondition("session superseded during the call"))?;
+                .ok_or_else(super::superseded)?;
             if session.events_open {
                 return Err(Status::failed_precondition(
                     "an Events stream is already open for this session; one stream per session",
                 ));
             }
             session.events_open = true;
+            session.streamed = true;
             session.superseded.clone()
         };
         let (tx, rx) = mpsc::channel(4);
@@ -140,7 +157,7 @@ impl PluginSession for HostServices {
                 tokio::select! {
                     () = host.queue.wait_after(cursor) => {}
                     () = superseded.cancelled() => {
-                        let _ = tx.try_send(Err(Status::aborted("session superseded by a newer Register")));
+                        let _ = tx.try_send(Err(super::superseded()));
                         break;
                     }
                     () = stopping.cancelled() => {
