@@ -4,6 +4,7 @@ mod adapter;
 mod connect;
 mod error;
 mod host_client;
+mod once;
 mod poll;
 mod run;
 mod sidecar;
@@ -15,6 +16,7 @@ pub use connect::{
 };
 pub use error::HostError;
 pub use host_client::{HostClient, PeerWatch};
+pub use once::{Applied, EventInfo, Retry, RETRIES};
 pub use pim_plugin::{PeerDirectoryEvent, PeerInfoSource};
 pub use pim_plugin_proto as proto;
 pub use pim_plugin_proto::convert::WatchEvent;

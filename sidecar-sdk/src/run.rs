@@ -9,7 +9,7 @@ use pim_plugin_proto::pb;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ConnectOptions, Context, HostClient, HostError, Sidecar};
+use crate::{ConnectOptions, Context, EventInfo, HostClient, HostError, Retry, Sidecar, RETRIES};
 
 /// Within a batch, the handled position is published for acking every
 /// this many events (and always at the end of the batch).
@@ -129,10 +129,11 @@ pub async fn run_async<S: Sidecar + ?Sized>(
     let (ack_tx, ack_rx) = watch::channel(registered.acked_seq);
     tokio::spawn(ack_loop(host.clone(), ack_rx));
     let mut delivery = Delivery {
-        instance: registered.host_instance.clone(),
+        instance: Arc::from(registered.host_instance.as_str()),
         last_handled: registered.acked_seq,
         duplicates: 0,
     };
+    delivery.skip_applied(&*plugin, &ack_tx).await;
     loop {
         let ended = deliver(&*plugin, &host, &mut delivery, &ack_tx, &term).await;
         match ended {
@@ -160,6 +161,7 @@ pub async fn run_async<S: Sidecar + ?Sized>(
         };
         tracing::info!(acked = resp.acked_seq, "registered again");
         delivery.resume(&resp);
+        delivery.skip_applied(&*plugin, &ack_tx).await;
     }
 }
 
@@ -245,7 +247,7 @@ async fn terminated<S: Sidecar + ?Sized>(
 
 struct Delivery {
     /// The host instance whose sequence numbers `last_handled` refers to.
-    instance: String,
+    instance: Arc<str>,
     /// Highest seq handled by this process; lower ones are duplicates.
     last_handled: u64,
     duplicates: u64,
@@ -254,13 +256,41 @@ struct Delivery {
 impl Delivery {
     /// After a new Register: a restarted host numbers its events afresh.
     fn resume(&mut self, resp: &pb::RegisterResponse) {
-        if resp.host_instance != self.instance {
+        if *resp.host_instance != *self.instance {
             tracing::info!(
                 acked = resp.acked_seq,
                 "the host restarted: its sequence numbers start over"
             );
-            self.instance.clone_from(&resp.host_instance);
+            self.instance = Arc::from(resp.host_instance.as_str());
             self.last_handled = resp.acked_seq;
+        }
+    }
+
+    /// Skips, and acks, what the plugin has applied durably already
+    /// ([`Sidecar::applied`]) in this host instance.
+    async fn skip_applied<S: Sidecar + ?Sized>(&mut self, plugin: &S, ack: &watch::Sender<u64>) {
+        let Some(applied) = plugin.applied().await else {
+            return;
+        };
+        if *applied.host_instance != *self.instance {
+            return;
+        }
+        if applied.seq > self.last_handled {
+            tracing::info!(
+                applied = applied.seq,
+                acked = self.last_handled,
+                "skipping the events the plugin applied already"
+            );
+            self.last_handled = applied.seq;
+            ack.send_replace(applied.seq);
+        }
+    }
+
+    /// The event `seq` of this delivery, for [`EventInfo::current`].
+    fn info(&self, seq: u64) -> EventInfo {
+        EventInfo {
+            seq,
+            host_instance: self.instance.clone(),
         }
     }
 }
@@ -314,11 +344,34 @@ async fn deliver<S: Sidecar + ?Sized>(
             }
             match event {
                 PluginEvent::Payload { src, kind, body } => {
-                    if let Err(e) = plugin.handle_payload(src, &kind, body).await {
-                        tracing::warn!(seq, kind = %kind, "handle_payload failed: {e:#}");
+                    let mut attempt = 0;
+                    loop {
+                        let handled = crate::once::scoped(
+                            delivery.info(seq),
+                            plugin.handle_payload(src, &kind, body.clone()),
+                        )
+                        .await;
+                        match handled {
+                            Ok(()) => break,
+                            Err(e) if e.is::<Retry>() && attempt < RETRIES => {
+                                attempt += 1;
+                                tracing::debug!(seq, attempt, "{e:#}");
+                                tokio::time::sleep(crate::once::pause(attempt)).await;
+                            }
+                            Err(e) if e.is::<Retry>() => {
+                                tracing::error!(seq, kind = %kind, "handle_payload asked for a retry {RETRIES} times; the event counts as handled: {e:#}");
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::warn!(seq, kind = %kind, "handle_payload failed: {e:#}");
+                                break;
+                            }
+                        }
                     }
                 }
-                PluginEvent::PeerForgotten { node } => plugin.on_peer_forgotten(node).await,
+                PluginEvent::PeerForgotten { node } => {
+                    crate::once::scoped(delivery.info(seq), plugin.on_peer_forgotten(node)).await;
+                }
                 PluginEvent::Shutdown { grace } => {
                     tracing::info!(grace_ms = grace.as_millis() as u64, "shutdown requested");
                     let _ = tokio::time::timeout(grace, plugin.shutdown()).await;

@@ -46,7 +46,10 @@ pub trait Sidecar: Send + Sync + 'static {
     }
 
     /// Handles an inbound payload of one of [`Sidecar::payload_kinds`].
-    /// An error is logged; the event still counts as handled.
+    /// An error is logged; the event still counts as handled, unless it is
+    /// a [`crate::Retry`]: then the event is handed to it again (bounded).
+    /// [`crate::EventInfo::current`] gives the event's `seq` and
+    /// `host_instance`.
     ///
     /// Its future is boxed for every payload, so its size is a per-event
     /// cost: [`HostClient`] calls keep their state in a box of their own,
@@ -61,4 +64,15 @@ pub trait Sidecar: Send + Sync + 'static {
 
     /// The daemon is shutting the plugin down; the process exits after this.
     async fn shutdown(&self) {}
+
+    /// The last event whose effect this plugin committed durably, for a
+    /// plugin that stores its state together with the event's `seq` and
+    /// `host_instance` ([`crate::EventInfo::current`]). Called after
+    /// [`Sidecar::start`] and after every later Register: events of the
+    /// same host instance up to it are skipped and acked, so each event's
+    /// effect happens once across crashes. `None` (the default): every
+    /// event not yet acked is delivered.
+    async fn applied(&self) -> Option<crate::Applied> {
+        None
+    }
 }

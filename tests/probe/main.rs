@@ -6,7 +6,10 @@
 //! `<name>.cmd` (a command in the body, answered with a `<name>.reply`
 //! payload sent directly to the payload's source) and `<name>.seq`
 //! (answered with `<name>.seen` carrying `<pid> <body>`, so the handled
-//! order and the handling process are visible). Commands: `lookup <hex
+//! order and the handling process are visible; a `.seq` body `which` is
+//! answered with `seq <seq> of <host instance>` from `EventInfo::current`,
+//! and a body `retry <n>` is refused with `Retry` `n` times before it is
+//! answered). Commands: `lookup <hex
 //! node>`, `direct <hex node>`, `routed <hex node>`, `seed`, `watch`,
 //! `send <kind>` (a payload of that kind to the source), `goodbye`, `env`
 //! (the names of its environment variables), `datadir` (its
@@ -32,6 +35,8 @@ struct Probe {
     mode: String,
     host: OnceCell<HostClient>,
     data_dir: OnceCell<std::path::PathBuf>,
+    /// Attempts at the `retry <n>` payload in hand.
+    attempts: std::sync::atomic::AtomicU32,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -194,6 +199,21 @@ impl Sidecar for Probe {
                 tracing::warn!("stalling on purpose");
                 std::future::pending::<()>().await;
             }
+            if let Some(n) = text.strip_prefix("retry ") {
+                // Not handled, `n` times: the SDK hands it back each time.
+                let n: u32 = n.parse()?;
+                let tried = self
+                    .attempts
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if tried < n {
+                    return Err(pim_sidecar::Retry::new(format!("attempt {}", tried + 1)).into());
+                }
+                self.attempts.store(0, std::sync::atomic::Ordering::SeqCst);
+            }
+            let event = pim_sidecar::EventInfo::current().map_or("no event".into(), |e| {
+                format!("seq {} of {}", e.seq, e.host_instance)
+            });
+            let text = if text == "which" { event } else { text };
             payload(self.kind("seen"), format!("{} {text}", std::process::id()))
         } else {
             payload(self.kind("reply"), self.command(src, &text).await?)
@@ -246,5 +266,6 @@ fn main() -> ExitCode {
         mode,
         host: OnceCell::new(),
         data_dir: OnceCell::new(),
+        attempts: Default::default(),
     })
 }
