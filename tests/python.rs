@@ -369,3 +369,59 @@ async fn the_python_module_stops_when_taken_over_and_waits_its_turn() {
         .unwrap();
     host.shutdown().await;
 }
+
+/// The Python module's effects-once hook: the Python counter stores its
+/// count with each event's position and reports it (`applied`); 2,000 hits
+/// with a SIGKILL while events are handled but not acked count 2,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_counter_sees_each_hit_once_across_a_sigkill() {
+    init_logging();
+    let Some(python) = python().await else { return };
+    let dir = temp_dir();
+    let mut config = SidecarConfig::spawn(
+        "counter",
+        ["counter.hit", "counter.get"],
+        dir.path().join("sock"),
+        CommandSpec::new(&python).arg(python_dir().join("counter_sidecar.py")),
+    );
+    config.stuck_timeout = None;
+    config.sandbox.read_paths = python_read_paths(&python);
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let file = dir.path().join("plugins/counter/count");
+    let stored = || -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string(&file).ok()?;
+        let mut words = text.split_whitespace().skip(1);
+        Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+    };
+    let src = node(5);
+    let hits = 2_000u64;
+    for _ in 0..hits {
+        host.inject_payload(src, "counter.hit", "").await;
+    }
+    let first = host.plugin().pid().unwrap();
+    eventually("handled events not acked yet", || {
+        let acked = host.plugin().stats().queue.acked_seq;
+        stored().is_some_and(|(seq, _)| seq > hits / 4 && seq > acked + 2)
+    })
+    .await;
+    // SAFETY: kill has no memory-safety preconditions; `first` is our sidecar.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    eventually("every hit acked", || {
+        host.plugin().stats().queue.acked_seq >= hits
+    })
+    .await;
+    assert!(host.plugin().stats().restarts >= 1);
+    assert_eq!(
+        stored().map(|(_, count)| count),
+        Some(hits),
+        "each hit counted once"
+    );
+    host.inject_payload(src, "counter.get", "").await;
+    let answer = host
+        .ports()
+        .wait_until(WAIT, |calls| sent_direct(calls, src, "counter.count").pop())
+        .await
+        .unwrap();
+    assert_eq!(answer, hits.to_string());
+    host.shutdown().await;
+}

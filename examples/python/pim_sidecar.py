@@ -192,8 +192,28 @@ class Host:
         return seed
 
 
+class Retry(Exception):
+    """Raised by a handler: not handled, hand the event to me again (at most
+    RETRIES more times, 50 ms doubling, then it is logged and counts as handled)."""
+
+
+RETRIES = 5
+
+_current = None
+
+
+def current_event():
+    """The event a handler is running for, as (seq, host_instance); None outside a handler."""
+    return _current
+
+
 class Sidecar:
-    """Override these; `name` and `payload_kinds` must match the host's config."""
+    """Override these; `name` and `payload_kinds` must match the host's config.
+
+    `applied()` may return (host_instance, seq): the last event whose effect
+    the plugin committed durably (with `current_event()` stored alongside its
+    effect); after every Register the events up to it are skipped and acked.
+    """
 
     name = ""
     payload_kinds = ()
@@ -209,6 +229,9 @@ class Sidecar:
 
     def shutdown(self):
         pass
+
+    def applied(self):
+        return None
 
 
 def _read_token_file(path):
@@ -314,7 +337,7 @@ def _register(host, sidecar, token_file, give_up_after, takeover=False):
 def _check_event(ev):
     which = ev.WhichOneof("event")
     if which is None:
-        raise ValueError(f"event {ev.seq}: field `event` is required")
+        return None  # a kind a newer host knows: nothing to do, it counts as handled
     if which == "payload":
         p = ev.payload
         if len(p.src) != NODE_ID_BYTES:
@@ -371,6 +394,52 @@ def _terminated(host, sidecar, sigterm, last):
     return 0
 
 
+def _handle(sidecar, p, seq, instance):
+    """One payload: a Retry hands it back (bounded); any other failure is logged."""
+    global _current
+    _current = (seq, instance)
+    try:
+        for attempt in range(RETRIES + 1):
+            try:
+                sidecar.handle_payload(p.src, p.kind, p.body)
+                return
+            except Retry as e:
+                if attempt == RETRIES:
+                    log("ERROR", f"handle_payload asked for a retry {RETRIES} times on seq {seq}; the event counts as handled: {e}")
+                    return
+                time.sleep(0.05 * 2**attempt)
+            except Exception as e:  # noqa: BLE001 - the event still counts as handled
+                log("WARN", f"handle_payload failed on seq {seq}: {e}")
+                return
+    finally:
+        _current = None
+
+
+def _forgotten(sidecar, node, seq, instance):
+    global _current
+    _current = (seq, instance)
+    try:
+        sidecar.on_peer_forgotten(node)
+    finally:
+        _current = None
+
+
+def _skip_applied(host, sidecar, instance, last):
+    """Skips, and acks, what the plugin has applied durably in this host instance."""
+    applied = sidecar.applied()
+    if not applied:
+        return last
+    applied_instance, applied_seq = applied
+    if applied_instance != instance or applied_seq <= last:
+        return last
+    log("INFO", f"skipping the events the plugin applied already (up to seq {applied_seq})")
+    try:
+        host.ack(applied_seq)
+    except grpc.RpcError:
+        pass  # acked with the next batch
+    return applied_seq
+
+
 def run(sidecar):
     """Runs `sidecar` until Shutdown or SIGTERM; returns the process exit code."""
     sigterm = _Sigterm()
@@ -391,6 +460,7 @@ def run(sidecar):
         log("ERROR", f"start failed: {e}")
         return 1
     instance, last, duplicates = resp.host_instance, resp.acked_seq, 0
+    last = _skip_applied(host, sidecar, instance, last)
     if sigterm.requested:
         return _terminated(host, sidecar, sigterm, last)
     while True:
@@ -404,13 +474,10 @@ def run(sidecar):
                     if which == "payload":
                         p = ev.payload
                         with sigterm.handling():
-                            try:
-                                sidecar.handle_payload(p.src, p.kind, p.body)
-                            except Exception as e:  # noqa: BLE001 - the event still counts as handled
-                                log("WARN", f"handle_payload failed on seq {ev.seq}: {e}")
+                            _handle(sidecar, p, ev.seq, instance)
                     elif which == "peer_forgotten":
                         with sigterm.handling():
-                            sidecar.on_peer_forgotten(ev.peer_forgotten.node)
+                            _forgotten(sidecar, ev.peer_forgotten.node, ev.seq, instance)
                     elif which == "shutdown":
                         with sigterm.handling():
                             sidecar.shutdown()
@@ -448,4 +515,5 @@ def run(sidecar):
         if resp.host_instance != instance:
             log("INFO", "the host restarted: its sequence numbers start over")
             instance, last = resp.host_instance, resp.acked_seq
+        last = _skip_applied(host, sidecar, instance, last)
         log("INFO", f"registered again acked={resp.acked_seq}")

@@ -42,8 +42,10 @@ pub fn run<S: Sidecar>(plugin: S) -> ExitCode {
     let options = match ConnectOptions::from_env() {
         Ok(o) => o,
         Err(e) => {
+            // A configuration problem (no socket, a bad token descriptor):
+            // starting the process again cannot fix it.
             tracing::error!("{e:#}");
-            return ExitCode::from(2);
+            return ExitCode::from(pim_plugin_proto::EXIT_REFUSED);
         }
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -134,6 +136,11 @@ pub async fn run_async<S: Sidecar + ?Sized>(
         duplicates: 0,
     };
     delivery.skip_applied(&*plugin, &ack_tx).await;
+    // A stream that ends right after its Register (a host that accepts the
+    // session, then drops it) is not met with an instant Register again:
+    // such cycles back off, 20 ms doubling to 2 s.
+    let mut registered_at = Instant::now();
+    let mut cycle_delay = Duration::ZERO;
     loop {
         let ended = deliver(&*plugin, &host, &mut delivery, &ack_tx, &term).await;
         match ended {
@@ -154,12 +161,25 @@ pub async fn run_async<S: Sidecar + ?Sized>(
             Ok(Ended::StreamClosed) => tracing::warn!("the host closed the event stream"),
             Err(e) => tracing::warn!("event stream lost: {e}"),
         }
+        cycle_delay = if registered_at.elapsed() < Duration::from_secs(1) {
+            (cycle_delay * 2).clamp(Duration::from_millis(20), Duration::from_secs(2))
+        } else {
+            Duration::ZERO
+        };
+        if !cycle_delay.is_zero() {
+            tokio::select! {
+                biased;
+                () = term.received() => return terminated(&*plugin, &host, &delivery, &cancel).await,
+                () = tokio::time::sleep(cycle_delay) => {}
+            }
+        }
         let resp = tokio::select! {
             biased;
             () = term.received() => return terminated(&*plugin, &host, &delivery, &cancel).await,
             resp = register(&options, &host, &name, &kinds) => resp?,
         };
         tracing::info!(acked = resp.acked_seq, "registered again");
+        registered_at = Instant::now();
         delivery.resume(&resp);
         delivery.skip_applied(&*plugin, &ack_tx).await;
     }
@@ -336,6 +356,16 @@ async fn deliver<S: Sidecar + ?Sized>(
         };
         let Some(batch) = batch else { break };
         for wire in batch.events {
+            if wire.event.is_none() && wire.seq > delivery.last_handled {
+                // A kind of event a newer host knows and this SDK does not:
+                // nothing to do, so it counts as handled (and is acked).
+                tracing::debug!(
+                    seq = wire.seq,
+                    "an event of a kind this SDK does not know: skipped"
+                );
+                delivery.last_handled = wire.seq;
+                continue;
+            }
             let SequencedEvent { seq, event } = SequencedEvent::try_from(wire)
                 .map_err(|e| anyhow::anyhow!("the host sent an invalid event: {e}"))?;
             if seq <= delivery.last_handled {
@@ -512,6 +542,18 @@ async fn register(
                     s.code(),
                     tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
                 ) =>
+            {
+                return Err(RegisterRefused(s.message().to_owned()).into());
+            }
+            // A spawned sidecar was handed its token and uid by the host
+            // that refuses them: no retry can fix that. One that runs on its
+            // own retries (the host may come back with a new token file).
+            Err(HostError::Rpc(s))
+                if options.spawned
+                    && matches!(
+                        s.code(),
+                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                    ) =>
             {
                 return Err(RegisterRefused(s.message().to_owned()).into());
             }

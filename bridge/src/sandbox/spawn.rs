@@ -831,3 +831,28 @@ impl Drop for Process {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_program_is_found_in_the_daemons_path_and_a_missing_one_says_where_it_looked() {
+        let found = resolve_program(Path::new("sh")).unwrap();
+        assert!(found.is_absolute() && found.ends_with("sh"), "{found:?}");
+        let err = resolve_program(Path::new("no-such-program-here"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("program `no-such-program-here` not found (looked in the daemon's PATH: "),
+            "{err}"
+        );
+        let err = resolve_program(Path::new("./bin/missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no file /") && err.ends_with("bin/missing)"),
+            "{err}"
+        );
+    }
+}
