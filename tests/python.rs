@@ -425,3 +425,33 @@ async fn the_python_counter_sees_each_hit_once_across_a_sigkill() {
     assert_eq!(answer, hits.to_string());
     host.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_echo_passes_the_conformance_kit() {
+    init_logging();
+    let Some(python) = python().await else { return };
+    let mut args = Vec::new();
+    for path in python_read_paths(&python) {
+        args.push("--read-path".to_owned());
+        args.push(path.display().to_string());
+    }
+    args.push("--".into());
+    args.push(python.display().to_string());
+    args.push(python_dir().join("echo_sidecar.py").display().to_string());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pim-sidecar-conformance"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("running the kit");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("7 passed, 0 failed"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "figure: conformance, Python echo: {}",
+        stdout.lines().last().unwrap_or_default()
+    );
+}

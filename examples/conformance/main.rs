@@ -1,0 +1,455 @@
+//! `pim-sidecar-conformance`: checks that a sidecar, in any language, keeps
+//! the protocol (docs/PROTOCOL.md), by hosting it through the real bridge
+//! and running named scenarios against it.
+//!
+//! ```text
+//! pim-sidecar-conformance [--name echo] [--claims all|<scenario>,…] [--json FILE]
+//!                         [--read-path DIR]… -- <command> [args…]
+//! ```
+//!
+//! The sidecar under test is an *echo*: it claims `<name>.ping` and
+//! `<name>.pong`, and answers a `<name>.ping` from a peer with a
+//! `<name>.pong` sent back to that peer (routed or direct) whose body
+//! contains the ping's body. `--claims` names the scenarios the plugin
+//! claims to pass (default: all); the others print `not claimed`.
+//! `--read-path` adds a directory its sandbox may read (an interpreter's
+//! installation). One line per scenario, then `N passed, N failed`; the
+//! exit status is 1 when any claimed scenario failed, 2 on bad arguments.
+//!
+//! Scenarios: `register` (registers with the configured name and kinds),
+//! `in_order` (100 pings answered in order), `acks` (acks cumulatively up to
+//! the last event, never past what it answered), `resume` (SIGKILL in the
+//! middle of 300 pings: the next process answers every one left, in
+//! order), `shutdown` (exits 0 on Shutdown within the grace), `refused`
+//! (exits 78 when the host refuses its Register, and is not restarted),
+//! `takeover` (taken over by another client, it exits 0 and does not take
+//! the session back).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use pim_core::NodeId;
+use pim_plugin_bridge::proto::pb;
+use pim_plugin_bridge::proto::pb::plugin_session_client::PluginSessionClient;
+use pim_plugin_bridge::testkit::{FakeHost, PortCall};
+use pim_plugin_bridge::{CommandSpec, EndReason, SidecarConfig};
+use pim_protocol::ControlFrame;
+
+/// Every scenario, in the order they run.
+const SCENARIOS: &[&str] = &[
+    "register", "in_order", "acks", "resume", "shutdown", "refused", "takeover",
+];
+
+/// Bound on every wait.
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Args {
+    name: String,
+    claims: Vec<String>,
+    json: Option<PathBuf>,
+    read_paths: Vec<PathBuf>,
+    command: Vec<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let mut parsed = Args {
+        name: "echo".into(),
+        claims: SCENARIOS.iter().map(|s| (*s).to_owned()).collect(),
+        json: None,
+        read_paths: Vec::new(),
+        command: Vec::new(),
+    };
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| args.next().ok_or(format!("{flag} needs a value"));
+        match arg.as_str() {
+            "--name" => parsed.name = value("--name")?,
+            "--claims" => {
+                let v = value("--claims")?;
+                if v != "all" {
+                    parsed.claims = v.split(',').map(str::to_owned).collect();
+                    if let Some(bad) = parsed
+                        .claims
+                        .iter()
+                        .find(|c| !SCENARIOS.contains(&c.as_str()))
+                    {
+                        return Err(format!(
+                            "--claims: no scenario `{bad}` (known: {})",
+                            SCENARIOS.join(", ")
+                        ));
+                    }
+                }
+            }
+            "--json" => parsed.json = Some(value("--json")?.into()),
+            "--read-path" => parsed.read_paths.push(value("--read-path")?.into()),
+            "--" => {
+                parsed.command = args.by_ref().collect();
+                break;
+            }
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    if parsed.command.is_empty() {
+        return Err("no command: pass the sidecar's command after `--`".into());
+    }
+    Ok(parsed)
+}
+
+/// The result of one scenario.
+struct Outcome {
+    name: &'static str,
+    result: Result<(), String>,
+    claimed: bool,
+    took: Duration,
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("pim-sidecar-conformance: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pim-sidecar-conformance: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcomes = runtime.block_on(run_all(&args));
+    let (mut passed, mut failed) = (0, 0);
+    for o in &outcomes {
+        match (&o.result, o.claimed) {
+            (_, false) => println!("{:<10} not claimed", o.name),
+            (Ok(()), true) => {
+                passed += 1;
+                println!("{:<10} pass ({} ms)", o.name, o.took.as_millis());
+            }
+            (Err(why), true) => {
+                failed += 1;
+                println!("{:<10} FAIL: {why}", o.name);
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "plugin": args.name,
+            "command": args.command,
+            "passed": passed,
+            "failed": failed,
+            "scenarios": outcomes.iter().map(|o| serde_json::json!({
+                "name": o.name,
+                "result": match (&o.result, o.claimed) {
+                    (_, false) => "not claimed",
+                    (Ok(()), true) => "pass",
+                    (Err(_), true) => "fail",
+                },
+                "reason": o.result.as_ref().err(),
+                "ms": o.took.as_millis() as u64,
+            })).collect::<Vec<_>>(),
+        });
+        if let Err(e) = std::fs::write(path, format!("{report:#}\n")) {
+            eprintln!("pim-sidecar-conformance: writing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn run_all(args: &Args) -> Vec<Outcome> {
+    let mut outcomes = Vec::new();
+    for &name in SCENARIOS {
+        let claimed = args.claims.iter().any(|c| c == name);
+        let started = Instant::now();
+        let result = if claimed {
+            match tokio::time::timeout(WAIT * 3, scenario(name, args)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("did not finish within {:?}", WAIT * 3)),
+            }
+        } else {
+            Ok(())
+        };
+        outcomes.push(Outcome {
+            name,
+            result,
+            claimed,
+            took: started.elapsed(),
+        });
+    }
+    outcomes
+}
+
+/// A fresh directory, host configuration and peer for one scenario.
+struct Bench {
+    dir: tempfile::TempDir,
+    ping: String,
+    pong: String,
+}
+
+impl Bench {
+    fn new(args: &Args) -> Result<Self, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("pim-conformance-")
+            .tempdir()
+            .map_err(|e| format!("a temp dir: {e}"))?;
+        Ok(Self {
+            dir,
+            ping: format!("{}.ping", args.name),
+            pong: format!("{}.pong", args.name),
+        })
+    }
+
+    fn config(&self, args: &Args, extra_kind: bool) -> SidecarConfig {
+        let mut cmd = CommandSpec::new(&args.command[0]);
+        cmd.args = args.command[1..].iter().map(Into::into).collect();
+        cmd.inherit_env = vec!["RUST_LOG".into()];
+        let mut kinds = vec![self.ping.clone(), self.pong.clone()];
+        if extra_kind {
+            kinds.push(format!("{}.conformance", args.name));
+        }
+        let mut config = SidecarConfig::spawn(&args.name, kinds, self.dir.path().join("sock"), cmd);
+        config.stuck_timeout = None;
+        config.required = true;
+        config.restart.initial_backoff = Duration::from_millis(50);
+        config.sandbox.read_paths = args.read_paths.clone();
+        config
+    }
+
+    async fn start(&self, args: &Args) -> Result<FakeHost, String> {
+        let host = FakeHost::start(self.config(args, false), self.dir.path())
+            .await
+            .map_err(|e| format!("it did not register: {e:#}"))?;
+        host.ports().add_peer(peer(), [7; 32], "conformance");
+        Ok(host)
+    }
+}
+
+fn peer() -> NodeId {
+    NodeId::from_bytes([0x5c; 16])
+}
+
+/// The numbers `n` of the pongs (bodies containing `ping-<n>.`) sent to the
+/// peer, in the order they were sent.
+fn pongs(calls: &[PortCall], pong: &str) -> Vec<u32> {
+    calls
+        .iter()
+        .filter_map(|c| match c {
+            PortCall::SendRouted {
+                dst: to,
+                frame: ControlFrame::PluginPayload { kind, body },
+                ..
+            }
+            | PortCall::SendDirect {
+                peer: to,
+                frame: ControlFrame::PluginPayload { kind, body },
+            } if *to == peer() && kind == pong => {
+                let text = String::from_utf8_lossy(body);
+                let at = text.find("ping-")? + "ping-".len();
+                text[at..].split('.').next()?.parse().ok()
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+async fn send_pings(host: &FakeHost, ping: &str, range: std::ops::Range<u32>) {
+    for n in range {
+        host.inject_payload(peer(), ping, format!("ping-{n}."))
+            .await;
+    }
+}
+
+/// Waits until `cond` holds, polling.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        if Instant::now() > deadline {
+            return Err(format!("timed out after {WAIT:?} waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+fn in_order(seen: &[u32]) -> Result<(), String> {
+    match seen.windows(2).find(|w| w[1] < w[0]) {
+        Some(w) => Err(format!("pong {} came after pong {}", w[1], w[0])),
+        None => Ok(()),
+    }
+}
+
+async fn scenario(name: &str, args: &Args) -> Result<(), String> {
+    let bench = Bench::new(args)?;
+    match name {
+        "register" => {
+            let host = bench.start(args).await?;
+            host.shutdown().await;
+            Ok(())
+        }
+        "in_order" | "acks" => {
+            let host = bench.start(args).await?;
+            send_pings(&host, &bench.ping, 0..100).await;
+            let mut worst = None;
+            until("100 pongs", || {
+                let answered = pongs(&host.ports().calls(), &bench.pong).len() as u64;
+                let acked = host.plugin().stats().queue.acked_seq;
+                if acked > answered && worst.is_none() {
+                    worst = Some((acked, answered));
+                }
+                answered >= 100
+            })
+            .await?;
+            let seen = pongs(&host.ports().calls(), &bench.pong);
+            let result = if name == "in_order" {
+                in_order(&seen)
+            } else {
+                match until("acks up to the last event", || {
+                    host.plugin().stats().queue.acked_seq >= 100
+                })
+                .await
+                {
+                    Err(e) => Err(e),
+                    Ok(()) => match worst {
+                        Some((acked, answered)) => Err(format!(
+                            "acked seq {acked} while only {answered} pings were answered"
+                        )),
+                        None => Ok(()),
+                    },
+                }
+            };
+            host.shutdown().await;
+            result
+        }
+        "resume" => {
+            let host = bench.start(args).await?;
+            send_pings(&host, &bench.ping, 0..300).await;
+            until("50 pongs", || {
+                pongs(&host.ports().calls(), &bench.pong).len() >= 50
+            })
+            .await?;
+            let pid = host.plugin().pid().ok_or("no process")?;
+            // SAFETY: kill has no memory-safety preconditions; `pid` is the
+            // sidecar this host spawned.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let result = async {
+                until("every ping answered after the restart", || {
+                    let seen = pongs(&host.ports().calls(), &bench.pong);
+                    (0..300).all(|n| seen.contains(&n))
+                })
+                .await?;
+                if host.plugin().stats().restarts == 0 {
+                    return Err("it was not restarted".to_owned());
+                }
+                // Each process answers in order: the new one starts again
+                // from where the host resumed (after the last ack), so the
+                // pongs go back once, where it took over, and never else.
+                let seen = pongs(&host.ports().calls(), &bench.pong);
+                let drops = seen.windows(2).filter(|w| w[1] < w[0]).count();
+                if drops > 1 {
+                    return Err(format!(
+                        "pongs out of order {drops} times; a restart explains one"
+                    ));
+                }
+                Ok(())
+            }
+            .await;
+            host.shutdown().await;
+            result
+        }
+        "shutdown" => {
+            let host = bench.start(args).await?;
+            host.shutdown().await;
+            let end = host.plugin().stats().last_end.ok_or("no end recorded")?;
+            if end.status == "exit status 0" {
+                Ok(())
+            } else {
+                Err(format!(
+                    "on Shutdown it ended with {} (expected exit status 0 within the grace)",
+                    end.status
+                ))
+            }
+        }
+        "refused" => {
+            // The host is configured with one kind more than the plugin
+            // claims, so it refuses the Register.
+            let mut config = bench.config(args, true);
+            config.required = false;
+            let host = FakeHost::start(config, bench.dir.path())
+                .await
+                .map_err(|e| format!("the host: {e:#}"))?;
+            let result = until("the refused process to end", || {
+                host.plugin().stats().failed
+            })
+            .await
+            .and_then(|()| {
+                let stats = host.plugin().stats();
+                let end = stats.last_end.ok_or("no end recorded")?;
+                if end.reason != EndReason::Refused {
+                    return Err(format!(
+                        "refused, it ended with {} (expected exit status 78)",
+                        end.reason
+                    ));
+                }
+                if stats.restarts != 0 {
+                    return Err(format!("it was started {} more times", stats.restarts));
+                }
+                Ok(())
+            });
+            host.shutdown().await;
+            result
+        }
+        "takeover" => {
+            let host = bench.start(args).await?;
+            let pid = host.plugin().pid().ok_or("no process")?;
+            let channel = pim_sidecar::connect_channel(&host.plugin().socket_path())
+                .await
+                .map_err(|e| format!("connecting to the socket: {e}"))?;
+            let mut req = tonic::Request::new(pb::RegisterRequest {
+                protocol_version: 1,
+                plugin_name: args.name.clone(),
+                payload_kinds: vec![bench.ping.clone(), bench.pong.clone()],
+                sdk_name: "pim-sidecar-conformance".into(),
+                sdk_version: env!("CARGO_PKG_VERSION").into(),
+                takeover: true,
+            });
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {}", host.plugin().token())
+                    .parse()
+                    .map_err(|_| "the token is not valid metadata")?,
+            );
+            PluginSessionClient::new(channel)
+                .register(req)
+                .await
+                .map_err(|s| format!("the takeover Register failed: {s}"))?;
+            let result = until("the taken-over process to end", || {
+                host.plugin().pid() != Some(pid)
+            })
+            .await
+            .and_then(|()| {
+                let end = host.plugin().stats().last_end.ok_or("no end recorded")?;
+                match end.reason {
+                    EndReason::Exited { code: 0 } => Ok(()),
+                    other => Err(format!(
+                        "taken over, it ended with {other} (expected exit 0)"
+                    )),
+                }
+            });
+            host.shutdown().await;
+            result
+        }
+        other => Err(format!("no scenario {other}")),
+    }
+}
