@@ -176,3 +176,62 @@ async fn grpcurl_shows_clear_errors() {
     );
     host.shutdown().await;
 }
+
+/// The README's Register line, with `"takeover": true`, against a live
+/// sidecar: the sidecar is told it was superseded and stops, once; no war.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_register_line_takes_over_a_live_sidecar_once() {
+    init_logging();
+    let Some(grpcurl) = tool("grpcurl", "PIM_GRPCURL") else {
+        return;
+    };
+    let dir = temp_dir();
+    let config =
+        SidecarConfig::external("echo", ["echo.ping", "echo.pong"], dir.path().join("sock"));
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    let mut echo_cmd = tokio::process::Command::new(echo_bin());
+    echo_cmd
+        .env_clear()
+        .env("PIM_PLUGIN_SOCKET", host.plugin().socket_path())
+        .env("PIM_PLUGIN_TOKEN_FILE", dir.path().join("sock/echo.token"))
+        .env("RUST_LOG", "info");
+    let mut echo = ChildProcess::spawn("live echo", echo_cmd);
+    eventually("the live echo", || host.plugin().stats().connected).await;
+    let register = readme_commands()
+        .into_iter()
+        .find(|l| l.starts_with("SESSION="))
+        .expect("the README's Register line");
+    assert!(register.contains(r#""takeover": true"#), "{register}");
+    let path = format!(
+        "{}:{}",
+        grpcurl.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = tokio::process::Command::new("bash")
+        .args(["-c", &format!("{register}\nprintf '%s' \"$SESSION\"")])
+        .env("PATH", &path)
+        .env("SOCK", host.plugin().socket_path())
+        .env("TOKEN", host.plugin().token())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim().len(),
+        32,
+        "{out:?}"
+    );
+    let status = tokio::time::timeout(WAIT, echo.wait())
+        .await
+        .expect("the taken-over echo stops");
+    assert!(status.success(), "{status:?}");
+    assert!(echo
+        .lines()
+        .iter()
+        .any(|l| l.contains("another client took this plugin's session over: stopping")));
+    assert_eq!(
+        logged_lines(|l| l.contains("took the live session over")).len(),
+        1,
+        "one takeover"
+    );
+    host.shutdown().await;
+}
