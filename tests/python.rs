@@ -1,7 +1,8 @@
-//! The Python sidecar (examples/python, grpcio) spawned through the bridge
-//! exactly like the Rust echo, and checked for the same behaviour: the echo
-//! exchange, in-order delivery with crash resume, clean shutdown, and a
-//! clear refusal.
+//! The Python sidecar (examples/python, grpcio) and the Node.js one
+//! (examples/node, @grpc/grpc-js) spawned through the bridge exactly like
+//! the Rust echo, and checked for the same behaviour: the echo exchange,
+//! in-order delivery with crash resume, clean shutdown, a clear refusal,
+//! and the conformance kit.
 
 mod support;
 
@@ -48,6 +49,41 @@ async fn python() -> Option<PathBuf> {
 enum Echo {
     Rust,
     Python(PathBuf),
+    Node(PathBuf),
+}
+
+fn node_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/node"))
+}
+
+/// Node.js with the packages of examples/node installed (`PIM_NODE`, else
+/// `node` in PATH); `None` (skip) outside CI when either is missing.
+fn node_js() -> Option<PathBuf> {
+    let node = std::env::var_os("PIM_NODE")
+        .map(PathBuf::from)
+        .or_else(|| tool("node", "PIM_NODE"))?;
+    let ready = node_dir().join("node_modules/@grpc/grpc-js").is_dir();
+    if !ready {
+        let why = "examples/node/node_modules is missing (run tests/run.sh)";
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true and {why}"
+        );
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    Some(node)
+}
+
+/// What the sandbox must let the Node.js sidecar read: its module with
+/// its packages, and the protocol's .proto files it loads.
+fn node_read_paths() -> Vec<PathBuf> {
+    vec![
+        node_dir(),
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../proto"))
+            .canonicalize()
+            .expect("proto/"),
+    ]
 }
 
 /// What the sandbox must let a Python sidecar read besides the system:
@@ -74,6 +110,7 @@ fn echo_config(dir: &std::path::Path, echo: &Echo) -> SidecarConfig {
     let command = match echo {
         Echo::Rust => CommandSpec::new(echo_bin()),
         Echo::Python(python) => CommandSpec::new(python).arg(python_dir().join("echo_sidecar.py")),
+        Echo::Node(node) => CommandSpec::new(node).arg(node_dir().join("echo_sidecar.js")),
     };
     let mut config = SidecarConfig::spawn(
         "echo",
@@ -82,9 +119,11 @@ fn echo_config(dir: &std::path::Path, echo: &Echo) -> SidecarConfig {
         command,
     );
     config.stuck_timeout = None;
-    if let Echo::Python(python) = echo {
-        // Sandboxed like every spawned sidecar; Python reads its own tree.
-        config.sandbox.read_paths = python_read_paths(python);
+    match echo {
+        // Sandboxed like every spawned sidecar; an interpreter reads its own tree.
+        Echo::Python(python) => config.sandbox.read_paths = python_read_paths(python),
+        Echo::Node(_) => config.sandbox.read_paths = node_read_paths(),
+        Echo::Rust => {}
     }
     config
 }
@@ -452,6 +491,50 @@ async fn the_python_echo_passes_the_conformance_kit() {
     );
     println!(
         "figure: conformance, Python echo: {}",
+        stdout.lines().last().unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_echo_answers_by_name() {
+    init_logging();
+    let Some(node) = node_js() else { return };
+    echo_answers_by_name(Echo::Node(node)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_echo_resumes_after_a_crash() {
+    init_logging();
+    let Some(node) = node_js() else { return };
+    resumes_after_a_crash(Echo::Node(node)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_echo_passes_the_conformance_kit() {
+    init_logging();
+    let Some(node) = node_js() else { return };
+    let mut args = Vec::new();
+    for path in node_read_paths() {
+        args.push("--read-path".to_owned());
+        args.push(path.display().to_string());
+    }
+    args.push("--".into());
+    args.push(node.display().to_string());
+    args.push(node_dir().join("echo_sidecar.js").display().to_string());
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pim-sidecar-conformance"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("running the kit");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("7 passed, 0 failed"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "figure: conformance, Node.js echo: {}",
         stdout.lines().last().unwrap_or_default()
     );
 }

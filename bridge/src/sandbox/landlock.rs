@@ -15,7 +15,7 @@ const TARGET: ABI = ABI::V6;
 
 /// What a program needs to run on a usual Linux system, read-only: the
 /// system's programs and libraries, the dynamic loader's configuration,
-/// name resolution, time zones, CA certificates (not private keys),
+/// name resolution, time zones, CA certificates and the OpenSSL configuration (not private keys),
 /// `/proc` (the entries of other processes that ptrace guards, `mem`,
 /// `environ`, `maps`, are refused by Landlock's ptrace scoping; `cmdline`
 /// and `status` stay readable, as for any process) and the CPU count.
@@ -43,6 +43,7 @@ const SYSTEM_READ: &[&str] = &[
     "/etc/passwd",
     "/etc/group",
     "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
     "/etc/ca-certificates",
     "/etc/pki/ca-trust",
     "/etc/pki/tls/certs",
