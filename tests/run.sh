@@ -2,7 +2,8 @@
 # Runs every check and test of the workspace from a fresh clone.
 #
 # Installs the test tools it needs into git-ignored folders of the checkout
-# (.venv/ for PyPI packages, .tools/ for npm packages), builds the real
+# (.venv/ for PyPI packages, .tools/ for npm packages, examples/node/
+# node_modules for the Node.js sidecar), builds the real
 # pim-daemon with the sidecar patch (integrations/pim-daemon/build.sh, into
 # target/), then runs cargo fmt --check, clippy with warnings denied, and
 # cargo test for the whole workspace. Under CI=true a
@@ -33,6 +34,14 @@ if [ ! -x .tools/node_modules/.bin/buf ] || ! cmp -s tests/package.json .tools/p
 fi
 export PIM_BUF="$PWD/.tools/node_modules/.bin/buf"
 "$PIM_BUF" --version
+
+step "Node.js sidecar packages (examples/node/node_modules)"
+if ! cmp -s examples/node/package-lock.json examples/node/node_modules/.installed-lock 2>/dev/null; then
+    npm ci --prefix examples/node --no-audit --no-fund --silent
+    cp examples/node/package-lock.json examples/node/node_modules/.installed-lock
+fi
+export PIM_NODE="$(command -v node)"
+"$PIM_NODE" --version
 
 step "the real pim-daemon, patched for sidecars (target/pim-daemon, cached)"
 bins="$(integrations/pim-daemon/build.sh | tail -n 1)"
