@@ -348,7 +348,7 @@ async fn deliver<S: Sidecar + ?Sized>(
         // SIGTERM is looked at between events: the event in hand is finished.
         let batch = tokio::select! {
             biased;
-            () = term.received() => return Ok(Ended::Terminated),
+            () = term.received() => return Ok(stopping(host, delivery, stream).await),
             batch = stream.message() => match batch {
                 Err(s) if superseded(&s) => return Ok(Ended::Superseded),
                 other => other.map_err(HostError::from)?,
@@ -416,7 +416,7 @@ async fn deliver<S: Sidecar + ?Sized>(
             }
             delivery.last_handled = seq;
             if term.requested() {
-                return Ok(Ended::Terminated);
+                return Ok(stopping(host, delivery, stream).await);
             }
             // The ack task sends the newest position whenever it gets to run;
             // publishing it every few events keeps acks flowing through a
@@ -428,6 +428,21 @@ async fn deliver<S: Sidecar + ?Sized>(
         ack.send_replace(delivery.last_handled);
     }
     Ok(Ended::StreamClosed)
+}
+
+/// SIGTERM: acks what was handled while the Events stream is still open (a
+/// closed stream ends the session's liveness, and a client waiting for the
+/// session could take it before the Ack), then lets the stream go.
+async fn stopping(
+    host: &HostClient,
+    delivery: &Delivery,
+    stream: tonic::Streaming<pb::EventsResponse>,
+) -> Ended {
+    if let Err(e) = host.ack(delivery.last_handled).await {
+        tracing::debug!("final ack failed (those events are delivered again): {e}");
+    }
+    drop(stream);
+    Ended::Terminated
 }
 
 /// Sends the newest handled seq whenever it moves, one Ack in flight at a time.
