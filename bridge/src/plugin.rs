@@ -152,6 +152,22 @@ impl SidecarPlugin {
         &self.token
     }
 
+    /// Ends the sidecar's Events stream (`UNAVAILABLE`); see
+    /// [`crate::testkit::FakeHost::interrupt_stream`].
+    pub(crate) fn interrupt_stream(&self) -> bool {
+        self.running().is_some_and(|r| r.host.interrupt_stream())
+    }
+
+    /// Answers Acks without moving the ack position while `hold` is set;
+    /// see [`crate::testkit::FakeHost::hold_acks`].
+    pub(crate) fn hold_acks(&self, hold: bool) {
+        if let Some(r) = self.running() {
+            r.host
+                .acks_held
+                .store(hold, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     /// The sidecar process's id, while one runs.
     pub fn pid(&self) -> Option<u32> {
         self.running()?.supervisor.as_ref()?.state().pid

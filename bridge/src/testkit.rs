@@ -312,6 +312,22 @@ impl FakeHost {
         self.cancel.cancel();
     }
 
+    /// Ends the sidecar's Events stream with `UNAVAILABLE`, as a lost
+    /// connection would: a client that keeps the protocol registers again in
+    /// the same process and gets every event not acked once more. Returns
+    /// whether a stream was open.
+    pub fn interrupt_stream(&self) -> bool {
+        self.plugin.interrupt_stream()
+    }
+
+    /// While `hold` is set, Acks are answered but do not move the ack
+    /// position: after [`FakeHost::interrupt_stream`] the new stream sends
+    /// events the client has handled already, which it must skip (the
+    /// conformance kit's `duplicates`).
+    pub fn hold_acks(&self, hold: bool) {
+        self.plugin.hold_acks(hold);
+    }
+
     /// Shuts the sidecar down in order and waits for it.
     pub async fn shutdown(&self) {
         self.plugin.shutdown().await;

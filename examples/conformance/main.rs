@@ -13,12 +13,15 @@
 //! contains the ping's body. `--claims` names the scenarios the plugin
 //! claims to pass (default: all); the others print `not claimed`.
 //! `--read-path` adds a directory its sandbox may read (an interpreter's
-//! installation). One line per scenario, then `N passed, N failed`; the
+//! installation). `PIM_CONFORMANCE_LOG=1` prints the host's log, the
+//! sidecar's output included, on stderr. One line per scenario, then `N passed, N failed`; the
 //! exit status is 1 when any claimed scenario failed, 2 on bad arguments.
 //!
 //! Scenarios: `register` (registers with the configured name and kinds),
 //! `in_order` (100 pings answered in order), `acks` (acks cumulatively up to
-//! the last event, never past what it answered), `resume` (SIGKILL in the
+//! the last event, never past what it answered), `duplicates` (the host
+//! ends its stream and sends 100 handled pings again on the next: it
+//! registers again in the same process and answers none twice), `resume` (SIGKILL in the
 //! middle of 300 pings: the next process answers every one left, in
 //! order), `shutdown` (exits 0 on Shutdown within the grace), `refused`
 //! (exits 78 when the host refuses its Register, and is not restarted),
@@ -38,7 +41,14 @@ use pim_protocol::ControlFrame;
 
 /// Every scenario, in the order they run.
 const SCENARIOS: &[&str] = &[
-    "register", "in_order", "acks", "resume", "shutdown", "refused", "takeover",
+    "register",
+    "in_order",
+    "acks",
+    "duplicates",
+    "resume",
+    "shutdown",
+    "refused",
+    "takeover",
 ];
 
 /// Bound on every wait.
@@ -105,6 +115,13 @@ struct Outcome {
 }
 
 fn main() -> ExitCode {
+    // The host's log, with the sidecar's output in it, on request.
+    if std::env::var_os("PIM_CONFORMANCE_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -329,6 +346,54 @@ async fn scenario(name: &str, args: &Args) -> Result<(), String> {
                     },
                 }
             };
+            host.shutdown().await;
+            result
+        }
+        "duplicates" => {
+            let host = bench.start(args).await?;
+            let pid = host.plugin().pid().ok_or("no process")?;
+            // The host keeps every event while acks are held, so the next
+            // stream sends again the ones already handled.
+            host.hold_acks(true);
+            send_pings(&host, &bench.ping, 0..100).await;
+            until("100 pongs", || {
+                pongs(&host.ports().calls(), &bench.pong).len() >= 100
+            })
+            .await?;
+            let replayed_before = host.plugin().stats().queue.replayed;
+            if !host.interrupt_stream() {
+                host.shutdown().await;
+                return Err("no Events stream was open".into());
+            }
+            let result = async {
+                until("a new stream sending the handled events again", || {
+                    host.plugin().stats().queue.replayed > replayed_before
+                })
+                .await
+                .map_err(|e| format!("{e} (did it register again after the stream ended?)"))?;
+                // One new event after the replayed ones: acked, it covers them.
+                host.hold_acks(false);
+                send_pings(&host, &bench.ping, 100..101).await;
+                until("the events acked after the new stream", || {
+                    host.plugin().stats().queue.acked_seq >= 101
+                })
+                .await?;
+                if host.plugin().pid() != Some(pid) {
+                    return Err("the process changed: it did not register again by itself".into());
+                }
+                let mut seen = pongs(&host.ports().calls(), &bench.pong);
+                let total = seen.len();
+                seen.sort_unstable();
+                seen.dedup();
+                if total != seen.len() {
+                    return Err(format!(
+                        "{} pings answered twice: it handled events it had handled already",
+                        total - seen.len()
+                    ));
+                }
+                Ok(())
+            }
+            .await;
             host.shutdown().await;
             result
         }

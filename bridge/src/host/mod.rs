@@ -25,6 +25,9 @@ struct Session {
     id: String,
     /// Cancelled when a newer Register supersedes this session.
     superseded: CancellationToken,
+    /// Cancelled to end the session's Events stream as a dropped connection
+    /// would ([`Host::interrupt_stream`]).
+    interrupted: CancellationToken,
     events_open: bool,
     /// Whether an Events stream was ever opened for this session.
     streamed: bool,
@@ -79,6 +82,9 @@ pub(crate) struct Host {
     /// The spawned sidecar's process id (0: none), whose connections are
     /// never evicted from a full socket.
     pub(crate) sidecar_pid: Arc<std::sync::atomic::AtomicU32>,
+    /// Set by tests of a client: Acks are answered but do not move the ack
+    /// position, so a new stream sends the same events again.
+    pub(crate) acks_held: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Host {
@@ -115,6 +121,20 @@ impl Host {
             registered: watch::channel(0).0,
             stopping,
             sidecar_pid: Arc::default(),
+            acks_held: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Ends the live session's Events stream with `UNAVAILABLE`, as a lost
+    /// connection would: the client registers again and gets the events it
+    /// has not acked once more. Returns whether a stream was open.
+    pub(crate) fn interrupt_stream(&self) -> bool {
+        match &*self.sessions() {
+            Some(s) if s.events_open => {
+                s.interrupted.cancel();
+                true
+            }
+            _ => false,
         }
     }
 

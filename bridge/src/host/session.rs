@@ -75,6 +75,7 @@ impl PluginSession for HostServices {
             *slot = Some(Session {
                 id: id.clone(),
                 superseded: CancellationToken::new(),
+                interrupted: CancellationToken::new(),
                 events_open: false,
                 streamed: false,
                 registered_at: std::time::Instant::now(),
@@ -121,7 +122,7 @@ impl PluginSession for HostServices {
         let host = self.0.clone();
         let session_id = req.into_inner().session_id;
         host.check_session(&session_id)?;
-        let superseded = {
+        let (superseded, interrupted) = {
             let mut slot = host.sessions();
             let session = slot
                 .as_mut()
@@ -134,7 +135,7 @@ impl PluginSession for HostServices {
             }
             session.events_open = true;
             session.streamed = true;
-            session.superseded.clone()
+            (session.superseded.clone(), session.interrupted.clone())
         };
         let (tx, rx) = mpsc::channel(4);
         let stopping = host.stopping.clone();
@@ -151,11 +152,22 @@ impl PluginSession for HostServices {
                     tokio::select! {
                         sent = tx.send(Ok(msg)) => if sent.is_err() { break },
                         () = superseded.cancelled() => break,
+                        () = interrupted.cancelled() => break,
+                    }
+                    if interrupted.is_cancelled() {
+                        let _ = tx.try_send(Err(Status::unavailable(
+                            "the host ended this Events stream; register again",
+                        )));
+                        break;
                     }
                     continue;
                 }
                 tokio::select! {
                     () = host.queue.wait_after(cursor) => {}
+                    () = interrupted.cancelled() => {
+                        let _ = tx.try_send(Err(Status::unavailable("the host ended this Events stream; register again")));
+                        break;
+                    }
                     () = superseded.cancelled() => {
                         let _ = tx.try_send(Err(super::superseded()));
                         break;
@@ -184,6 +196,11 @@ impl PluginSession for HostServices {
                 "invalid field `seq`: {} is past the newest event, {last}",
                 req.seq
             )));
+        }
+        if self.0.acks_held.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Response::new(pb::AckResponse {
+                acked_seq: self.0.queue.acked(),
+            }));
         }
         let acked_seq = self.0.queue.ack(req.seq);
         Ok(Response::new(pb::AckResponse { acked_seq }))
