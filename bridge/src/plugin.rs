@@ -158,6 +158,33 @@ impl SidecarPlugin {
         self.running().is_some_and(|r| r.host.interrupt_stream())
     }
 
+    /// Stops serving at once, as a daemon that dies does: no Shutdown event;
+    /// the streams end, the socket and token file are removed. A later
+    /// `shutdown()` does nothing. See [`crate::testkit::FakeHost::crash`].
+    pub(crate) async fn crash(&self) {
+        self.stopped
+            .get_or_init(|| async {
+                let Some(running) = self.running() else {
+                    return;
+                };
+                running.stopping.cancel();
+                let server = running
+                    .server
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                if let Some(server) = server {
+                    server.abort();
+                    let _ = server.await;
+                }
+                for path in [running.socket.clone(), self.config.token_path()] {
+                    let _ = std::fs::remove_file(path);
+                }
+                kinds::release(self.id);
+            })
+            .await;
+    }
+
     /// Answers Acks without moving the ack position while `hold` is set;
     /// see [`crate::testkit::FakeHost::hold_acks`].
     pub(crate) fn hold_acks(&self, hold: bool) {

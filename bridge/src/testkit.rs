@@ -328,6 +328,14 @@ impl FakeHost {
         self.plugin.hold_acks(hold);
     }
 
+    /// Stops serving at once, as a daemon that dies does: no Shutdown
+    /// event, the Events stream ends, the socket and token file go away. An
+    /// external sidecar keeps retrying; a new `FakeHost` on the same
+    /// directory is a restarted daemon (a new `host_instance`, a new token).
+    pub async fn crash(&self) {
+        self.plugin.crash().await;
+    }
+
     /// Shuts the sidecar down in order and waits for it.
     pub async fn shutdown(&self) {
         self.plugin.shutdown().await;

@@ -23,7 +23,9 @@
 //! ends its stream and sends 100 handled pings again on the next: it
 //! registers again in the same process and answers none twice), `resume` (SIGKILL in the
 //! middle of 300 pings: the next process answers every one left, in
-//! order), `shutdown` (exits 0 on Shutdown within the grace), `refused`
+//! order), `host_restart` (run on its own, it outlives a host that dies
+//! and, with the restarted host's new `host_instance`, handles the new
+//! host's events from seq 1 again), `shutdown` (exits 0 on Shutdown within the grace), `refused`
 //! (exits 78 when the host refuses its Register, and is not restarted),
 //! `takeover` (taken over by another client, it exits 0 and does not take
 //! the session back).
@@ -46,6 +48,7 @@ const SCENARIOS: &[&str] = &[
     "acks",
     "duplicates",
     "resume",
+    "host_restart",
     "shutdown",
     "refused",
     "takeover",
@@ -431,6 +434,73 @@ async fn scenario(name: &str, args: &Args) -> Result<(), String> {
             }
             .await;
             host.shutdown().await;
+            result
+        }
+        "host_restart" => {
+            let external = || {
+                SidecarConfig::external(
+                    &args.name,
+                    [bench.ping.clone(), bench.pong.clone()],
+                    bench.dir.path().join("sock"),
+                )
+            };
+            let first = FakeHost::start(external(), bench.dir.path())
+                .await
+                .map_err(|e| format!("the host: {e:#}"))?;
+            first.ports().add_peer(peer(), [7; 32], "conformance");
+            // Run on its own, as an operator would start it.
+            let mut cmd = tokio::process::Command::new(&args.command[0]);
+            cmd.args(&args.command[1..])
+                .env_clear()
+                .env("PIM_PLUGIN_SOCKET", first.plugin().socket_path())
+                .env(
+                    "PIM_PLUGIN_TOKEN_FILE",
+                    bench.dir.path().join(format!("sock/{}.token", args.name)),
+                )
+                .env("PIM_PLUGIN_NAME", &args.name)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true);
+            if let Some(log) = std::env::var_os("RUST_LOG") {
+                cmd.env("RUST_LOG", log);
+            }
+            if std::env::var_os("PIM_CONFORMANCE_LOG").is_none() {
+                cmd.stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+            }
+            let mut child = cmd
+                .spawn()
+                .map_err(|e| format!("starting {}: {e}", args.command[0]))?;
+            let result = async {
+                until("it to connect", || first.plugin().stats().connected).await?;
+                send_pings(&first, &bench.ping, 0..20).await;
+                until("20 pongs from the first host", || {
+                    pongs(&first.ports().calls(), &bench.pong).len() >= 20
+                })
+                .await?;
+                first.crash().await;
+                let second = FakeHost::start(external(), bench.dir.path())
+                    .await
+                    .map_err(|e| format!("the restarted host: {e:#}"))?;
+                second.ports().add_peer(peer(), [7; 32], "conformance");
+                let outcome = async {
+                    until("it to connect to the restarted host", || {
+                        second.plugin().stats().connected
+                    })
+                    .await?;
+                    // Seq 1 to 20 again, of a new host instance.
+                    send_pings(&second, &bench.ping, 20..40).await;
+                    until(
+                        "20 pongs from the restarted host (seq 1 to 20 of its new instance)",
+                        || pongs(&second.ports().calls(), &bench.pong).len() >= 20,
+                    )
+                    .await
+                }
+                .await;
+                second.shutdown().await;
+                outcome
+            }
+            .await;
+            let _ = child.kill().await;
             result
         }
         "shutdown" => {
