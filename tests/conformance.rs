@@ -36,15 +36,15 @@ async fn the_rust_echo_passes_every_scenario() {
         echo_bin().display().to_string(),
     ])
     .await;
-    assert!(ok && out.contains("9 passed, 0 failed"), "{out}");
+    assert!(ok && out.contains("10 passed, 0 failed"), "{out}");
     println!(
         "figure: conformance, Rust echo: {}",
         out.lines().last().unwrap_or_default()
     );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["passed"], 9);
-    assert_eq!(report["scenarios"].as_array().unwrap().len(), 9);
+    assert_eq!(report["passed"], 10);
+    assert_eq!(report["scenarios"].as_array().unwrap().len(), 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -485,7 +485,7 @@ async fn the_python_echo_passes_the_conformance_kit() {
         .expect("running the kit");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.contains("9 passed, 0 failed"),
+        out.status.success() && stdout.contains("10 passed, 0 failed"),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -529,7 +529,7 @@ async fn the_node_echo_passes_the_conformance_kit() {
         .expect("running the kit");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.contains("9 passed, 0 failed"),
+        out.status.success() && stdout.contains("10 passed, 0 failed"),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -185,6 +185,25 @@ impl SidecarPlugin {
             .await;
     }
 
+    /// Queues an event sent as a kind the client does not know; see
+    /// [`crate::testkit::FakeHost::inject_unknown_event`].
+    pub(crate) fn inject_unknown_event(&self) -> Option<u64> {
+        let running = self.running()?;
+        // The seq is marked before the event exists, so no stream can send
+        // it with its kind first.
+        let seq = self.queue.last_seq() + 1;
+        running
+            .host
+            .unknown_seq
+            .store(seq, std::sync::atomic::Ordering::SeqCst);
+        let pushed = self.queue.push(PluginEvent::Payload {
+            src: NodeId::from_bytes([0; 16]),
+            kind: intern_kind(self.kinds[0], self.kinds),
+            body: Bytes::new(),
+        });
+        Some(pushed.seq)
+    }
+
     /// Answers Acks without moving the ack position while `hold` is set;
     /// see [`crate::testkit::FakeHost::hold_acks`].
     pub(crate) fn hold_acks(&self, hold: bool) {

@@ -336,6 +336,14 @@ impl FakeHost {
         self.plugin.crash().await;
     }
 
+    /// Queues an event that reaches the sidecar as a kind it does not know
+    /// (an `Event` whose `event` is not set, as from a newer host); a client
+    /// that keeps the protocol skips and acks it. Returns its seq, `None`
+    /// before `start`.
+    pub fn inject_unknown_event(&self) -> Option<u64> {
+        self.plugin.inject_unknown_event()
+    }
+
     /// Shuts the sidecar down in order and waits for it.
     pub async fn shutdown(&self) {
         self.plugin.shutdown().await;

@@ -28,7 +28,8 @@
 //! host's events from seq 1 again), `shutdown` (exits 0 on Shutdown within the grace), `refused`
 //! (exits 78 when the host refuses its Register, and is not restarted),
 //! `takeover` (taken over by another client, it exits 0 and does not take
-//! the session back).
+//! the session back), `unknown_event` (an event of a kind it does not know
+//! is skipped and acked, and the events after it are handled).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +53,7 @@ const SCENARIOS: &[&str] = &[
     "shutdown",
     "refused",
     "takeover",
+    "unknown_event",
 ];
 
 /// Bound on every wait.
@@ -582,6 +584,32 @@ async fn scenario(name: &str, args: &Args) -> Result<(), String> {
                     )),
                 }
             });
+            host.shutdown().await;
+            result
+        }
+        "unknown_event" => {
+            let host = bench.start(args).await?;
+            let result = async {
+                send_pings(&host, &bench.ping, 0..10).await;
+                until("10 pongs", || {
+                    pongs(&host.ports().calls(), &bench.pong).len() >= 10
+                })
+                .await?;
+                let unknown = host
+                    .inject_unknown_event()
+                    .ok_or("the host is not running")?;
+                send_pings(&host, &bench.ping, 10..20).await;
+                until("the pings after the unknown event answered", || {
+                    let seen = pongs(&host.ports().calls(), &bench.pong);
+                    (10..20).all(|n| seen.contains(&n))
+                })
+                .await?;
+                until("the unknown event acked with the rest", || {
+                    host.plugin().stats().queue.acked_seq > unknown
+                })
+                .await
+            }
+            .await;
             host.shutdown().await;
             result
         }

@@ -85,6 +85,10 @@ pub(crate) struct Host {
     /// Set by tests of a client: Acks are answered but do not move the ack
     /// position, so a new stream sends the same events again.
     pub(crate) acks_held: std::sync::atomic::AtomicBool,
+    /// Set by tests of a client: the event of this seq (0: none) is sent
+    /// without its `event`, as a kind a newer host knows and the client
+    /// does not.
+    pub(crate) unknown_seq: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Host {
@@ -122,6 +126,7 @@ impl Host {
             stopping,
             sidecar_pid: Arc::default(),
             acks_held: std::sync::atomic::AtomicBool::new(false),
+            unknown_seq: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

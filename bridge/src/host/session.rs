@@ -143,9 +143,15 @@ impl PluginSession for HostServices {
             let mut cursor = host.queue.open_stream();
             tracing::debug!(plugin = host.name, after = cursor, "events stream opened");
             loop {
-                let batch = host
+                let mut batch = host
                     .queue
                     .batch_after(cursor, MAX_BATCH_EVENTS, MAX_BATCH_BYTES);
+                let unknown = host.unknown_seq.load(std::sync::atomic::Ordering::Relaxed);
+                if unknown != 0 {
+                    for ev in batch.iter_mut().filter(|ev| ev.seq == unknown) {
+                        ev.event = None;
+                    }
+                }
                 if let Some(last) = batch.last() {
                     cursor = last.seq;
                     let msg = pb::EventsResponse { events: batch };
