@@ -427,56 +427,20 @@ async fn the_python_counter_sees_each_hit_once_across_a_sigkill() {
     config.sandbox.read_paths = python_read_paths(&python);
     let host = FakeHost::start(config, dir.path()).await.unwrap();
     let file = dir.path().join("plugins/counter/count");
-    let stored = || -> Option<(u64, u64)> {
-        let text = std::fs::read_to_string(&file).ok()?;
-        let mut words = text.split_whitespace().skip(1);
-        Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
-    };
-    let src = node(5);
-    let hits = 2_000u64;
-    for _ in 0..hits {
-        host.inject_payload(src, "counter.hit", "").await;
-    }
-    let first = host.plugin().pid().unwrap();
-    eventually("handled events not acked yet", || {
-        let acked = host.plugin().stats().queue.acked_seq;
-        stored().is_some_and(|(seq, _)| seq > hits / 4 && seq > acked + 2)
-    })
-    .await;
-    // SAFETY: kill has no memory-safety preconditions; `first` is our sidecar.
-    unsafe { libc::kill(first as i32, libc::SIGKILL) };
-    eventually("every hit acked", || {
-        host.plugin().stats().queue.acked_seq >= hits
-    })
-    .await;
-    assert!(host.plugin().stats().restarts >= 1);
-    assert_eq!(
-        stored().map(|(_, count)| count),
-        Some(hits),
-        "each hit counted once"
-    );
-    host.inject_payload(src, "counter.get", "").await;
-    let answer = host
-        .ports()
-        .wait_until(WAIT, |calls| sent_direct(calls, src, "counter.count").pop())
-        .await
-        .unwrap();
-    assert_eq!(answer, hits.to_string());
+    count_once_across_sigkill(&host, &file, 2_000).await;
     host.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_python_echo_passes_the_conformance_kit() {
-    init_logging();
-    let Some(python) = python().await else { return };
+/// Runs the conformance kit on `command`, whose sandbox may read
+/// `read_paths`, and asserts that every scenario passes.
+async fn passes_the_kit(language: &str, read_paths: Vec<PathBuf>, command: &[PathBuf]) {
     let mut args = Vec::new();
-    for path in python_read_paths(&python) {
+    for path in read_paths {
         args.push("--read-path".to_owned());
         args.push(path.display().to_string());
     }
     args.push("--".into());
-    args.push(python.display().to_string());
-    args.push(python_dir().join("echo_sidecar.py").display().to_string());
+    args.extend(command.iter().map(|c| c.display().to_string()));
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pim-sidecar-conformance"))
         .args(&args)
         .env("RUST_LOG", "warn")
@@ -490,9 +454,17 @@ async fn the_python_echo_passes_the_conformance_kit() {
         String::from_utf8_lossy(&out.stderr)
     );
     println!(
-        "figure: conformance, Python echo: {}",
+        "figure: conformance, {language} echo: {}",
         stdout.lines().last().unwrap_or_default()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_echo_passes_the_conformance_kit() {
+    init_logging();
+    let Some(python) = python().await else { return };
+    let script = python_dir().join("echo_sidecar.py");
+    passes_the_kit("Python", python_read_paths(&python), &[python, script]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,28 +485,6 @@ async fn the_node_echo_resumes_after_a_crash() {
 async fn the_node_echo_passes_the_conformance_kit() {
     init_logging();
     let Some(node) = node_js() else { return };
-    let mut args = Vec::new();
-    for path in node_read_paths() {
-        args.push("--read-path".to_owned());
-        args.push(path.display().to_string());
-    }
-    args.push("--".into());
-    args.push(node.display().to_string());
-    args.push(node_dir().join("echo_sidecar.js").display().to_string());
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pim-sidecar-conformance"))
-        .args(&args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .expect("running the kit");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("10 passed, 0 failed"),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!(
-        "figure: conformance, Node.js echo: {}",
-        stdout.lines().last().unwrap_or_default()
-    );
+    let script = node_dir().join("echo_sidecar.js");
+    passes_the_kit("Node.js", node_read_paths(), &[node, script]).await;
 }

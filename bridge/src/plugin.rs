@@ -167,20 +167,7 @@ impl SidecarPlugin {
                 let Some(running) = self.running() else {
                     return;
                 };
-                running.stopping.cancel();
-                let server = running
-                    .server
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take();
-                if let Some(server) = server {
-                    server.abort();
-                    let _ = server.await;
-                }
-                for path in [running.socket.clone(), self.config.token_path()] {
-                    let _ = std::fs::remove_file(path);
-                }
-                kinds::release(self.id);
+                self.stop_serving(&running, Duration::ZERO).await;
             })
             .await;
     }
@@ -466,6 +453,31 @@ impl SidecarPlugin {
         }))
     }
 
+    /// Ends the streams, gives the server `grace` to finish (then aborts
+    /// it), removes the socket and token file, and releases the kinds.
+    async fn stop_serving(&self, running: &Running, grace: Duration) {
+        running.stopping.cancel();
+        let server = running
+            .server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut server) = server {
+            if tokio::time::timeout(grace, &mut server).await.is_err() {
+                server.abort();
+                let _ = server.await;
+            }
+        }
+        for path in [running.socket.clone(), self.config.token_path()] {
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(plugin = self.name, path = %path.display(), error = %e, "removing a file failed");
+                }
+            }
+        }
+        kinds::release(self.id);
+    }
+
     async fn stop(&self) {
         let Some(running) = self.running() else {
             return;
@@ -492,28 +504,7 @@ impl SidecarPlugin {
                 .await;
             }
         }
-        running.stopping.cancel();
-        let server = running
-            .server
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(mut server) = server {
-            if tokio::time::timeout(self.config.term_grace, &mut server)
-                .await
-                .is_err()
-            {
-                server.abort();
-            }
-        }
-        for path in [running.socket.clone(), self.config.token_path()] {
-            if let Err(e) = std::fs::remove_file(&path) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(plugin = self.name, path = %path.display(), error = %e, "removing a file failed");
-                }
-            }
-        }
-        kinds::release(self.id);
+        self.stop_serving(&running, self.config.term_grace).await;
         let stats = self.stats();
         tracing::info!(
             plugin = self.name,

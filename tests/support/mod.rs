@@ -456,3 +456,58 @@ pub async fn start_error(dir: &Path, name: &str, kinds: &[&str], program: PathBu
         .expect_err("the start must fail")
         .to_string()
 }
+
+/// `(seq, count)` from a counter sidecar's file (`<host instance> <seq>
+/// <count>`, examples/counter and examples/python/counter_sidecar.py).
+pub fn counter_file(path: &Path) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut words = text.split_whitespace().skip(1);
+    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+}
+
+/// Sends `hits` `counter.hit` payloads to a counter sidecar whose state file
+/// is `file`, SIGKILLs it while it has stored events it has not acked yet,
+/// waits for every hit to be acked, and checks that each was counted once
+/// and that the sidecar answers `counter.get` with that count. Returns the
+/// seq it was killed after.
+pub async fn count_once_across_sigkill(host: &FakeHost, file: &Path, hits: u64) -> u64 {
+    let src = node(3);
+    for _ in 0..hits {
+        host.inject_payload(src, "counter.hit", "").await;
+    }
+    let first = host.plugin().pid().unwrap();
+    eventually(
+        "stored events not acked yet, past a quarter of the hits",
+        || {
+            let acked = host.plugin().stats().queue.acked_seq;
+            counter_file(file).is_some_and(|(seq, _)| seq > hits / 4 && seq > acked + 2)
+        },
+    )
+    .await;
+    // SAFETY: kill has no memory-safety preconditions; `first` is our sidecar.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    let (killed_after, _) = counter_file(file).unwrap();
+    eventually("every hit acked", || {
+        host.plugin().stats().queue.acked_seq >= hits
+    })
+    .await;
+    let stats = host.plugin().stats();
+    assert!(stats.restarts >= 1, "{stats:?}");
+    assert!(
+        stats.queue.replayed > 0,
+        "nothing was replayed: the test proves nothing"
+    );
+    assert_eq!(
+        counter_file(file).map(|(_, c)| c),
+        Some(hits),
+        "each hit counted once"
+    );
+    host.inject_payload(src, "counter.get", "").await;
+    let answer = host
+        .ports()
+        .wait_until(WAIT, |calls| sent_direct(calls, src, "counter.count").pop())
+        .await
+        .unwrap();
+    assert_eq!(answer, hits.to_string());
+    killed_after
+}
