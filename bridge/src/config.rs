@@ -432,6 +432,44 @@ impl SidecarConfig {
                 "must be at least 1",
             ));
         }
+        if self.connections.max_streams_per_connection == 0 {
+            return Err(ConfigError::new(
+                "connections.max_streams_per_connection",
+                "must be at least 1",
+            ));
+        }
+        for (field, value) in [
+            (
+                "connections.keepalive_interval",
+                self.connections.keepalive_interval,
+            ),
+            (
+                "connections.keepalive_timeout",
+                self.connections.keepalive_timeout,
+            ),
+            (
+                "connections.request_timeout",
+                self.connections.request_timeout,
+            ),
+            ("startup_timeout", self.startup_timeout),
+            ("restart.window", self.restart.window),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(field, "must be more than 0"));
+            }
+        }
+        if self.stuck_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::new(
+                "stuck_timeout",
+                "must be more than 0 (or off)",
+            ));
+        }
+        if self.restart.max_backoff < self.restart.initial_backoff {
+            return Err(ConfigError::new(
+                "restart.max_backoff",
+                "must be at least restart.initial_backoff",
+            ));
+        }
         if self.connections.admission_timeout.is_zero() {
             return Err(ConfigError::new(
                 "connections.admission_timeout",
@@ -542,6 +580,24 @@ mod tests {
         let mut c = config();
         c.queue.max_events = 0;
         assert_eq!(c.validate().unwrap_err().field(), "queue.max_events");
+        let mut c = config();
+        c.connections.max_streams_per_connection = 0;
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            "connections.max_streams_per_connection"
+        );
+        let mut c = config();
+        c.connections.request_timeout = Duration::ZERO;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "invalid sidecar config field `connections.request_timeout`: must be more than 0"
+        );
+        let mut c = config();
+        c.stuck_timeout = Some(Duration::ZERO);
+        assert_eq!(c.validate().unwrap_err().field(), "stuck_timeout");
+        let mut c = config();
+        c.restart.max_backoff = Duration::from_millis(1);
+        assert_eq!(c.validate().unwrap_err().field(), "restart.max_backoff");
         let mut c = config();
         c.required = true;
         assert_eq!(c.validate().unwrap_err().field(), "required");

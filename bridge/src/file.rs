@@ -184,7 +184,11 @@ struct RestartDoc {
     retry_failed_after: Option<Option<Duration>>,
 }
 
-/// Parses `"250ms"`, `"5s"`, `"2m"` or `"1h"`.
+/// The longest duration a sidecars file may give: 100 years (a longer one
+/// would overflow the clock arithmetic of the timers it sets).
+const MAX_DURATION_SECS: u64 = 100 * 365 * 24 * 3600;
+
+/// Parses `"250ms"`, `"5s"`, `"2m"` or `"1h"`, at most 100 years.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -194,11 +198,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = digits.parse().map_err(|_| {
         format!("expected a duration like \"500ms\", \"5s\" or \"2m\", got {text:?}")
     })?;
+    let secs = |scale: u64| {
+        n.checked_mul(scale)
+            .filter(|&s| s <= MAX_DURATION_SECS)
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                format!("{text:?} is longer than the longest duration accepted, 100 years")
+            })
+    };
     match unit.trim() {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
+        "ms" => Ok(Duration::from_millis(n)).and_then(|d| match d.as_secs() <= MAX_DURATION_SECS {
+            true => Ok(d),
+            false => Err(format!(
+                "{text:?} is longer than the longest duration accepted, 100 years"
+            )),
+        }),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
         _ => Err(format!(
             "expected a duration like \"500ms\", \"5s\" or \"2m\", got {text:?}"
         )),

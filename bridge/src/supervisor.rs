@@ -177,6 +177,14 @@ impl CrashWindow {
         self.exits.len() <= policy.max_restarts as usize
     }
 
+    /// A process that ran for a whole window was stable: the next crash
+    /// starts the backoff afresh, at the initial delay.
+    fn ran_for(&mut self, lifetime: Duration, policy: &RestartPolicy) {
+        if lifetime >= policy.window {
+            self.backoff = None;
+        }
+    }
+
     /// The delay before the next restart: the initial backoff, doubling up
     /// to the maximum.
     fn next_delay(&mut self, policy: &RestartPolicy) -> Duration {
@@ -306,6 +314,7 @@ impl Supervision {
                 ))
                 .await;
         }
+        self.crashes.ran_for(end.ran_for, &self.spec.restart);
         if !self.crashes.record(&self.spec.restart) {
             return self
                 .fail(format!(
@@ -744,6 +753,33 @@ mod tests {
             0,
             "a spawned child allocated before its exec"
         );
+    }
+
+    #[test]
+    fn the_backoff_starts_afresh_after_a_process_that_ran_a_whole_window() {
+        let policy = RestartPolicy {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            ..RestartPolicy::default()
+        };
+        let mut crashes = CrashWindow::default();
+        // The delay is the backoff plus up to 25% jitter.
+        let next = |crashes: &mut CrashWindow, expected_ms: u64| {
+            let d = crashes.next_delay(&policy).as_millis() as u64;
+            assert!(
+                (expected_ms..expected_ms + expected_ms / 4 + 1).contains(&d),
+                "{d} ms, expected {expected_ms} ms + jitter"
+            );
+        };
+        next(&mut crashes, 100);
+        next(&mut crashes, 200);
+        next(&mut crashes, 400);
+        // A short life keeps the backoff growing.
+        crashes.ran_for(Duration::from_secs(5), &policy);
+        next(&mut crashes, 800);
+        // A process that ran a whole window resets it.
+        crashes.ran_for(policy.window, &policy);
+        next(&mut crashes, 100);
     }
 
     #[test]

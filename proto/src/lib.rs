@@ -24,8 +24,11 @@ pub mod limits;
 pub use error::InvalidField;
 pub use tonic;
 
-/// Generated prost messages and tonic services for `pim.plugin.v1`.
+/// Generated prost messages and tonic services for `pim.plugin.v1`. Their
+/// docs are the .proto comments, written for readers of the protocol (and
+/// of `grpcurl describe`), where `<plugin name>` is a placeholder, not HTML.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+#[allow(rustdoc::invalid_html_tags)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/pim.plugin.v1.rs"));
 }

@@ -92,7 +92,7 @@ impl ConnectOptions {
                 // is sound only while no other thread reads it: `run` calls this
                 // before it builds its runtime.
                 std::env::remove_var(env::TOKEN);
-                (token, None, true)
+                (checked_token(token.trim(), env::TOKEN)?, None, true)
             }
             (None, Err(_)) => {
                 let file = std::env::var_os(env::TOKEN_FILE).ok_or_else(|| {
@@ -160,7 +160,7 @@ fn read_token_fd(fd: &str) -> anyhow::Result<String> {
             env::TOKEN_FD
         )
     })?;
-    Ok(token.trim().to_owned())
+    checked_token(token.trim(), &format!("{} (descriptor {n})", env::TOKEN_FD))
 }
 
 /// Environment variable that sets [`ConnectOptions::busy_poll`], in
@@ -222,7 +222,20 @@ pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
     }
     let token = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))?;
-    Ok(token.trim().to_owned())
+    checked_token(token.trim(), &format!("token file {}", path.display()))
+}
+
+/// A token as the host hands them out: printable ASCII, not empty. Anything
+/// else cannot go into the `authorization` metadata; the error names where
+/// it came from.
+fn checked_token(token: &str, source: &str) -> anyhow::Result<String> {
+    if token.is_empty() {
+        anyhow::bail!("{source}: the token is empty");
+    }
+    if let Some(at) = token.bytes().position(|b| !(0x21..=0x7e).contains(&b)) {
+        anyhow::bail!("{source}: the token has a byte that is not printable ASCII at offset {at}");
+    }
+    Ok(token.to_owned())
 }
 
 /// Opens a gRPC channel over the Unix socket at `path`, with the
@@ -241,11 +254,25 @@ pub async fn connect_channel(path: &Path) -> Result<Channel, tonic::transport::E
 mod tests {
     use std::time::Duration;
 
-    use super::{parse_busy_poll, BUSY_POLL_ENV};
+    use super::{checked_token, parse_busy_poll, BUSY_POLL_ENV};
 
     #[test]
     fn busy_poll_budget_from_the_environment() {
         assert_eq!(parse_busy_poll("250").unwrap(), Duration::from_micros(250));
+        let e = checked_token("ab\u{7}cd", "PIM_PLUGIN_TOKEN")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "PIM_PLUGIN_TOKEN: the token has a byte that is not printable ASCII at offset 2"
+            ),
+            "{e}"
+        );
+        assert!(checked_token("", "x")
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert_eq!(checked_token("00ff", "x").unwrap(), "00ff");
         assert_eq!(parse_busy_poll(" 0 ").unwrap(), Duration::ZERO);
         let e = parse_busy_poll("fast").unwrap_err().to_string();
         assert!(

@@ -255,3 +255,14 @@ limits = { memory = "2GiB", processes = "off", open_files = 4096, cpu_time = "1h
         .unwrap_err()
         .contains("more than 2^64"));
 }
+
+#[test]
+fn a_duration_too_long_is_an_error_not_a_panic() {
+    let e = parse_duration("6000000000000000h").unwrap_err();
+    assert!(
+        e.contains("longer than the longest duration accepted, 100 years"),
+        "{e}"
+    );
+    assert!(parse_duration("99999999999999999999ms").is_err());
+    assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+}
