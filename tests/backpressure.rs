@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pim_plugin::DaemonPlugin;
 use pim_plugin_bridge::testkit::FakeHost;
-use pim_plugin_bridge::QueueLimits;
 use support::*;
 
 fn rss_bytes() -> usize {
@@ -30,11 +29,9 @@ async fn a_sidecar_that_never_reads_cannot_stall_or_bloat_the_daemon() {
     if let pim_plugin_bridge::Launch::Spawn(cmd) = &mut config.launch {
         cmd.env.push(("PROBE_MODE".into(), "stubborn".into()));
     }
-    let limits = QueueLimits {
-        max_events: 10_000,
-        max_bytes: 8 * 1024 * 1024,
-    };
-    config.queue = limits;
+    config.queue.max_events = 10_000;
+    config.queue.max_bytes = 8 * 1024 * 1024;
+    let limits = config.queue;
     config.stuck_timeout = None;
     config.shutdown_grace = Duration::from_millis(200);
     config.term_grace = Duration::from_millis(200);

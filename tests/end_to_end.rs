@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pim_plugin::DaemonPlugin;
 use pim_plugin_bridge::testkit::{FakeHost, PortCall};
-use pim_plugin_bridge::{Grants, SidecarConfig};
+use pim_plugin_bridge::SidecarConfig;
 use pim_protocol::ControlFrame;
 use support::*;
 
@@ -50,10 +50,7 @@ async fn every_host_rpc_reaches_the_daemon_ports() {
     init_logging();
     let dir = temp_dir();
     let mut config = probe_config(dir.path());
-    config.grants = Grants {
-        signing_seed: true,
-        raw_control: false,
-    };
+    config.grants.signing_seed = true;
     let host = FakeHost::start(config, dir.path()).await.unwrap();
     let (me, alice, nobody) = (node(1), node(2), node(3));
     host.ports().add_peer(me, [1; 32], "me");

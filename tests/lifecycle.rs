@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use pim_plugin::DaemonPlugin;
 use pim_plugin_bridge::testkit::{FakeHost, RecordingPorts};
-use pim_plugin_bridge::{DataDir, Launch, RestartPolicy, SidecarConfig, SidecarPlugin};
+use pim_plugin_bridge::{DataDir, Launch, SidecarConfig, SidecarPlugin};
 use support::*;
 use tokio_util::sync::CancellationToken;
 
@@ -70,11 +70,8 @@ async fn an_optional_plugin_in_a_crash_loop_lets_start_return() {
     if let Launch::Spawn(cmd) = &mut config.launch {
         cmd.env.push(("PROBE_MODE".into(), "crash".into()));
     }
-    config.restart = RestartPolicy {
-        max_restarts: 1,
-        initial_backoff: Duration::from_millis(10),
-        ..RestartPolicy::default()
-    };
+    config.restart.max_restarts = 1;
+    config.restart.initial_backoff = Duration::from_millis(10);
     let host = FakeHost::start(config, dir.path()).await.unwrap();
     let stats = host.plugin().stats();
     assert!(stats.failed, "{stats:?}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pim_plugin_bridge::testkit::{FakeHost, PortCall};
-use pim_plugin_bridge::{Grants, SidecarConfig};
+use pim_plugin_bridge::SidecarConfig;
 use pim_protocol::ControlFrame;
 use pim_sidecar::proto::pb;
 use pim_sidecar::proto::pb::control_sender_client::ControlSenderClient;
@@ -325,10 +325,8 @@ async fn capabilities_limit_what_a_plugin_may_do() {
     host.shutdown().await;
 
     let mut config = probe_named(dir.path(), "trusted");
-    config.grants = Grants {
-        signing_seed: true,
-        raw_control: true,
-    };
+    config.grants.signing_seed = true;
+    config.grants.raw_control = true;
     let host = FakeHost::start(config, dir.path()).await.unwrap();
     assert_eq!(command(&host, me, "goodbye").await, "goodbye ok");
     assert_eq!(command(&host, me, "send other.kind").await, "send ok");

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pim_plugin_bridge::testkit::FakeHost;
-use pim_plugin_bridge::RestartPolicy;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,13 +89,10 @@ async fn a_crash_loop_backs_off_then_marks_the_plugin_failed() {
         cmd.env.push(("PROBE_MODE".into(), "crash".into()));
     }
     config.wait_for_register = false;
-    config.restart = RestartPolicy {
-        max_restarts: 3,
-        window: Duration::from_secs(60),
-        initial_backoff: Duration::from_millis(20),
-        max_backoff: Duration::from_secs(1),
-        ..RestartPolicy::default()
-    };
+    config.restart.max_restarts = 3;
+    config.restart.window = Duration::from_secs(60);
+    config.restart.initial_backoff = Duration::from_millis(20);
+    config.restart.max_backoff = Duration::from_secs(1);
     let host = FakeHost::start(config, dir.path()).await.unwrap();
     eventually("the plugin to be marked failed", || {
         host.plugin().stats().failed

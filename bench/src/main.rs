@@ -30,7 +30,7 @@ use pim_core::NodeId;
 use pim_plugin::{
     ControlSender, DaemonPlugin, IdentitySecrets, PeerDirectory, PeerDirectoryEvent, PluginContext,
 };
-use pim_plugin_bridge::{CommandSpec, QueueLimits, Sandbox, SidecarConfig, SidecarPlugin};
+use pim_plugin_bridge::{CommandSpec, Sandbox, SidecarConfig, SidecarPlugin};
 use pim_protocol::ControlFrame;
 use pim_sidecar::proto::pb;
 use tokio::sync::{broadcast, mpsc};
@@ -162,10 +162,8 @@ fn sidecar_config(dir: &Path, name_suffix: &str, stall: bool) -> SidecarConfig {
         command,
     );
     config.stuck_timeout = None;
-    config.queue = QueueLimits {
-        max_events: 4 << 20,
-        max_bytes: 2 << 30,
-    };
+    config.queue.max_events = 4 << 20;
+    config.queue.max_bytes = 2 << 30;
     config
 }
 
@@ -790,10 +788,8 @@ async fn memory_probe(bound_mib: usize) -> anyhow::Result<()> {
         .prefix("pim-bench-mem-")
         .tempdir()?;
     let mut config = sidecar_config(dir.path(), "", true);
-    config.queue = QueueLimits {
-        max_events: 1 << 22,
-        max_bytes: bound_mib << 20,
-    };
+    config.queue.max_events = 1 << 22;
+    config.queue.max_bytes = bound_mib << 20;
     config.shutdown_grace = Duration::from_millis(100);
     config.term_grace = Duration::from_millis(100);
     let host = start_host(config, dir.path()).await?;

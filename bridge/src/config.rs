@@ -21,6 +21,7 @@ pub enum Launch {
 
 /// A command the bridge spawns as the sidecar.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CommandSpec {
     /// Program to run (a path, or a name looked up in the host's `PATH`).
     pub program: PathBuf,
@@ -74,6 +75,7 @@ impl CommandSpec {
 /// Rights beyond the defaults. By default a plugin may look up peers, watch
 /// the directory and send `PluginPayload` frames in its own namespace.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Grants {
     /// May read the node's signing seed (`IdentitySecrets.SigningSeed`).
     pub signing_seed: bool,
@@ -98,6 +100,7 @@ impl Grants {
 
 /// Bounds of the per-plugin event queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueLimits {
     /// Most events kept (sent or not, until acked). Default 65,536.
     pub max_events: usize,
@@ -117,6 +120,7 @@ impl Default for QueueLimits {
 
 /// When and how often a spawned sidecar that exits is started again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RestartPolicy {
     /// Most restarts within `window` before the plugin is marked failed.
     /// Default 5.
@@ -178,6 +182,7 @@ impl DataDir {
 
 /// Bounds on what connections to one plugin socket may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ConnectionLimits {
     /// Connections open at once. When all are taken, a new connection
     /// closes the oldest one that has not made an authenticated call yet;
@@ -213,6 +218,7 @@ impl Default for ConnectionLimits {
 
 /// Everything the bridge needs to host one sidecar plugin.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct SidecarConfig {
     /// Plugin name: the `DaemonPlugin::name`, the socket file name and the
     /// prefix of the kinds the plugin may send.

@@ -32,6 +32,7 @@ pub struct Pushed {
 
 /// Counters of one queue, a snapshot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueStats {
     /// Events pushed.
     pub pushed: u64,
