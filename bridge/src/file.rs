@@ -292,6 +292,7 @@ fn duration_or_off<'de, D: serde::Deserializer<'de>>(
 
 /// Why a sidecars file could not be used.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ConfigFileError {
     /// The file could not be read.
     Read {

@@ -2,6 +2,7 @@ use pim_plugin_proto::InvalidField;
 
 /// A host call that failed.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum HostError {
     /// The host answered with an error status.
     Rpc(tonic::Status),
