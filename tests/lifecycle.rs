@@ -266,3 +266,34 @@ async fn the_sdk_honours_a_full_rust_log_filter() {
         probe.lines()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_kit_waits_on_anything_and_kills_the_sidecar() {
+    init_logging();
+    let dir = temp_dir();
+    let host = FakeHost::start(probe_named(dir.path(), "kitted"), dir.path())
+        .await
+        .unwrap();
+    let first = host.kill_sidecar().expect("a sidecar runs");
+    host.poll_until("the restart", WAIT, || {
+        host.plugin().stats().restarts >= 1 && host.plugin().pid().is_some_and(|p| p != first)
+    })
+    .await
+    .unwrap();
+    let err = host
+        .poll_until(
+            "something that never happens",
+            Duration::from_millis(50),
+            || false,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "timed out after 50ms waiting for something that never happens; plugin stats:"
+        ),
+        "{err}"
+    );
+    host.shutdown().await;
+}

@@ -344,9 +344,51 @@ impl FakeHost {
         self.plugin.inject_unknown_event()
     }
 
+    /// Waits until `cond` holds, checking every 10 ms, for at most
+    /// `timeout`: for anything a test waits on that is not a port call
+    /// (`plugin().stats()`, a file, a process). The error names `what`.
+    pub async fn poll_until(
+        &self,
+        what: &str,
+        timeout: std::time::Duration,
+        mut cond: impl FnMut() -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !cond() {
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "timed out after {timeout:?} waiting for {what}; plugin stats: {:?}",
+                    self.plugin.stats()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the spawned sidecar's process (the supervisor restarts it);
+    /// returns its pid, `None` when none runs.
+    pub fn kill_sidecar(&self) -> Option<u32> {
+        let pid = self.plugin.pid()?;
+        // SAFETY: kill has no memory-safety preconditions; `pid` is the
+        // process this host's supervisor spawned and has not reaped.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        Some(pid)
+    }
+
     /// Shuts the sidecar down in order and waits for it.
     pub async fn shutdown(&self) {
         self.plugin.shutdown().await;
+        self.cancel.cancel();
+    }
+}
+
+impl Drop for FakeHost {
+    /// A test that ends without [`FakeHost::shutdown`] (a failed assertion,
+    /// say) still stops its sidecar: cancelling the daemon's token starts
+    /// the plugin's own shutdown (while the runtime runs), and the
+    /// sidecar's watchdog ends it when the test process exits.
+    fn drop(&mut self) {
         self.cancel.cancel();
     }
 }
