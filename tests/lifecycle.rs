@@ -280,6 +280,17 @@ async fn the_test_kit_waits_on_anything_and_kills_the_sidecar() {
     })
     .await
     .unwrap();
+    // Its output is kept across the restart, both processes' lines, for
+    // the kit to print when a test fails.
+    host.poll_until("both processes' registered lines", WAIT, || {
+        host.output()
+            .iter()
+            .filter(|l| l.starts_with("[stderr]") && l.contains("registered"))
+            .count()
+            >= 2
+    })
+    .await
+    .unwrap();
     let err = host
         .poll_until(
             "something that never happens",

@@ -54,5 +54,11 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings denied)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "the daemon side alone, as a daemon links it (no testkit feature)"
+cargo clippy -p pim-plugin-bridge --lib --locked -- -D warnings
+
+step "cargo doc (warnings denied)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --locked
+
 step "cargo test"
 cargo test --workspace --locked

@@ -120,9 +120,17 @@ async fn a_stale_session_id_is_named_as_such() {
         SidecarConfig::external("stale", ["stale.cmd", "stale.seq"], dir.path().join("sock"));
     let host = FakeHost::start(config, dir.path()).await.unwrap();
     let client =
-        pim_sidecar::HostClient::connect(&host.plugin().socket_path(), host.plugin().token())
+        pim_sidecar::HostSession::connect(&host.plugin().socket_path(), host.plugin().token())
             .await
             .unwrap();
+    let bad = pim_sidecar::HostSession::connect(&host.plugin().socket_path(), "ab\ncd")
+        .await
+        .expect_err("a token with a newline");
+    assert!(
+        matches!(bad, pim_sidecar::HostError::InvalidToken(_))
+            && bad.to_string().contains("not printable ASCII at offset 2"),
+        "{bad}"
+    );
     let err = client.ack(1).await.expect_err("no session");
     assert!(
         err.to_string()
@@ -130,7 +138,7 @@ async fn a_stale_session_id_is_named_as_such() {
         "{err}"
     );
     client
-        .register("stale", &["stale.cmd", "stale.seq"], "test")
+        .register("stale", &["stale.cmd", "stale.seq"], "test", false)
         .await
         .unwrap();
     let id = client.session_id().to_string();
@@ -138,14 +146,14 @@ async fn a_stale_session_id_is_named_as_such() {
     // refused (ALREADY_EXISTS), then accepted without a takeover, and the
     // old id is stale, not "superseded".
     let other =
-        pim_sidecar::HostClient::connect(&host.plugin().socket_path(), host.plugin().token())
+        pim_sidecar::HostSession::connect(&host.plugin().socket_path(), host.plugin().token())
             .await
             .unwrap();
     let deadline = Instant::now() + WAIT;
     let mut refused = 0;
     loop {
         match other
-            .register("stale", &["stale.cmd", "stale.seq"], "test")
+            .register("stale", &["stale.cmd", "stale.seq"], "test", false)
             .await
         {
             Ok(_) => break,

@@ -105,7 +105,7 @@ pub struct QueueLimits {
     /// Most events kept (sent or not, until acked). Default 65,536.
     pub max_events: usize,
     /// Most bytes kept, counting each event's body and kind plus
-    /// [`crate::queue::EVENT_OVERHEAD_BYTES`]. Default 64 MiB.
+    /// [`crate::EVENT_OVERHEAD_BYTES`]. Default 64 MiB.
     pub max_bytes: usize,
 }
 

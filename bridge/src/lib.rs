@@ -1,4 +1,5 @@
 #![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -26,12 +27,14 @@ mod kinds;
 mod output;
 mod overflow;
 mod plugin;
-pub mod queue;
+mod queue;
 mod sandbox;
 mod secret;
 mod server;
 mod socket;
 mod supervisor;
+#[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 mod watchdog;
 
@@ -42,6 +45,7 @@ pub use config::{
 pub use end::{EndReason, ProcessEnd};
 pub use pim_plugin_proto as proto;
 pub use plugin::{SidecarPlugin, SidecarStats};
+pub use queue::{QueueStats, EVENT_OVERHEAD_BYTES};
 pub use sandbox::{default_denied_syscalls, Enforcement, ResourceLimits, Sandbox, SandboxReport};
 
 #[cfg(test)]

@@ -8,6 +8,42 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 /// Lines of the sidecar's output kept for error messages.
 pub(crate) const TAIL_LINES: usize = 20;
 
+/// Lines a [`Transcript`] keeps; older ones are dropped and counted.
+const TRANSCRIPT_LINES: usize = 5_000;
+
+/// Every line a plugin's processes printed, for the test kit to show when a
+/// test fails: the newest [`TRANSCRIPT_LINES`], with a count of the older
+/// lines dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Transcript {
+    lines: Mutex<(VecDeque<String>, u64)>,
+}
+
+impl Transcript {
+    fn push(&self, stream: &str, line: &str) {
+        let mut guard = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let (lines, dropped) = &mut *guard;
+        if lines.len() == TRANSCRIPT_LINES {
+            lines.pop_front();
+            *dropped += 1;
+        }
+        lines.push_back(format!("[{stream}] {line}"));
+    }
+
+    /// The lines kept, oldest first, after a line counting those dropped.
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
+    pub(crate) fn lines(&self) -> Vec<String> {
+        let guard = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let (lines, dropped) = &*guard;
+        let mut out = Vec::with_capacity(lines.len() + 1);
+        if *dropped > 0 {
+            out.push(format!("({dropped} earlier lines dropped)"));
+        }
+        out.extend(lines.iter().cloned());
+        out
+    }
+}
+
 /// Level and message of a JSON log line (`{"level": "WARN", "message": …}`,
 /// or tracing-subscriber's `{"level": …, "fields": {"message": …}}`).
 fn json_line(line: &str) -> Option<(tracing::Level, String)> {
@@ -49,12 +85,14 @@ fn level_of(line: &str) -> (tracing::Level, &str) {
 }
 
 /// Forwards each output line into `tracing`, at the line's own level, and
-/// keeps the last few. The caller runs it inside the plugin's span, which
-/// names the plugin.
+/// keeps the last few (and every line in `transcript`, when the test kit
+/// asked for one). The caller runs it inside the plugin's span, which names
+/// the plugin.
 pub(crate) async fn forward(
     out: impl AsyncRead + Unpin,
     stream: &'static str,
     tail: Arc<Mutex<VecDeque<String>>>,
+    transcript: Option<Arc<Transcript>>,
 ) {
     let mut lines = BufReader::new(out).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -78,6 +116,9 @@ pub(crate) async fn forward(
             tracing::Level::DEBUG => emit!(tracing::Level::DEBUG),
             tracing::Level::TRACE => emit!(tracing::Level::TRACE),
             _ => emit!(tracing::Level::INFO),
+        }
+        if let Some(transcript) = &transcript {
+            transcript.push(stream, &line);
         }
         let mut tail = tail.lock().unwrap_or_else(|e| e.into_inner());
         if tail.len() == TAIL_LINES {

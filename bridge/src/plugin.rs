@@ -1,7 +1,7 @@
 //! `SidecarPlugin`: the `pim_plugin::DaemonPlugin` that forwards to a sidecar.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,6 +40,8 @@ pub struct SidecarPlugin {
     /// Why an optional plugin could not even serve its socket.
     start_failure: Mutex<Option<String>>,
     stopped: tokio::sync::OnceCell<()>,
+    /// Every output line, when the test kit asked for it before `start`.
+    transcript: OnceLock<Arc<crate::output::Transcript>>,
 }
 
 impl Drop for SidecarPlugin {
@@ -136,6 +138,7 @@ impl SidecarPlugin {
             started: std::sync::atomic::AtomicBool::new(false),
             start_failure: Mutex::new(None),
             stopped: tokio::sync::OnceCell::new(),
+            transcript: OnceLock::new(),
         })
     }
 
@@ -152,8 +155,16 @@ impl SidecarPlugin {
         &self.token
     }
 
+    /// Keeps every line the plugin's processes print from now on (call
+    /// before `start`), for [`crate::testkit::FakeHost`] to show.
+    #[cfg(feature = "testkit")]
+    pub(crate) fn transcript(&self) -> Arc<crate::output::Transcript> {
+        self.transcript.get_or_init(Arc::default).clone()
+    }
+
     /// Ends the sidecar's Events stream (`UNAVAILABLE`); see
     /// [`crate::testkit::FakeHost::interrupt_stream`].
+    #[cfg(feature = "testkit")]
     pub(crate) fn interrupt_stream(&self) -> bool {
         self.running().is_some_and(|r| r.host.interrupt_stream())
     }
@@ -161,6 +172,7 @@ impl SidecarPlugin {
     /// Stops serving at once, as a daemon that dies does: no Shutdown event;
     /// the streams end, the socket and token file are removed. A later
     /// `shutdown()` does nothing. See [`crate::testkit::FakeHost::crash`].
+    #[cfg(feature = "testkit")]
     pub(crate) async fn crash(&self) {
         self.stopped
             .get_or_init(|| async {
@@ -174,6 +186,7 @@ impl SidecarPlugin {
 
     /// Queues an event sent as a kind the client does not know; see
     /// [`crate::testkit::FakeHost::inject_unknown_event`].
+    #[cfg(feature = "testkit")]
     pub(crate) fn inject_unknown_event(&self) -> Option<u64> {
         let running = self.running()?;
         // The seq is marked before the event exists, so no stream can send
@@ -193,6 +206,7 @@ impl SidecarPlugin {
 
     /// Answers Acks without moving the ack position while `hold` is set;
     /// see [`crate::testkit::FakeHost::hold_acks`].
+    #[cfg(feature = "testkit")]
     pub(crate) fn hold_acks(&self, hold: bool) {
         if let Some(r) = self.running() {
             r.host
@@ -427,6 +441,7 @@ impl SidecarPlugin {
                 shutdown_grace: self.config.shutdown_grace,
                 term_grace: self.config.term_grace,
                 plan: plan.clone(),
+                transcript: self.transcript.get().cloned(),
             })),
             _ => None,
         };

@@ -23,11 +23,11 @@ pub const EVENT_OVERHEAD_BYTES: usize = 96;
 
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pushed {
+pub(crate) struct Pushed {
     /// The new event's sequence number.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// Payloads dropped (oldest first) to make room.
-    pub dropped: u64,
+    pub(crate) dropped: u64,
 }
 
 /// Counters of one queue, a snapshot.
@@ -65,7 +65,7 @@ struct State {
 }
 
 /// The bounded event queue of one plugin.
-pub struct EventQueue {
+pub(crate) struct EventQueue {
     limits: QueueLimits,
     instance: String,
     state: Mutex<State>,
@@ -95,7 +95,7 @@ fn cost(event: &PluginEvent) -> usize {
 
 impl EventQueue {
     /// An empty queue with these bounds.
-    pub fn new(limits: QueueLimits) -> Self {
+    pub(crate) fn new(limits: QueueLimits) -> Self {
         Self {
             limits,
             instance: crate::secret::random_hex(8),
@@ -117,7 +117,7 @@ impl EventQueue {
 
     /// A random id of this queue: sequence numbers are comparable only
     /// between events of one instance.
-    pub fn instance(&self) -> &str {
+    pub(crate) fn instance(&self) -> &str {
         &self.instance
     }
 
@@ -130,7 +130,7 @@ impl EventQueue {
     /// Appends an event without ever waiting on the sidecar. A payload that
     /// does not fit drops the oldest queued payloads; lifecycle events are
     /// never dropped and always fit.
-    pub fn push(&self, event: PluginEvent) -> Pushed {
+    pub(crate) fn push(&self, event: PluginEvent) -> Pushed {
         let size = cost(&event);
         let mut st = self.lock();
         // Acked events are forgotten a few at a time, so that no call holds
@@ -169,7 +169,7 @@ impl EventQueue {
     /// clamped; an older one changes nothing. The events it covers are
     /// forgotten incrementally (here and on later calls). Returns the acked
     /// position.
-    pub fn ack(&self, seq: u64) -> u64 {
+    pub(crate) fn ack(&self, seq: u64) -> u64 {
         let mut st = self.lock();
         let seq = seq.min(st.next_seq - 1);
         if seq > st.acked {
@@ -183,13 +183,13 @@ impl EventQueue {
     }
 
     /// The acked position.
-    pub fn acked(&self) -> u64 {
+    pub(crate) fn acked(&self) -> u64 {
         self.acked.load(Ordering::Acquire)
     }
 
     /// Marks the start of a new stream that resumes after the last ack and
     /// returns its cursor. Events it gets again count as replayed.
-    pub fn open_stream(&self) -> u64 {
+    pub(crate) fn open_stream(&self) -> u64 {
         let mut st = self.lock();
         let (acked, sent) = (st.acked, st.sent);
         let replays = st
@@ -208,7 +208,12 @@ impl EventQueue {
     /// The lock is held only to clone a few events at a time (reference
     /// counts, no copies), and they are turned into wire messages after it
     /// is released, so `push` never waits long.
-    pub fn batch_after(&self, cursor: u64, max_events: usize, max_bytes: usize) -> Vec<pb::Event> {
+    pub(crate) fn batch_after(
+        &self,
+        cursor: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Vec<pb::Event> {
         const CLONES_PER_LOCK: usize = 32;
         let mut picked: Vec<SequencedEvent> = Vec::new();
         let mut bytes = 0;
@@ -248,7 +253,7 @@ impl EventQueue {
     /// lock: during a burst the next event is usually there by then, and
     /// the producer's `push` then finds no parked task to wake (a wake of a
     /// parked runtime thread is a syscall on the daemon's hot path).
-    pub async fn wait_after(&self, cursor: u64) {
+    pub(crate) async fn wait_after(&self, cursor: u64) {
         for _ in 0..SPINS_BEFORE_PARKING {
             if self.newest.load(Ordering::Acquire) > cursor {
                 return;
@@ -262,23 +267,23 @@ impl EventQueue {
     }
 
     /// Wakes a waiting stream (for example, so it notices it was superseded).
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.notify.notify_one();
     }
 
     /// The sequence number of the newest event, 0 when none was pushed.
-    pub fn last_seq(&self) -> u64 {
+    pub(crate) fn last_seq(&self) -> u64 {
         self.newest.load(Ordering::Acquire)
     }
 
     /// Time since the ack position last moved.
-    pub fn last_ack_age(&self) -> Duration {
+    pub(crate) fn last_ack_age(&self) -> Duration {
         self.lock().last_ack_at.elapsed()
     }
 
     /// The oldest unacked seq and how long the sidecar has made no progress
     /// on it; `None` when nothing is pending.
-    pub fn stalled(&self) -> Option<(u64, Duration)> {
+    pub(crate) fn stalled(&self) -> Option<(u64, Duration)> {
         let st = self.lock();
         let first = st.events.partition_point(|e| e.seq <= st.acked);
         st.events
@@ -287,7 +292,7 @@ impl EventQueue {
     }
 
     /// A snapshot of the counters.
-    pub fn stats(&self) -> QueueStats {
+    pub(crate) fn stats(&self) -> QueueStats {
         let st = self.lock();
         let acked_kept = st.events.partition_point(|e| e.seq <= st.acked);
         QueueStats {
@@ -321,7 +326,7 @@ fn trim_acked(st: &mut State, limit: usize) -> usize {
 
 /// A payload event for `kind`, borrowing the kind from `static_kinds` when it
 /// is one of them so that the hot path does not allocate.
-pub fn intern_kind(kind: &str, static_kinds: &'static [&'static str]) -> Cow<'static, str> {
+pub(crate) fn intern_kind(kind: &str, static_kinds: &'static [&'static str]) -> Cow<'static, str> {
     match static_kinds.iter().find(|k| **k == kind) {
         Some(k) => Cow::Borrowed(k),
         None => Cow::Owned(kind.to_owned()),

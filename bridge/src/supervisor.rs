@@ -71,6 +71,8 @@ pub(crate) struct SpawnSpec {
     pub(crate) term_grace: Duration,
     /// The sandbox every process of this plugin runs in.
     pub(crate) plan: Arc<Plan>,
+    /// Where every output line also goes, for the test kit.
+    pub(crate) transcript: Option<Arc<crate::output::Transcript>>,
 }
 
 impl Supervisor {
@@ -571,7 +573,7 @@ async fn spawn(spec: &SpawnSpec, tail: &Arc<Mutex<VecDeque<String>>>) -> std::io
     for (fd, stream) in [(started.stdout, "stdout"), (started.stderr, "stderr")] {
         let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(failed)?;
         forwarders.push(tokio::spawn(
-            forward(pipe, stream, tail.clone()).in_current_span(),
+            forward(pipe, stream, tail.clone(), spec.transcript.clone()).in_current_span(),
         ));
     }
     Ok(Running {
@@ -672,6 +674,7 @@ mod tests {
                 )
                 .unwrap(),
             ),
+            transcript: None,
         }
     }
 

@@ -252,6 +252,7 @@ pub struct FakeHost {
     plugin: Arc<SidecarPlugin>,
     ports: Arc<RecordingPorts>,
     cancel: CancellationToken,
+    transcript: Arc<crate::output::Transcript>,
 }
 
 impl FakeHost {
@@ -273,16 +274,20 @@ impl FakeHost {
         ports: Arc<RecordingPorts>,
     ) -> anyhow::Result<Self> {
         let plugin = Arc::new(SidecarPlugin::new(config)?);
+        let transcript = plugin.transcript();
         let cancel = CancellationToken::new();
-        plugin
+        let started = plugin
             .clone()
             .start(ports.context(data_dir, cancel.clone()))
-            .await?;
-        Ok(Self {
+            .await;
+        let host = Self {
             plugin,
             ports,
             cancel,
-        })
+            transcript,
+        };
+        started?;
+        Ok(host)
     }
 
     /// The recording ports.
@@ -376,6 +381,14 @@ impl FakeHost {
         Some(pid)
     }
 
+    /// Every line the sidecar's processes printed so far (stdout and
+    /// stderr, restarts included), oldest first. A `FakeHost` prints them
+    /// when it is dropped, which the test harness shows only for a test
+    /// that failed.
+    pub fn output(&self) -> Vec<String> {
+        self.transcript.lines()
+    }
+
     /// Shuts the sidecar down in order and waits for it.
     pub async fn shutdown(&self) {
         self.plugin.shutdown().await;
@@ -388,7 +401,20 @@ impl Drop for FakeHost {
     /// say) still stops its sidecar: cancelling the daemon's token starts
     /// the plugin's own shutdown (while the runtime runs), and the
     /// sidecar's watchdog ends it when the test process exits.
+    ///
+    /// It prints the sidecar's output (see [`FakeHost::output`]): the test
+    /// harness captures it and shows it for a failing test only.
     fn drop(&mut self) {
         self.cancel.cancel();
+        let lines = self.transcript.lines();
+        if !lines.is_empty() {
+            println!(
+                "--- output of sidecar {:?} ({} lines) ---\n{}\n--- end of output of {:?} ---",
+                self.plugin.name(),
+                lines.len(),
+                lines.join("\n"),
+                self.plugin.name()
+            );
+        }
     }
 }

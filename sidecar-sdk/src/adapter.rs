@@ -6,7 +6,6 @@
 
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -85,7 +84,7 @@ async fn feed_watch(
     events: broadcast::Sender<PeerDirectoryEvent>,
     cancel: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(20);
+    let mut backoff = crate::backoff::Backoff::reconnect();
     while !cancel.is_cancelled() {
         let watch = tokio::select! {
             w = host.watch() => w,
@@ -93,7 +92,7 @@ async fn feed_watch(
         };
         match watch {
             Ok(mut watch) => {
-                delay = Duration::from_millis(20);
+                backoff.reset();
                 loop {
                     let next = tokio::select! {
                         n = watch.next() => n,
@@ -117,10 +116,9 @@ async fn feed_watch(
             Err(e) => tracing::debug!("peer directory watch not open yet: {e}"),
         }
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
+            () = backoff.wait() => {}
             () = cancel.cancelled() => return,
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -228,7 +228,7 @@ pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
 /// A token as the host hands them out: printable ASCII, not empty. Anything
 /// else cannot go into the `authorization` metadata; the error names where
 /// it came from.
-fn checked_token(token: &str, source: &str) -> anyhow::Result<String> {
+pub(crate) fn checked_token(token: &str, source: &str) -> anyhow::Result<String> {
     if token.is_empty() {
         anyhow::bail!("{source}: the token is empty");
     }

@@ -10,6 +10,8 @@ pub enum HostError {
     InvalidResponse(InvalidField),
     /// The socket could not be reached.
     Connect(tonic::transport::Error),
+    /// The token cannot be presented: empty, or not printable ASCII.
+    InvalidToken(String),
 }
 
 impl HostError {
@@ -28,6 +30,7 @@ impl std::fmt::Display for HostError {
             Self::Rpc(s) => write!(f, "host answered {:?}: {}", s.code(), s.message()),
             Self::InvalidResponse(e) => write!(f, "invalid answer from the host: {e}"),
             Self::Connect(e) => write!(f, "cannot reach the host: {e}"),
+            Self::InvalidToken(why) => write!(f, "invalid token: {why}"),
         }
     }
 }
@@ -38,6 +41,7 @@ impl std::error::Error for HostError {
             Self::Rpc(s) => Some(s),
             Self::InvalidResponse(e) => Some(e),
             Self::Connect(e) => Some(e),
+            Self::InvalidToken(_) => None,
         }
     }
 }

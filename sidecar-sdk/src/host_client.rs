@@ -19,13 +19,17 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::connect::connect_channel;
+use crate::connect::{checked_token, connect_channel};
 use crate::HostError;
 
-/// A typed client of the daemon's ports.
+/// The daemon's ports, as a plugin's handlers call them: peer lookups, the
+/// keystore watch, sends, and the signing seed.
 ///
-/// Cheap to clone; every clone shares one connection and follows the
-/// session across reconnects.
+/// A plugin gets one in [`Context::host`](crate::Context::host); the
+/// session machinery (Register, the Events stream, Ack) stays with
+/// [`crate::run`], in [`HostSession`], so a handler cannot disturb its own
+/// session. Cheap to clone; every clone shares one connection and follows
+/// the session across reconnects.
 #[derive(Clone)]
 pub struct HostClient {
     channel: Channel,
@@ -44,28 +48,6 @@ impl std::fmt::Debug for HostClient {
 }
 
 impl HostClient {
-    /// Connects to the socket at `path`, presenting `token` on every call,
-    /// with the [default busy poll](crate::default_busy_poll).
-    /// Call [`HostClient::register`] before anything else.
-    pub async fn connect(path: &Path, token: &str) -> Result<Self, HostError> {
-        let channel = connect_channel(path).await.map_err(HostError::Connect)?;
-        Ok(Self::with_channel(channel, token))
-    }
-
-    /// A client over an existing channel.
-    ///
-    /// # Panics
-    ///
-    /// If `token` is not printable ASCII (the host only hands out hex tokens).
-    pub fn with_channel(channel: Channel, token: &str) -> Self {
-        Self {
-            channel,
-            auth: Arc::new(RwLock::new(Self::bearer(token))),
-            session: Arc::new(RwLock::new(Arc::from(""))),
-            busy_poll: crate::default_busy_poll(),
-        }
-    }
-
     /// Sets how long each port call (lookups, sends, the signing seed)
     /// polls for its answer before letting the runtime sleep.
     ///
@@ -86,6 +68,14 @@ impl HostClient {
         self.busy_poll
     }
 
+    /// The live session id ("" before Register), as the host logs it.
+    pub fn session_id(&self) -> Arc<str> {
+        self.session
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Awaits a port call, busy-polling for up to the budget first.
     ///
     /// The call's future (kilobytes of tonic state) goes in a box, so that
@@ -100,95 +90,11 @@ impl HostClient {
         async move { Ok(crate::busy_poll(call, budget).await?.into_inner()) }
     }
 
-    fn bearer(token: &str) -> MetadataValue<Ascii> {
-        auth::bearer(token)
-            .parse()
-            .expect("plugin tokens are printable ASCII")
-    }
-
-    /// Replaces the token (after the host restarted with a new one).
-    ///
-    /// # Panics
-    ///
-    /// If `token` is not printable ASCII.
-    pub fn set_token(&self, token: &str) {
-        *self.auth.write().unwrap_or_else(|e| e.into_inner()) = Self::bearer(token);
-    }
-
-    /// The live session id ("" before Register).
-    pub fn session_id(&self) -> Arc<str> {
-        self.session
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
     fn req<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         let value = self.auth.read().unwrap_or_else(|e| e.into_inner()).clone();
         req.metadata_mut().insert(auth::METADATA_KEY, value);
         req
-    }
-
-    fn session_client(&self) -> PluginSessionClient<Channel> {
-        PluginSessionClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES)
-    }
-
-    /// Opens a session: the host checks the name, kinds and protocol version.
-    pub async fn register(
-        &self,
-        name: &str,
-        kinds: &[&str],
-        sdk_name: &str,
-    ) -> Result<pb::RegisterResponse, HostError> {
-        self.register_session(name, kinds, sdk_name, false).await
-    }
-
-    /// [`HostClient::register`], taking the session over from a live
-    /// client when `takeover` is set.
-    pub(crate) async fn register_session(
-        &self,
-        name: &str,
-        kinds: &[&str],
-        sdk_name: &str,
-        takeover: bool,
-    ) -> Result<pb::RegisterResponse, HostError> {
-        let resp = self
-            .session_client()
-            .register(self.req(pb::RegisterRequest {
-                protocol_version: pim_plugin_proto::PROTOCOL_VERSION,
-                plugin_name: name.to_owned(),
-                payload_kinds: kinds.iter().map(|k| (*k).to_owned()).collect(),
-                sdk_name: sdk_name.to_owned(),
-                sdk_version: env!("CARGO_PKG_VERSION").to_owned(),
-                takeover,
-            }))
-            .await?
-            .into_inner();
-        *self.session.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::from(resp.session_id.as_str());
-        Ok(resp)
-    }
-
-    /// Opens the Events stream of the live session.
-    pub async fn events(&self) -> Result<Streaming<pb::EventsResponse>, HostError> {
-        let session_id = self.session_id().to_string();
-        Ok(self
-            .session_client()
-            .events(self.req(pb::EventsRequest { session_id }))
-            .await?
-            .into_inner())
-    }
-
-    /// Acknowledges every event up to `seq`; returns the host's acked position.
-    pub async fn ack(&self, seq: u64) -> Result<u64, HostError> {
-        let session_id = self.session_id().to_string();
-        Ok(self
-            .session_client()
-            .ack(self.req(pb::AckRequest { session_id, seq }))
-            .await?
-            .into_inner()
-            .acked_seq)
     }
 
     /// The X25519 public key of `node`, `None` when the peer is unknown.
@@ -282,6 +188,135 @@ impl HostClient {
     }
 }
 
+/// The session machinery of one plugin's connection: Register, the Events
+/// stream and Ack, which [`crate::run`] drives.
+///
+/// A plugin written with [`crate::run`] never needs it. It is public for a
+/// client that drives the protocol itself, such as a test of the host; its
+/// [`HostSession::ports`] are the [`HostClient`] a handler gets.
+#[derive(Debug, Clone)]
+pub struct HostSession {
+    ports: HostClient,
+}
+
+impl HostSession {
+    /// Connects to the socket at `path`, presenting `token` on every call,
+    /// with the [default busy poll](crate::default_busy_poll).
+    /// Call [`HostSession::register`] before anything else.
+    pub async fn connect(path: &Path, token: &str) -> Result<Self, HostError> {
+        let bearer = Self::bearer(token)?;
+        let channel = connect_channel(path).await.map_err(HostError::Connect)?;
+        Ok(Self::with_bearer(channel, bearer))
+    }
+
+    /// A session over an existing channel; an error when `token` is empty
+    /// or not printable ASCII (the host only hands out hex tokens).
+    pub fn with_channel(channel: Channel, token: &str) -> Result<Self, HostError> {
+        Ok(Self::with_bearer(channel, Self::bearer(token)?))
+    }
+
+    fn with_bearer(channel: Channel, bearer: MetadataValue<Ascii>) -> Self {
+        Self {
+            ports: HostClient {
+                channel,
+                auth: Arc::new(RwLock::new(bearer)),
+                session: Arc::new(RwLock::new(Arc::from(""))),
+                busy_poll: crate::default_busy_poll(),
+            },
+        }
+    }
+
+    fn bearer(token: &str) -> Result<MetadataValue<Ascii>, HostError> {
+        let token = checked_token(token, "the token")
+            .map_err(|e| HostError::InvalidToken(e.to_string()))?;
+        auth::bearer(&token)
+            .parse()
+            .map_err(|_| HostError::InvalidToken("the token is not printable ASCII".into()))
+    }
+
+    /// Sets the busy-poll budget of the port calls; see
+    /// [`HostClient::with_busy_poll`].
+    #[must_use]
+    pub fn with_busy_poll(mut self, budget: Duration) -> Self {
+        self.ports.busy_poll = budget;
+        self
+    }
+
+    /// The ports of this session, for a plugin's handlers.
+    pub fn ports(&self) -> HostClient {
+        self.ports.clone()
+    }
+
+    /// Replaces the token (after the host restarted with a new one); an
+    /// error, and the old token kept, when it is not a valid token.
+    pub fn set_token(&self, token: &str) -> Result<(), HostError> {
+        let bearer = Self::bearer(token)?;
+        *self.ports.auth.write().unwrap_or_else(|e| e.into_inner()) = bearer;
+        Ok(())
+    }
+
+    /// The live session id ("" before Register).
+    pub fn session_id(&self) -> Arc<str> {
+        self.ports.session_id()
+    }
+
+    fn client(&self) -> PluginSessionClient<Channel> {
+        PluginSessionClient::new(self.ports.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Opens a session: the host checks the name, kinds and protocol
+    /// version. With `takeover`, a live session of another client is taken
+    /// over (it ends with `ABORTED`) instead of refused with `ALREADY_EXISTS`.
+    pub async fn register(
+        &self,
+        name: &str,
+        kinds: &[&str],
+        sdk_name: &str,
+        takeover: bool,
+    ) -> Result<pb::RegisterResponse, HostError> {
+        let resp = self
+            .client()
+            .register(self.ports.req(pb::RegisterRequest {
+                protocol_version: pim_plugin_proto::PROTOCOL_VERSION,
+                plugin_name: name.to_owned(),
+                payload_kinds: kinds.iter().map(|k| (*k).to_owned()).collect(),
+                sdk_name: sdk_name.to_owned(),
+                sdk_version: env!("CARGO_PKG_VERSION").to_owned(),
+                takeover,
+            }))
+            .await?
+            .into_inner();
+        *self
+            .ports
+            .session
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::from(resp.session_id.as_str());
+        Ok(resp)
+    }
+
+    /// Opens the Events stream of the live session.
+    pub async fn events(&self) -> Result<Streaming<pb::EventsResponse>, HostError> {
+        let session_id = self.session_id().to_string();
+        Ok(self
+            .client()
+            .events(self.ports.req(pb::EventsRequest { session_id }))
+            .await?
+            .into_inner())
+    }
+
+    /// Acknowledges every event up to `seq`; returns the host's acked position.
+    pub async fn ack(&self, seq: u64) -> Result<u64, HostError> {
+        let session_id = self.session_id().to_string();
+        Ok(self
+            .client()
+            .ack(self.ports.req(pb::AckRequest { session_id, seq }))
+            .await?
+            .into_inner()
+            .acked_seq)
+    }
+}
+
 /// A stream of keystore changes from [`HostClient::watch`].
 #[derive(Debug)]
 pub struct PeerWatch {
@@ -305,14 +340,14 @@ mod tests {
     use pim_protocol::ControlFrame;
     use tonic::transport::Endpoint;
 
-    use super::HostClient;
+    use crate::HostSession;
 
     /// The SDK boxes a handler's future for every event and copies it there:
     /// a handler that calls a port must not carry the call's tonic state.
     #[tokio::test(flavor = "current_thread")]
     async fn port_call_futures_stay_small() {
         let channel = Endpoint::from_static("http://localhost").connect_lazy();
-        let host = HostClient::with_channel(channel, "00");
+        let host = HostSession::with_channel(channel, "00").unwrap().ports();
         let node = NodeId::from_bytes([1; 16]);
         let frame = ControlFrame::PluginPayload {
             kind: "t.k".into(),

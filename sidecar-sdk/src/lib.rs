@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod adapter;
+mod backoff;
 mod connect;
 mod error;
 mod host_client;
@@ -15,7 +16,7 @@ pub use connect::{
     TAKEOVER_ENV,
 };
 pub use error::HostError;
-pub use host_client::{HostClient, PeerWatch};
+pub use host_client::{HostClient, HostSession, PeerWatch};
 pub use once::{Applied, EventInfo, Retry, RETRIES};
 pub use pim_plugin::{PeerDirectoryEvent, PeerInfoSource};
 pub use pim_plugin_proto as proto;

@@ -92,7 +92,10 @@ impl std::error::Error for Retry {}
 /// to it again.
 pub const RETRIES: u32 = 5;
 
-/// The pause before retry `attempt` (1-based): 50 ms, doubling.
-pub(crate) fn pause(attempt: u32) -> std::time::Duration {
-    std::time::Duration::from_millis(50) * 2u32.saturating_pow(attempt.saturating_sub(1))
+/// The pauses between a handler's retries: 50 ms, doubling.
+pub(crate) fn retry_backoff() -> crate::backoff::Backoff {
+    crate::backoff::Backoff::new(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(2),
+    )
 }

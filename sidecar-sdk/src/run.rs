@@ -9,7 +9,8 @@ use pim_plugin_proto::pb;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{ConnectOptions, Context, EventInfo, HostClient, HostError, Retry, Sidecar, RETRIES};
+use crate::backoff::Backoff;
+use crate::{ConnectOptions, Context, EventInfo, HostError, HostSession, Retry, Sidecar, RETRIES};
 
 /// Within a batch, the handled position is published for acking every
 /// this many events (and always at the end of the batch).
@@ -121,7 +122,7 @@ pub async fn run_async<S: Sidecar + ?Sized>(
         .collect();
     plugin
         .start(Context {
-            host: host.clone(),
+            host: host.ports(),
             data_dir: registered.data_dir.clone().into(),
             granted,
             cancel: cancel.clone(),
@@ -140,7 +141,7 @@ pub async fn run_async<S: Sidecar + ?Sized>(
     // session, then drops it) is not met with an instant Register again:
     // such cycles back off, 20 ms doubling to 2 s.
     let mut registered_at = Instant::now();
-    let mut cycle_delay = Duration::ZERO;
+    let mut cycles = Backoff::reconnect();
     loop {
         let ended = deliver(&*plugin, &host, &mut delivery, &ack_tx, &term).await;
         match ended {
@@ -161,17 +162,14 @@ pub async fn run_async<S: Sidecar + ?Sized>(
             Ok(Ended::StreamClosed) => tracing::warn!("the host closed the event stream"),
             Err(e) => tracing::warn!("event stream lost: {e}"),
         }
-        cycle_delay = if registered_at.elapsed() < Duration::from_secs(1) {
-            (cycle_delay * 2).clamp(Duration::from_millis(20), Duration::from_secs(2))
-        } else {
-            Duration::ZERO
-        };
-        if !cycle_delay.is_zero() {
+        if registered_at.elapsed() < Duration::from_secs(1) {
             tokio::select! {
                 biased;
                 () = term.received() => return terminated(&*plugin, &host, &delivery, &cancel).await,
-                () = tokio::time::sleep(cycle_delay) => {}
+                () = cycles.wait() => {}
             }
+        } else {
+            cycles.reset();
         }
         let resp = tokio::select! {
             biased;
@@ -249,7 +247,7 @@ fn sigterm_ignored() -> bool {
 /// The end after SIGTERM: ack what was handled, then the plugin's shutdown.
 async fn terminated<S: Sidecar + ?Sized>(
     plugin: &S,
-    host: &HostClient,
+    host: &HostSession,
     delivery: &Delivery,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
@@ -335,7 +333,7 @@ fn superseded(status: &tonic::Status) -> bool {
 /// Delivers one Events stream's events in order.
 async fn deliver<S: Sidecar + ?Sized>(
     plugin: &S,
-    host: &HostClient,
+    host: &HostSession,
     delivery: &mut Delivery,
     ack: &watch::Sender<u64>,
     term: &Terminate,
@@ -375,6 +373,7 @@ async fn deliver<S: Sidecar + ?Sized>(
             match event {
                 PluginEvent::Payload { src, kind, body } => {
                     let mut attempt = 0;
+                    let mut retries = crate::once::retry_backoff();
                     loop {
                         let handled = crate::once::scoped(
                             delivery.info(seq),
@@ -386,7 +385,7 @@ async fn deliver<S: Sidecar + ?Sized>(
                             Err(e) if e.is::<Retry>() && attempt < RETRIES => {
                                 attempt += 1;
                                 tracing::debug!(seq, attempt, "{e:#}");
-                                tokio::time::sleep(crate::once::pause(attempt)).await;
+                                retries.wait().await;
                             }
                             Err(e) if e.is::<Retry>() => {
                                 tracing::error!(seq, kind = %kind, "handle_payload asked for a retry {RETRIES} times; the event counts as handled: {e:#}");
@@ -434,7 +433,7 @@ async fn deliver<S: Sidecar + ?Sized>(
 /// closed stream ends the session's liveness, and a client waiting for the
 /// session could take it before the Ack), then lets the stream go.
 async fn stopping(
-    host: &HostClient,
+    host: &HostSession,
     delivery: &Delivery,
     stream: tonic::Streaming<pb::EventsResponse>,
 ) -> Ended {
@@ -446,7 +445,7 @@ async fn stopping(
 }
 
 /// Sends the newest handled seq whenever it moves, one Ack in flight at a time.
-async fn ack_loop(host: HostClient, mut handled: watch::Receiver<u64>) {
+async fn ack_loop(host: HostSession, mut handled: watch::Receiver<u64>) {
     while handled.changed().await.is_ok() {
         let seq = *handled.borrow_and_update();
         if let Err(e) = host.ack(seq).await {
@@ -466,7 +465,7 @@ async fn connect_and_register(
     options: &ConnectOptions,
     name: &str,
     kinds: &[&str],
-) -> anyhow::Result<(HostClient, pb::RegisterResponse)> {
+) -> anyhow::Result<(HostSession, pb::RegisterResponse)> {
     let host = retry_connect(options).await?;
     let resp = register(options, &host, name, kinds).await?;
     Ok((host, resp))
@@ -488,12 +487,15 @@ impl std::fmt::Display for RegisterRefused {
 impl std::error::Error for RegisterRefused {}
 
 /// Connects, retrying with backoff until the reconnect timeout.
-async fn retry_connect(options: &ConnectOptions) -> anyhow::Result<HostClient> {
+async fn retry_connect(options: &ConnectOptions) -> anyhow::Result<HostSession> {
     let started = Instant::now();
-    let mut delay = Duration::from_millis(20);
+    let mut backoff = Backoff::reconnect();
     loop {
-        match HostClient::connect(&options.socket, &options.token).await {
+        match HostSession::connect(&options.socket, &options.token).await {
             Ok(host) => return Ok(host.with_busy_poll(options.busy_poll)),
+            Err(e @ HostError::InvalidToken(_)) => {
+                return Err(RegisterRefused(e.to_string()).into())
+            }
             Err(e) => {
                 if options
                     .reconnect_timeout
@@ -506,8 +508,7 @@ async fn retry_connect(options: &ConnectOptions) -> anyhow::Result<HostClient> {
                     );
                 }
                 tracing::debug!("host not reachable yet: {e}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                backoff.wait().await;
             }
         }
     }
@@ -521,55 +522,35 @@ async fn retry_connect(options: &ConnectOptions) -> anyhow::Result<HostClient> {
 /// the host is there, and the session is free when that client ends.
 async fn register(
     options: &ConnectOptions,
-    host: &HostClient,
+    host: &HostSession,
     name: &str,
     kinds: &[&str],
 ) -> anyhow::Result<pb::RegisterResponse> {
     let mut started = Instant::now();
-    let mut delay = Duration::from_millis(20);
-    let mut waiting = false;
+    let mut backoff = Backoff::reconnect();
+    let mut waiting: Option<Backoff> = None;
     loop {
         if let Some(file) = &options.token_file {
-            match crate::read_token_file(file) {
-                Ok(token) => host.set_token(&token),
+            match crate::read_token_file(file).map(|token| host.set_token(&token)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("token file holds no valid token yet: {e}"),
                 Err(e) => tracing::debug!("token file not readable yet: {e:#}"),
             }
         }
-        match host
-            .register_session(name, kinds, SDK_NAME, options.takeover)
-            .await
-        {
+        match host.register(name, kinds, SDK_NAME, options.takeover).await {
             Ok(resp) => return Ok(resp),
             Err(HostError::Rpc(s)) if s.code() == tonic::Code::AlreadyExists => {
-                if !waiting {
+                let waiting = waiting.get_or_insert_with(|| {
                     tracing::info!(
                         "another client holds this plugin's session; waiting for it to end ({})",
                         s.message()
                     );
-                    waiting = true;
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
+                    Backoff::new(Duration::from_millis(20), Duration::from_secs(1))
+                });
+                waiting.wait().await;
                 started = Instant::now();
             }
-            Err(HostError::Rpc(s))
-                if matches!(
-                    s.code(),
-                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
-                ) =>
-            {
-                return Err(RegisterRefused(s.message().to_owned()).into());
-            }
-            // A spawned sidecar was handed its token and uid by the host
-            // that refuses them: no retry can fix that. One that runs on its
-            // own retries (the host may come back with a new token file).
-            Err(HostError::Rpc(s))
-                if options.spawned
-                    && matches!(
-                        s.code(),
-                        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
-                    ) =>
-            {
+            Err(HostError::Rpc(s)) if refusal(&s, options.spawned) => {
                 return Err(RegisterRefused(s.message().to_owned()).into());
             }
             Err(e) => {
@@ -583,9 +564,21 @@ async fn register(
                     );
                 }
                 tracing::debug!("host not back yet: {e}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                backoff.wait().await;
             }
         }
+    }
+}
+
+/// Whether a Register answer is final: the host's configuration refuses
+/// this plugin (`FAILED_PRECONDITION`, `INVALID_ARGUMENT`), or, for a
+/// spawned sidecar, the token and uid the host itself handed it
+/// (`UNAUTHENTICATED`, `PERMISSION_DENIED`). One that runs on its own
+/// retries those two: the host may come back with a new token file.
+fn refusal(status: &tonic::Status, spawned: bool) -> bool {
+    match status.code() {
+        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => true,
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => spawned,
+        _ => false,
     }
 }
