@@ -4,8 +4,8 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pim_plugin_proto::convert;
 use pim_plugin_proto::limits::MAX_BODY_BYTES;
+use pim_plugin_proto::{convert, InvalidField};
 
 use crate::sandbox::Sandbox;
 
@@ -492,38 +492,85 @@ impl SidecarConfig {
                 format!("must hold one largest payload, at least {min_bytes}"),
             ));
         }
+        let durations = [
+            (
+                "connections.admission_timeout",
+                Some(self.connections.admission_timeout),
+            ),
+            (
+                "connections.keepalive_interval",
+                Some(self.connections.keepalive_interval),
+            ),
+            (
+                "connections.keepalive_timeout",
+                Some(self.connections.keepalive_timeout),
+            ),
+            (
+                "connections.request_timeout",
+                Some(self.connections.request_timeout),
+            ),
+            ("startup_timeout", Some(self.startup_timeout)),
+            ("shutdown_grace", Some(self.shutdown_grace)),
+            ("term_grace", Some(self.term_grace)),
+            ("stuck_timeout", self.stuck_timeout),
+            ("restart.window", Some(self.restart.window)),
+            (
+                "restart.initial_backoff",
+                Some(self.restart.initial_backoff),
+            ),
+            ("restart.max_backoff", Some(self.restart.max_backoff)),
+            (
+                "restart.retry_failed_after",
+                self.restart.retry_failed_after,
+            ),
+            ("sandbox.limits.cpu_time", self.sandbox.limits.cpu_time),
+        ];
+        for (field, value) in durations {
+            if value.is_some_and(|d| d > MAX_DURATION) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("at most 100 years, got {:?}", value.unwrap_or_default()),
+                ));
+            }
+        }
         Ok(())
     }
 }
 
-/// A configuration field that is out of bounds.
+/// The longest duration any setting accepts: 100 years (a longer one would
+/// overflow the clock arithmetic of the timers it sets).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A configuration field that is out of bounds: the protocol crate's
+/// [`InvalidField`] (the one field-error type of the workspace), said of a
+/// sidecar's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    field: String,
-    problem: String,
-}
+pub struct ConfigError(InvalidField);
 
 impl ConfigError {
     /// A problem with `field`.
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            problem: problem.into(),
-        }
+        Self(InvalidField::new(field, problem))
     }
 
-    fn from_field(err: pim_plugin_proto::InvalidField) -> Self {
-        Self::new(err.field(), err.problem())
+    fn from_field(err: InvalidField) -> Self {
+        Self(err)
     }
 
     /// The offending field.
     pub fn field(&self) -> &str {
-        &self.field
+        self.0.field()
     }
 
     /// What is wrong with it.
     pub fn problem(&self) -> &str {
-        &self.problem
+        self.0.problem()
+    }
+}
+
+impl From<InvalidField> for ConfigError {
+    fn from(err: InvalidField) -> Self {
+        Self(err)
     }
 }
 
@@ -532,11 +579,14 @@ impl std::fmt::Display for ConfigError {
         write!(
             f,
             "invalid sidecar config field `{}`: {}",
-            self.field, self.problem
+            self.field(),
+            self.problem()
         )
     }
 }
 
+/// No `source`: the field and the problem are the whole story, and a
+/// source would print them twice in an error chain.
 impl std::error::Error for ConfigError {}
 
 #[cfg(test)]
@@ -609,5 +659,54 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().field(), "required");
         c.wait_for_register = true;
         c.validate().unwrap();
+    }
+
+    /// A duration near `Duration::MAX` would overflow a timer's clock
+    /// arithmetic (a panic in the supervisor or the connection task): every
+    /// duration setting is bounded, and the error names it.
+    #[test]
+    fn absurd_durations_are_refused_by_name() {
+        let huge = Duration::MAX / 2;
+        type Set = fn(&mut SidecarConfig, Duration);
+        let fields: [(&str, Set); 13] = [
+            ("connections.admission_timeout", |c, d| {
+                c.connections.admission_timeout = d
+            }),
+            ("connections.keepalive_interval", |c, d| {
+                c.connections.keepalive_interval = d
+            }),
+            ("connections.keepalive_timeout", |c, d| {
+                c.connections.keepalive_timeout = d
+            }),
+            ("connections.request_timeout", |c, d| {
+                c.connections.request_timeout = d
+            }),
+            ("startup_timeout", |c, d| c.startup_timeout = d),
+            ("shutdown_grace", |c, d| c.shutdown_grace = d),
+            ("term_grace", |c, d| c.term_grace = d),
+            ("stuck_timeout", |c, d| c.stuck_timeout = Some(d)),
+            ("restart.window", |c, d| c.restart.window = d),
+            ("restart.initial_backoff", |c, d| {
+                c.restart.initial_backoff = d;
+                c.restart.max_backoff = d;
+            }),
+            ("restart.max_backoff", |c, d| c.restart.max_backoff = d),
+            ("restart.retry_failed_after", |c, d| {
+                c.restart.retry_failed_after = Some(d)
+            }),
+            ("sandbox.limits.cpu_time", |c, d| {
+                c.sandbox.limits.cpu_time = Some(d)
+            }),
+        ];
+        for (field, set) in fields {
+            let mut c = config();
+            set(&mut c, huge);
+            let err = c.validate().unwrap_err();
+            assert_eq!(err.field(), field, "{err}");
+            assert!(err.problem().starts_with("at most 100 years"), "{err}");
+            let mut c = config();
+            set(&mut c, super::MAX_DURATION);
+            c.validate().unwrap();
+        }
     }
 }

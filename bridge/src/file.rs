@@ -184,9 +184,8 @@ struct RestartDoc {
     retry_failed_after: Option<Option<Duration>>,
 }
 
-/// The longest duration a sidecars file may give: 100 years (a longer one
-/// would overflow the clock arithmetic of the timers it sets).
-const MAX_DURATION_SECS: u64 = 100 * 365 * 24 * 3600;
+/// The longest duration a sidecars file may give, in seconds.
+const MAX_DURATION_SECS: u64 = crate::MAX_DURATION.as_secs();
 
 /// Parses `"250ms"`, `"5s"`, `"2m"` or `"1h"`, at most 100 years.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -33,14 +33,14 @@ mod secret;
 mod server;
 mod socket;
 mod supervisor;
-#[cfg(feature = "testkit")]
+#[cfg(any(test, feature = "testkit"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 mod watchdog;
 
 pub use config::{
     CommandSpec, ConfigError, ConnectionLimits, DataDir, Grants, Launch, QueueLimits,
-    RestartPolicy, SidecarConfig,
+    RestartPolicy, SidecarConfig, MAX_DURATION,
 };
 pub use end::{EndReason, ProcessEnd};
 pub use pim_plugin_proto as proto;

@@ -8,6 +8,53 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 /// Lines of the sidecar's output kept for error messages.
 pub(crate) const TAIL_LINES: usize = 20;
 
+/// Longest output line kept whole; the rest of a longer one is cut, so a
+/// sidecar that prints without newlines cannot grow the daemon's memory.
+pub(crate) const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Reads the next line (without its newline) into `line`, at most
+/// [`MAX_LINE_BYTES`] of it, noting how much was cut; bytes that are not
+/// UTF-8 are replaced, not fatal. `Ok(false)` at the end of the output.
+async fn next_line(
+    reader: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &mut String,
+) -> std::io::Result<bool> {
+    let mut bytes = Vec::new();
+    let mut cut = 0usize;
+    let mut seen_any = false;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            break;
+        }
+        seen_any = true;
+        let (chunk, newline) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], true),
+            None => (buf, false),
+        };
+        let room = MAX_LINE_BYTES.saturating_sub(bytes.len());
+        let kept = chunk.len().min(room);
+        bytes.extend_from_slice(&chunk[..kept]);
+        cut += chunk.len() - kept;
+        let consumed = chunk.len() + usize::from(newline);
+        reader.consume(consumed);
+        if newline {
+            break;
+        }
+    }
+    if !seen_any {
+        return Ok(false);
+    }
+    if bytes.last() == Some(&b'\r') {
+        bytes.pop();
+    }
+    *line = String::from_utf8_lossy(&bytes).into_owned();
+    if cut > 0 {
+        line.push_str(&format!(" … ({cut} more bytes cut)"));
+    }
+    Ok(true)
+}
+
 /// Lines a [`Transcript`] keeps; older ones are dropped and counted.
 const TRANSCRIPT_LINES: usize = 5_000;
 
@@ -31,7 +78,7 @@ impl Transcript {
     }
 
     /// The lines kept, oldest first, after a line counting those dropped.
-    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
+    #[cfg_attr(not(any(test, feature = "testkit")), allow(dead_code))]
     pub(crate) fn lines(&self) -> Vec<String> {
         let guard = self.lines.lock().unwrap_or_else(|e| e.into_inner());
         let (lines, dropped) = &*guard;
@@ -94,8 +141,9 @@ pub(crate) async fn forward(
     tail: Arc<Mutex<VecDeque<String>>>,
     transcript: Option<Arc<Transcript>>,
 ) {
-    let mut lines = BufReader::new(out).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut reader = BufReader::new(out);
+    let mut line = String::new();
+    while let Ok(true) = next_line(&mut reader, &mut line).await {
         let parsed = if line.trim_start().starts_with('{') {
             json_line(&line)
         } else {
@@ -124,14 +172,37 @@ pub(crate) async fn forward(
         if tail.len() == TAIL_LINES {
             tail.pop_front();
         }
-        tail.push_back(line);
+        tail.push_back(std::mem::take(&mut line));
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{json_line, level_of};
+    use super::{json_line, level_of, next_line, MAX_LINE_BYTES};
     use tracing::Level;
+
+    #[tokio::test]
+    async fn long_and_broken_lines_are_cut_and_replaced_not_fatal() {
+        let mut input = b"first\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE_BYTES + 100));
+        input.extend(b"\nbad \xff byte\nlast");
+        let mut reader = tokio::io::BufReader::with_capacity(1000, &input[..]);
+        let mut lines = Vec::new();
+        let mut line = String::new();
+        while next_line(&mut reader, &mut line).await.unwrap() {
+            lines.push(line.clone());
+        }
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[0], "first");
+        assert!(lines[1].starts_with(&"x".repeat(MAX_LINE_BYTES)));
+        assert!(
+            lines[1].ends_with(" … (100 more bytes cut)"),
+            "{}",
+            &lines[1][MAX_LINE_BYTES..]
+        );
+        assert_eq!(lines[2], "bad \u{fffd} byte");
+        assert_eq!(lines[3], "last");
+    }
 
     #[test]
     fn output_lines_keep_their_level() {

@@ -157,14 +157,14 @@ impl SidecarPlugin {
 
     /// Keeps every line the plugin's processes print from now on (call
     /// before `start`), for [`crate::testkit::FakeHost`] to show.
-    #[cfg(feature = "testkit")]
+    #[cfg(any(test, feature = "testkit"))]
     pub(crate) fn transcript(&self) -> Arc<crate::output::Transcript> {
         self.transcript.get_or_init(Arc::default).clone()
     }
 
     /// Ends the sidecar's Events stream (`UNAVAILABLE`); see
     /// [`crate::testkit::FakeHost::interrupt_stream`].
-    #[cfg(feature = "testkit")]
+    #[cfg(any(test, feature = "testkit"))]
     pub(crate) fn interrupt_stream(&self) -> bool {
         self.running().is_some_and(|r| r.host.interrupt_stream())
     }
@@ -172,7 +172,7 @@ impl SidecarPlugin {
     /// Stops serving at once, as a daemon that dies does: no Shutdown event;
     /// the streams end, the socket and token file are removed. A later
     /// `shutdown()` does nothing. See [`crate::testkit::FakeHost::crash`].
-    #[cfg(feature = "testkit")]
+    #[cfg(any(test, feature = "testkit"))]
     pub(crate) async fn crash(&self) {
         self.stopped
             .get_or_init(|| async {
@@ -186,7 +186,7 @@ impl SidecarPlugin {
 
     /// Queues an event sent as a kind the client does not know; see
     /// [`crate::testkit::FakeHost::inject_unknown_event`].
-    #[cfg(feature = "testkit")]
+    #[cfg(any(test, feature = "testkit"))]
     pub(crate) fn inject_unknown_event(&self) -> Option<u64> {
         let running = self.running()?;
         // The seq is marked before the event exists, so no stream can send
@@ -206,7 +206,7 @@ impl SidecarPlugin {
 
     /// Answers Acks without moving the ack position while `hold` is set;
     /// see [`crate::testkit::FakeHost::hold_acks`].
-    #[cfg(feature = "testkit")]
+    #[cfg(any(test, feature = "testkit"))]
     pub(crate) fn hold_acks(&self, hold: bool) {
         if let Some(r) = self.running() {
             r.host

@@ -191,7 +191,7 @@ impl CrashWindow {
     /// to the maximum.
     fn next_delay(&mut self, policy: &RestartPolicy) -> Duration {
         let delay = self.backoff.unwrap_or(policy.initial_backoff);
-        self.backoff = Some((delay * 2).min(policy.max_backoff));
+        self.backoff = Some(delay.saturating_mul(2).min(policy.max_backoff));
         jitter(delay)
     }
 }
@@ -401,7 +401,7 @@ impl Supervision {
             s.failed = true;
             s.failure = Some(why);
             s.pid = None;
-            s.retry_at = retry.map(|d| Instant::now() + d);
+            s.retry_at = retry.and_then(|d| Instant::now().checked_add(d));
         });
         let retry_sleep = async {
             match retry {
@@ -512,8 +512,12 @@ fn jitter(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::from(d.subsec_nanos()));
-    let spread = d.as_millis() as u64 / 4;
-    d + Duration::from_millis(if spread == 0 { 0 } else { nanos % spread })
+    let spread = u64::try_from(d.as_millis() / 4).unwrap_or(u64::MAX);
+    d.saturating_add(Duration::from_millis(if spread == 0 {
+        0
+    } else {
+        nanos % spread
+    }))
 }
 
 /// The sidecar's environment: the configured and inherited variables,

@@ -237,10 +237,13 @@ impl DaemonPluginSidecar {
         self
     }
 
-    fn plugin(&self) -> &Arc<dyn DaemonPlugin> {
+    /// The plugin `start` built; an error for an event before `start`,
+    /// which [`crate::run`] never delivers but a caller driving this
+    /// `Sidecar` by hand could.
+    fn plugin(&self) -> anyhow::Result<&Arc<dyn DaemonPlugin>> {
         self.plugin
             .get()
-            .expect("the SDK calls start before any event")
+            .ok_or_else(|| anyhow::anyhow!("an event before start: call start first"))
     }
 }
 
@@ -280,12 +283,15 @@ impl Sidecar for DaemonPluginSidecar {
     }
 
     async fn handle_payload(&self, src: NodeId, kind: &str, body: Bytes) -> anyhow::Result<()> {
-        self.plugin().handle_payload(src, kind, body).await;
+        self.plugin()?.handle_payload(src, kind, body).await;
         Ok(())
     }
 
     async fn on_peer_forgotten(&self, peer: NodeId) {
-        self.plugin().on_peer_forgotten(peer).await;
+        match self.plugin() {
+            Ok(plugin) => plugin.on_peer_forgotten(peer).await,
+            Err(e) => tracing::warn!("peer forgotten: {e}"),
+        }
     }
 
     async fn shutdown(&self) {

@@ -133,7 +133,7 @@ impl Host {
     /// Ends the live session's Events stream with `UNAVAILABLE`, as a lost
     /// connection would: the client registers again and gets the events it
     /// has not acked once more. Returns whether a stream was open.
-    #[cfg(feature = "testkit")]
+    #[cfg(any(test, feature = "testkit"))]
     pub(crate) fn interrupt_stream(&self) -> bool {
         match &*self.sessions() {
             Some(s) if s.events_open => {

@@ -49,6 +49,15 @@ fn resolve_as(
         Some(group) => lookup_group(group)?,
         None => primary.unwrap_or(uid),
     };
+    // setresuid/setresgid read (uid_t)-1 as "leave unchanged": such a
+    // sidecar would keep the daemon's root.
+    for (field, id) in [("user", uid), ("group", gid)] {
+        if id == u32::MAX {
+            return Err(format!(
+                "{field} 4294967295 is (id_t)-1, which the kernel reads as \"leave unchanged\"; an id is 0..=4294967294"
+            ));
+        }
+    }
     Ok(Identity {
         uid,
         gid,
@@ -180,5 +189,15 @@ mod tests {
         assert!(err.contains("neither a user of this machine"), "{err}");
         let err = resolve(None, Some("no-such-group-here")).unwrap_err();
         assert!(err.contains("neither a group"), "{err}");
+        for (user, group, field) in [
+            (Some("4294967295"), None, "user"),
+            (Some("61001"), Some("4294967295"), "group"),
+        ] {
+            let err = resolve(user, group).unwrap_err();
+            assert!(
+                err.contains(&format!("{field} 4294967295 is (id_t)-1")),
+                "{err}"
+            );
+        }
     }
 }

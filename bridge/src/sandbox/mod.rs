@@ -431,7 +431,7 @@ fn rlimits(
     if let Some(t) = limits.cpu_time {
         let secs = t.as_secs().max(1);
         // SIGXCPU at the soft limit (reported as such), SIGKILL a second later.
-        add("cpu_time", libc::RLIMIT_CPU, secs, secs + 1)?;
+        add("cpu_time", libc::RLIMIT_CPU, secs, secs.saturating_add(1))?;
     }
     if let Some(bytes) = limits.memory {
         if !cgroup.is_some_and(Cgroup::limits_memory) {

@@ -239,8 +239,17 @@ fn compile_json(
     let text = doc.to_string();
     let mut map = seccompiler::compile_from_json(text.as_bytes(), arch)
         .map_err(|e| format!("compiling the seccomp filter: {e}"))?;
-    map.remove(name)
-        .ok_or_else(|| format!("compiling the seccomp filter: no program `{name}`"))
+    let program = map
+        .remove(name)
+        .ok_or_else(|| format!("compiling the seccomp filter: no program `{name}`"))?;
+    // The kernel takes at most BPF_MAXINSNS (4096) instructions per filter.
+    if program.len() > 4096 {
+        return Err(format!(
+            "sandbox.deny_syscalls: the filter compiles to {} instructions, the kernel takes at most 4096",
+            program.len()
+        ));
+    }
+    Ok(program)
 }
 
 fn target_arch() -> Option<TargetArch> {
@@ -250,6 +259,7 @@ fn target_arch() -> Option<TargetArch> {
 /// A compiled program as the `seccomp` system call takes it.
 pub(crate) fn fprog(program: &[sock_filter]) -> libc::sock_fprog {
     libc::sock_fprog {
+        // At most 4096 instructions: `compile` refuses longer programs.
         len: u16::try_from(program.len()).unwrap_or(u16::MAX),
         // The kernel only reads through this pointer.
         filter: program.as_ptr().cast_mut().cast(),
