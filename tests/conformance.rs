@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use support::*;
 
 fn kit() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_pim-sidecar-conformance"))
+    example("pim-sidecar-conformance")
 }
 
 /// Runs the kit; returns its exit status and stdout.

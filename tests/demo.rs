@@ -7,7 +7,7 @@ use support::*;
 
 #[tokio::test]
 async fn the_demo_host_runs_its_scenario() {
-    let (ok, out, err) = run_tool(std::path::Path::new(env!("CARGO_BIN_EXE_demo-host")), &[]).await;
+    let (ok, out, err) = run_tool(&example("demo-host"), &[]).await;
     assert!(ok, "demo-host failed:\n{out}\n{err}");
     for line in [
         r#"payload  alice -> bob: PluginPayload echo.ping "hi bob" => plugin echo"#,
@@ -45,7 +45,7 @@ fn sockets_below(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_serving_demo_host_stops_cleanly_on_sigterm() {
     let dir = temp_dir();
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_demo-host"));
+    let mut cmd = tokio::process::Command::new(example("demo-host"));
     cmd.arg("--serve").arg("--dir").arg(dir.path());
     let mut demo = ChildProcess::spawn("demo-host --serve", cmd);
     demo.wait_line("the grpcurl variables", |l| l.starts_with("export SOCK="))

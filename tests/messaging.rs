@@ -37,7 +37,7 @@ async fn an_unchanged_messaging_plugin_delivers_an_encrypted_message_between_sid
             "messaging",
             [pim_messaging::KIND_MESSAGE, pim_messaging::KIND_ACK],
             dir.path().join(name).join("sock"),
-            CommandSpec::new(env!("CARGO_BIN_EXE_messaging-sidecar")).env("RUST_LOG", "info"),
+            CommandSpec::new(example("messaging-sidecar")).env("RUST_LOG", "info"),
         );
         config.grants.signing_seed = true;
         let plugin = Arc::new(SidecarPlugin::new(config).unwrap());
@@ -102,7 +102,7 @@ async fn a_plugin_that_needs_the_seed_says_what_to_grant() {
         "messaging",
         [pim_messaging::KIND_MESSAGE, pim_messaging::KIND_ACK],
         dir.path().join("sock"),
-        CommandSpec::new(env!("CARGO_BIN_EXE_messaging-sidecar")),
+        CommandSpec::new(example("messaging-sidecar")),
     );
     let host = pim_plugin_bridge::testkit::FakeHost::start(config, dir.path())
         .await

@@ -13,7 +13,7 @@ use pim_plugin_bridge::{CommandSpec, SidecarConfig};
 use support::*;
 
 fn counter_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_counter-sidecar"))
+    example("counter-sidecar")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

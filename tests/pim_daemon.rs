@@ -10,7 +10,7 @@
 //! messaging sidecars; alpha also a sidecar with a slow clean-up and one
 //! whose binary is missing.
 //!
-//! Run alone, with its figures: `cargo test -p pim-sidecar-examples --test
+//! Run alone, with its figures: `cargo test -p pim-sidecar-tests --test
 //! pim_daemon -- --nocapture` (after `integrations/pim-daemon/build.sh`).
 
 mod support;
@@ -311,7 +311,7 @@ term_grace = "1s"
 "#,
         msg = pim_messaging::KIND_MESSAGE,
         ack = pim_messaging::KIND_ACK,
-        bin = env!("CARGO_BIN_EXE_messaging-sidecar"),
+        bin = example("messaging-sidecar").display(),
     )
 }
 

@@ -14,7 +14,7 @@ use pim_protocol::ControlFrame;
 use support::*;
 
 fn python_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python"))
 }
 
 /// The Python with grpcio and grpcio-tools (`PIM_PYTHON`, else the
@@ -53,7 +53,7 @@ enum Echo {
 }
 
 fn node_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/node"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/node"))
 }
 
 /// Node.js with the packages of examples/node installed (`PIM_NODE`, else
@@ -441,7 +441,7 @@ async fn passes_the_kit(language: &str, read_paths: Vec<PathBuf>, command: &[Pat
     }
     args.push("--".into());
     args.extend(command.iter().map(|c| c.display().to_string()));
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pim-sidecar-conformance"))
+    let out = tokio::process::Command::new(example("pim-sidecar-conformance"))
         .args(&args)
         .env("RUST_LOG", "warn")
         .output()

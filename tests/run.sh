@@ -5,8 +5,9 @@
 # (.venv/ for PyPI packages, .tools/ for npm packages, examples/node/
 # node_modules for the Node.js sidecar), builds the real
 # pim-daemon with the sidecar patch (integrations/pim-daemon/build.sh, into
-# target/), then runs cargo fmt --check, clippy with warnings denied, and
-# cargo test for the whole workspace. Under CI=true a
+# target/), then runs cargo fmt --check, clippy and cargo doc with warnings
+# denied, cargo test for the whole workspace, and tests/outside.sh (the
+# template plugin crate and the README's samples, built outside it). Under CI=true a
 # test whose tool is missing fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,3 +63,6 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --all-features --lock
 
 step "cargo test"
 cargo test --workspace --locked
+
+step "a plugin crate and the README's samples, outside the workspace (tests/outside.sh)"
+tests/outside.sh

@@ -12,9 +12,6 @@
 //! sidecar`), the raw stream floor's client (`pim-bench floor-client`) and
 //! the memory probe (`pim-bench memory`), each a separate process.
 
-/// The echo sidecar of `examples/`, compiled in: `pim-bench echo`.
-#[path = "../../examples/echo/main.rs"]
-mod echo;
 mod floor;
 mod sidecar;
 mod stats;
@@ -662,14 +659,14 @@ async fn spawn_probe(ballast_mib: usize, sandbox: bool, n: usize) -> anyhow::Res
     let dir = tempfile::Builder::new()
         .prefix("pim-bench-spawn-")
         .tempdir()?;
-    let exe = std::env::current_exe()?;
+    let echo = echo_sidecar()?;
     let mut times = Vec::new();
     for i in 0..n {
         let mut config = SidecarConfig::spawn(
             "echo",
             ["echo.ping", "echo.pong"],
             dir.path().join(format!("sock{i}")),
-            CommandSpec::new(&exe).arg("echo"),
+            CommandSpec::new(&echo),
         );
         config.stuck_timeout = None;
         if !sandbox {
@@ -686,6 +683,16 @@ async fn spawn_probe(ballast_mib: usize, sandbox: bool, n: usize) -> anyhow::Res
     Ok(())
 }
 
+/// The examples' echo sidecar, the program the spawn phase starts: its
+/// path is resolved (and the binary built, under cargo) once, by the parent,
+/// and handed to each probe process in `PIM_BENCH_ECHO`.
+fn echo_sidecar() -> anyhow::Result<std::path::PathBuf> {
+    match std::env::var_os("PIM_BENCH_ECHO") {
+        Some(path) => Ok(path.into()),
+        None => pim_sidecar_examples::example_bin("echo-sidecar"),
+    }
+}
+
 /// Runs one spawn probe; returns (RSS KiB, median ns, max ns).
 async fn run_spawn_probe(
     ballast_mib: usize,
@@ -693,6 +700,7 @@ async fn run_spawn_probe(
     n: usize,
 ) -> anyhow::Result<(u64, u64, u64)> {
     let out = tokio::process::Command::new(std::env::current_exe()?)
+        .env("PIM_BENCH_ECHO", echo_sidecar()?)
         .args([
             "spawn",
             &ballast_mib.to_string(),
@@ -905,7 +913,6 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("sidecar") => return sidecar::main(),
-        Some("echo") => return echo::main(),
         Some("floor-client") => {
             let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(0);
             return match sidecar::floor_client(args.get(1).map_or("", String::as_str), n) {

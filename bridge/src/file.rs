@@ -1,39 +1,19 @@
 //! The TOML file in which a daemon declares its sidecars.
 //!
 //! ```toml
-//! # Defaults for every sidecar below.
-//! socket_dir = "/run/pim/plugins"
+//! socket_dir = "/run/pim/plugins"    # for every sidecar below
 //!
 //! [[sidecar]]
 //! name = "echo"
 //! payload_kinds = ["echo.ping", "echo.pong"]
 //! command = ["/usr/lib/pim/echo-sidecar", "--greeting", "hi"]  # or: external = true
-//! env = { ECHO_MODE = "polite" }
-//! inherit_env = ["RUST_LOG"]
-//! grants = ["signing_seed"]          # and/or "raw_control"
-//! data_dir = "own"                   # <daemon data_dir>/plugins/<name>/; or "daemon", or a path
-//! required = false                   # true: the daemon does not start without it
-//! allowed_uids = [1000]              # default: the daemon's own uid
-//! connections = { max_connections = 16, admission_timeout = "1s", max_streams_per_connection = 64, keepalive_interval = "20s", keepalive_timeout = "10s", request_timeout = "30s" }
-//! startup_timeout = "10s"
-//! shutdown_grace = "5s"
-//! term_grace = "2s"
-//! stuck_timeout = "30s"              # or "off"
-//! queue = { max_events = 65536, max_bytes = 67108864 }
-//! restart = { max_restarts = 5, window = "60s", initial_backoff = "100ms", max_backoff = "10s", retry_failed_after = "5m" }
-//! user = "pim-echo"                  # a name or uid; needs a root daemon (default: the daemon's)
-//! group = "pim-echo"                 # default: the user's primary group
-//!
-//! [sidecar.sandbox]                  # every mechanism on by default
-//! landlock = true                    # false: no file-system confinement
-//! read_paths = ["/opt/echo/share"]   # more readable (and executable) paths
-//! write_paths = []                   # more writable paths (the data_dir always is)
-//! seccomp = true                     # false: no system-call deny-list
-//! allow_syscalls = []                # taken out of the deny-list, e.g. ["ptrace"]
-//! deny_syscalls = []                 # added to it
-//! token_env = false                  # true: also PIM_PLUGIN_TOKEN (clients that cannot read a descriptor)
-//! limits = { memory = "512MiB", processes = 256, open_files = 1024, cpu_time = "off" }  # each may be "off"
+//! user = "pim-echo"                  # needs a root daemon
+//! sandbox = { limits = { memory = "64MiB" } }
 //! ```
+//!
+//! Every setting, with its default, is in the README's "Declaring sidecars
+//! in a file" (its tests check that block against this parser: every key,
+//! every default).
 //!
 //! A relative program path with a `/` in it is resolved against the file's
 //! directory; a bare name is looked up in the daemon's `PATH`.

@@ -26,6 +26,34 @@ use crate::{kinds, secret, server, socket};
 /// plugin. `handle_payload` and `on_peer_forgotten` only enqueue, so they
 /// never wait on the sidecar; the sidecar receives the events in order over
 /// the `Events` stream and calls the daemon's ports back over gRPC.
+///
+/// A daemon that hosts an echo sidecar, running as its own user with a
+/// tighter memory limit, and reports on it:
+///
+/// ```no_run
+/// use std::sync::Arc;
+///
+/// use pim_plugin::{DaemonPlugin, PluginContext};
+/// use pim_plugin_bridge::{CommandSpec, SidecarConfig, SidecarPlugin};
+///
+/// # async fn daemon(ctx: PluginContext) -> anyhow::Result<()> {
+/// let mut config = SidecarConfig::spawn(
+///     "echo",
+///     ["echo.ping", "echo.pong"],
+///     "/run/pim/plugins",
+///     CommandSpec::new("/usr/lib/pim/echo-sidecar").inherit("RUST_LOG"),
+/// );
+/// config.user = Some("pim-echo".into());
+/// config.sandbox.limits.memory = Some(64 << 20);
+/// let echo = Arc::new(SidecarPlugin::new(config)?);
+///
+/// // What the daemon does with every plugin:
+/// echo.clone().start(ctx).await?;
+/// let stats = echo.stats();
+/// println!("echo: pid {:?}, {} restarts, last end {:?}", echo.pid(), stats.restarts, stats.last_end);
+/// echo.shutdown().await;
+/// # Ok(()) }
+/// ```
 pub struct SidecarPlugin {
     /// Identifies this plugin's claims on payload kinds.
     id: u64,

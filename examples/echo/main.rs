@@ -159,8 +159,6 @@ impl Sidecar for Echo {
     }
 }
 
-/// Runs the echo sidecar (`pub(crate)`: the benchmark compiles this file in
-/// too, to time its start).
-pub(crate) fn main() -> ExitCode {
+fn main() -> ExitCode {
     pim_sidecar::run(Echo::default())
 }

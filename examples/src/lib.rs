@@ -3,6 +3,75 @@
 
 pub mod mesh;
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// The path of this package's binary `name` (`echo-sidecar`,
+/// `demo-host`, …) for a test or a benchmark of another package, in the
+/// same target directory and profile as the running executable.
+///
+/// Cargo builds a package's binaries for its own tests only; under cargo
+/// (`$CARGO` set, as `cargo test` and `cargo run` do) this builds them
+/// first, once per process, so that a test never runs a stale binary.
+/// Without cargo, a binary that is not there is an error naming the
+/// command that builds it.
+pub fn example_bin(name: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("{} has no directory", exe.display()))?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
+    let profile = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_owned();
+    let profile_flag = match profile.as_str() {
+        "debug" => Vec::new(),
+        "release" => vec!["--release".to_owned()],
+        other => vec!["--profile".to_owned(), other.to_owned()],
+    };
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let target_dir = dir.parent().unwrap_or(dir).to_owned();
+        BUILT
+            .get_or_init(|| build(&cargo, &target_dir, &profile_flag))
+            .clone()
+            .map_err(anyhow::Error::msg)?;
+    }
+    let bin = dir.join(name);
+    if !bin.exists() {
+        anyhow::bail!(
+            "{} is not built: run `cargo build -p pim-sidecar-examples --bins {}`",
+            bin.display(),
+            profile_flag.join(" ")
+        );
+    }
+    Ok(bin)
+}
+
+/// `cargo build` of this package's binaries into `target_dir`.
+fn build(cargo: &str, target_dir: &Path, profile: &[String]) -> Result<(), String> {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let out = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "--bins", "--manifest-path", manifest])
+        .args(profile)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .output()
+        .map_err(|e| format!("running {cargo}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "building the examples' binaries failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
 /// Standard base64 with padding: how grpcurl's JSON spells bytes fields.
 pub fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

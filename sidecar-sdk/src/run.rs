@@ -28,11 +28,11 @@ const SDK_NAME: &str = "pim-sidecar (Rust)";
 ///
 /// ```no_run
 /// # struct Echo;
-/// # #[async_trait::async_trait]
+/// # #[pim_sidecar::async_trait]
 /// # impl pim_sidecar::Sidecar for Echo {
 /// #     fn name(&self) -> &str { "echo" }
 /// #     fn payload_kinds(&self) -> &[&str] { &["echo.ping"] }
-/// #     async fn handle_payload(&self, _: pim_core::NodeId, _: &str, _: bytes::Bytes) -> anyhow::Result<()> { Ok(()) }
+/// #     async fn handle_payload(&self, _: pim_sidecar::NodeId, _: &str, _: pim_sidecar::Bytes) -> pim_sidecar::anyhow::Result<()> { Ok(()) }
 /// # }
 /// fn main() -> std::process::ExitCode {
 ///     pim_sidecar::run(Echo)

@@ -31,6 +31,64 @@ pub struct Context {
 /// after `handle_payload` for the previous one returned. An event is
 /// acknowledged once its handler returned, so an event whose handler was
 /// interrupted by a crash is delivered again to the next process.
+///
+/// A plugin that counts the payloads each peer sends, forgets a peer the
+/// daemon forgot, and keeps a background task until shutdown:
+///
+/// ```no_run
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+///
+/// use pim_sidecar::{anyhow, async_trait, Bytes, Context, NodeId, Sidecar};
+///
+/// #[derive(Default)]
+/// struct Counter {
+///     seen: Mutex<HashMap<NodeId, u64>>,
+/// }
+///
+/// #[async_trait]
+/// impl Sidecar for Counter {
+///     fn name(&self) -> &str {
+///         "counter"
+///     }
+///
+///     fn payload_kinds(&self) -> &[&str] {
+///         &["counter.hit"]
+///     }
+///
+///     async fn start(&self, ctx: Context) -> anyhow::Result<()> {
+///         let (host, cancel) = (ctx.host, ctx.cancel);
+///         std::fs::create_dir_all(&ctx.data_dir)?;
+///         // A task of the plugin's own, ended at shutdown.
+///         tokio::spawn(async move {
+///             let Ok(mut watch) = host.watch().await else { return };
+///             loop {
+///                 tokio::select! {
+///                     _ = cancel.cancelled() => break,
+///                     event = watch.next() => match event {
+///                         Ok(Some(event)) => eprintln!("INFO keystore: {event:?}"),
+///                         _ => break,
+///                     },
+///                 }
+///             }
+///         });
+///         Ok(())
+///     }
+///
+///     async fn handle_payload(&self, src: NodeId, _kind: &str, _body: Bytes) -> anyhow::Result<()> {
+///         *self.seen.lock().unwrap().entry(src).or_default() += 1;
+///         Ok(())
+///     }
+///
+///     async fn on_peer_forgotten(&self, peer: NodeId) {
+///         self.seen.lock().unwrap().remove(&peer);
+///     }
+/// }
+///
+/// fn main() -> std::process::ExitCode {
+///     pim_sidecar::run(Counter::default())
+/// }
+/// ```
 #[async_trait]
 pub trait Sidecar: Send + Sync + 'static {
     /// Plugin name; must equal the daemon's configuration (`PIM_PLUGIN_NAME`).

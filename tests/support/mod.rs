@@ -114,7 +114,12 @@ pub fn probe_bin() -> PathBuf {
 
 /// Path of the echo sidecar.
 pub fn echo_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_echo-sidecar"))
+    example("echo-sidecar")
+}
+
+/// Path of the examples' binary `name`, built first if needed.
+pub fn example(name: &str) -> PathBuf {
+    pim_sidecar_examples::example_bin(name).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A spawn config for the probe sidecar in `dir`.

@@ -164,14 +164,8 @@ fn data_dir_and_failure_policy_default_and_resolve() {
 /// value it shows is the code's default.
 #[test]
 fn the_readme_settings_are_the_defaults() {
-    let readme = include_str!("../../../README.md");
-    let start = readme
-        .find("Every setting, with its default:")
-        .expect("the README lists every setting");
-    let block = &readme[start..];
-    let block = &block[block.find("```toml").expect("a toml block") + "```toml".len()..];
-    let block = &block[..block.find("```").expect("the block ends")];
-    let configs = parse_sidecars(block, Path::new("/etc/pim")).expect("the README's block parses");
+    let block = readme_settings(false);
+    let configs = parse_sidecars(&block, Path::new("/etc/pim")).expect("the README's block parses");
     let shown = &configs[0];
     let defaults = SidecarConfig::spawn("echo", ["echo.ping"], "/x", CommandSpec::new("/y"));
     assert_eq!(shown.connections, defaults.connections);
@@ -265,4 +259,80 @@ fn a_duration_too_long_is_an_error_not_a_panic() {
     );
     assert!(parse_duration("99999999999999999999ms").is_err());
     assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+}
+
+/// The README's "every setting, with its default" block; with `all`, its
+/// commented-out settings (`# user = …`, not defaults) taken in.
+fn readme_settings(all: bool) -> String {
+    let readme = include_str!("../../../README.md");
+    let start = readme
+        .find("Every setting, with its default:\n\n```toml\n")
+        .expect("the README has the settings block");
+    let block = &readme[start..];
+    let block = &block[block.find("```toml\n").unwrap() + 8..];
+    let block = &block[..block.find("```").unwrap()];
+    block
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(setting) if all && setting.contains(" = ") => setting,
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The keys a table of the sidecars file accepts, from the parser's own
+/// "unknown field" error.
+fn accepted_keys(doc: &str) -> Vec<String> {
+    let err = parse_sidecars(doc, Path::new("/")).unwrap_err().to_string();
+    let expected = err
+        .split("expected one of ")
+        .nth(1)
+        .or_else(|| err.split("expected ").nth(1))
+        .unwrap_or_else(|| panic!("no key list in: {err}"));
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Docs that cannot drift: the README's settings block names every key the
+/// file accepts (its values are the defaults: the test above).
+#[test]
+fn the_readme_settings_block_names_every_key() {
+    let block = readme_settings(true);
+    let sidecar = "[[sidecar]]\nname = \"e\"\npayload_kinds = [\"e.k\"]\nexternal = true\n";
+    let tables = [
+        ("the file", "zz_unknown = 1\n".to_owned()),
+        ("[[sidecar]]", format!("{sidecar}zz_unknown = 1\n")),
+        (
+            "connections",
+            format!("{sidecar}connections = {{ zz_unknown = 1 }}\n"),
+        ),
+        ("queue", format!("{sidecar}queue = {{ zz_unknown = 1 }}\n")),
+        (
+            "restart",
+            format!("{sidecar}restart = {{ zz_unknown = 1 }}\n"),
+        ),
+        (
+            "sandbox",
+            format!("{sidecar}sandbox = {{ zz_unknown = 1 }}\n"),
+        ),
+        (
+            "sandbox.limits",
+            format!("{sidecar}sandbox = {{ limits = {{ zz_unknown = 1 }} }}\n"),
+        ),
+    ];
+    for (table, doc) in tables {
+        let keys = accepted_keys(&doc);
+        assert!(keys.len() >= 2, "{table}: {keys:?}");
+        for key in keys {
+            assert!(
+                block.contains(&format!("{key} = ")) || block.contains(&format!("[[{key}]]")),
+                "the README's settings block lacks `{key}` of {table}"
+            );
+        }
+    }
 }

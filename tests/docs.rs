@@ -1,0 +1,61 @@
+//! Docs that cannot drift: every README block marked
+//! `<!-- file: PATH -->` is that file of the repository, verbatim (the
+//! template plugin crate, which the suite builds and tests outside the
+//! workspace through `tests/outside.sh`).
+
+use std::path::Path;
+
+fn root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// `(path, block)` for each marked block of `markdown`.
+fn marked_blocks(markdown: &str) -> Vec<(String, String)> {
+    let mut blocks = Vec::new();
+    let mut lines = markdown.lines();
+    while let Some(line) = lines.next() {
+        let Some(path) = line
+            .strip_prefix("<!-- file: ")
+            .and_then(|rest| rest.strip_suffix(" -->"))
+        else {
+            continue;
+        };
+        let fence = lines.next().unwrap_or_default();
+        assert!(
+            fence.starts_with("```"),
+            "the marker for {path} is not followed by a code block"
+        );
+        let mut block = String::new();
+        for line in lines.by_ref() {
+            if line == "```" {
+                break;
+            }
+            block.push_str(line);
+            block.push('\n');
+        }
+        blocks.push((path.to_owned(), block));
+    }
+    blocks
+}
+
+#[test]
+fn the_readme_shows_the_template_files_verbatim() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let blocks = marked_blocks(&readme);
+    let paths: Vec<&str> = blocks.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "templates/plugin/Cargo.toml",
+            "templates/plugin/src/main.rs",
+            "templates/plugin/tests/plugin.rs"
+        ]
+    );
+    for (path, block) in blocks {
+        let file = std::fs::read_to_string(root().join(&path)).unwrap();
+        assert!(
+            block == file,
+            "README's block for {path} differs from the file; copy the file into the README"
+        );
+    }
+}
