@@ -11,6 +11,7 @@ use crate::sandbox::Sandbox;
 
 /// How the sidecar process comes to exist.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Launch {
     /// The bridge spawns and supervises this command.
     Spawn(CommandSpec),

@@ -1,7 +1,8 @@
 //! The tonic server on the plugin's socket: the four `pim.plugin.v1`
 //! services, health, and reflection (v1 and v1alpha).
 
-use std::sync::Arc;
+use std::any::Any;
+use std::sync::{Arc, OnceLock};
 
 use pim_plugin_proto::limits::MAX_MESSAGE_BYTES;
 use pim_plugin_proto::pb::control_sender_server::ControlSenderServer;
@@ -18,32 +19,29 @@ use tonic_health::ServingStatus;
 
 use crate::host::{allowed_uids, AuthCheck, Host, HostServices};
 
-/// The value `build` makes, built once per process and type, then cloned.
-/// (The reflection services' types cannot be named, so they are cached by
-/// `TypeId`.)
-fn built_once<T, E>(build: impl FnOnce() -> Result<T, E>) -> Result<T, E>
+/// Where [`built_once`] keeps a value: a `static` of its call site.
+type Slot = OnceLock<Box<dyn Any + Send + Sync>>;
+
+/// A value built once per process and cloned for every plugin.
+///
+/// The reflection services take about 0.4 ms each to build (they decode and
+/// index the descriptor sets) and are the same for every plugin, so the
+/// first build is kept. Their types are `impl Trait` and cannot be written
+/// in a `static`, so the slot holds the value as `dyn Any`, and this
+/// downcasts it back to the type that the call site's `build` returns.
+fn built_once<T, E>(slot: &'static Slot, build: impl FnOnce() -> Result<T, E>) -> Result<T, E>
 where
     T: Clone + Send + Sync + 'static,
 {
-    use std::any::{Any, TypeId};
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Cache = Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cache = CACHE.get_or_init(Cache::default);
-    if let Some(hit) = cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&TypeId::of::<T>())
-        .and_then(|v| v.downcast_ref::<T>())
-    {
-        return Ok(hit.clone());
+    if let Some(kept) = slot.get() {
+        return Ok(kept
+            .downcast_ref::<T>()
+            .expect("a slot is filled only by its own call site, with this type")
+            .clone());
     }
     let value = build()?;
-    cache
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(TypeId::of::<T>(), Box::new(value.clone()));
+    // Two plugins starting at once may both build it; either copy will do.
+    let _ = slot.set(Box::new(value.clone()));
     Ok(value)
 }
 
@@ -55,15 +53,15 @@ pub(crate) fn serve(
     stopping: CancellationToken,
 ) -> anyhow::Result<JoinHandle<()>> {
     let services = HostServices(host.clone());
-    // Reflection decodes the descriptor sets when it is built (about 0.4 ms):
-    // build it once per process and clone it for every plugin.
-    let reflection_v1 = built_once(|| {
+    static REFLECTION_V1: Slot = OnceLock::new();
+    static REFLECTION_V1ALPHA: Slot = OnceLock::new();
+    let reflection_v1 = built_once(&REFLECTION_V1, || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
     })?;
-    let reflection_v1alpha = built_once(|| {
+    let reflection_v1alpha = built_once(&REFLECTION_V1ALPHA, || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -41,8 +41,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{SidecarConfig, SidecarPlugin};
 
+/// Waits until `cond` holds, checking every 10 ms, for at most `timeout`;
+/// the error names `what`.
+pub async fn poll_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 /// One call a sidecar made into the daemon's ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PortCall {
     /// `PeerDirectory::lookup_x25519`.
     LookupX25519 {
@@ -349,26 +367,18 @@ impl FakeHost {
         self.plugin.inject_unknown_event()
     }
 
-    /// Waits until `cond` holds, checking every 10 ms, for at most
-    /// `timeout`: for anything a test waits on that is not a port call
-    /// (`plugin().stats()`, a file, a process). The error names `what`.
+    /// [`poll_until`] with the plugin's stats in the timeout error: waits
+    /// on anything a test waits on that is not a port call
+    /// (`plugin().stats()`, a file, a process).
     pub async fn poll_until(
         &self,
         what: &str,
-        timeout: std::time::Duration,
-        mut cond: impl FnMut() -> bool,
+        timeout: Duration,
+        cond: impl FnMut() -> bool,
     ) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !cond() {
-            if tokio::time::Instant::now() >= deadline {
-                anyhow::bail!(
-                    "timed out after {timeout:?} waiting for {what}; plugin stats: {:?}",
-                    self.plugin.stats()
-                );
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        Ok(())
+        poll_until(what, timeout, cond)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}; plugin stats: {:?}", self.plugin.stats()))
     }
 
     /// SIGKILLs the spawned sidecar's process (the supervisor restarts it);

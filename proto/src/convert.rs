@@ -166,6 +166,7 @@ pub fn required<T>(field: &str, value: Option<T>) -> Result<T, InvalidField> {
 
 /// One event the host delivers to a plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PluginEvent {
     /// An inbound `ControlFrame::PluginPayload` for one of the plugin's kinds.
     Payload {
@@ -217,7 +218,7 @@ impl From<&SequencedEvent> for pb::Event {
     fn from(ev: &SequencedEvent) -> Self {
         events_to_wire(std::slice::from_ref(ev))
             .pop()
-            .expect("one event in, one event out")
+            .expect("events_to_wire returns one wire event for each event it is given")
     }
 }
 
@@ -383,6 +384,7 @@ pub fn peer_info_source(field: &str, value: i32) -> Result<PeerInfoSource, Inval
 
 /// One change seen on a `PeerDirectory.Watch` stream.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum WatchEvent {
     /// A keystore change, as `pim_plugin` publishes it.
     Peer(PeerDirectoryEvent),

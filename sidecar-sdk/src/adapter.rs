@@ -105,6 +105,8 @@ async fn feed_watch(
                         Ok(Some(WatchEvent::Lagged { missed })) => {
                             tracing::warn!(missed, "peer directory watch lagged")
                         }
+                        // A kind of change the pim-plugin ports cannot express.
+                        Ok(Some(_)) => {}
                         Ok(None) => break,
                         Err(e) => {
                             tracing::debug!("peer directory watch ended: {e}");

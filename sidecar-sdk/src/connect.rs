@@ -10,6 +10,7 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Where and how to reach the host.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ConnectOptions {
     /// The plugin socket.
     pub socket: PathBuf,

@@ -412,6 +412,9 @@ async fn deliver<S: Sidecar + ?Sized>(
                     }
                     return Ok(Ended::Shutdown);
                 }
+                // An event this SDK has no handler for: handled, as an
+                // unknown kind on the wire is.
+                _ => tracing::debug!(seq, "an event this SDK has no handler for: skipped"),
             }
             delivery.last_handled = seq;
             if term.requested() {
@@ -476,6 +479,7 @@ async fn connect_and_register(
 /// with [`pim_plugin_proto::EXIT_REFUSED`] and the supervisor does not
 /// restart the process.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct RegisterRefused(pub String);
 
 impl std::fmt::Display for RegisterRefused {

@@ -12,6 +12,7 @@ use crate::HostClient;
 
 /// What a sidecar gets at start.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Context {
     /// The daemon's ports.
     pub host: HostClient,

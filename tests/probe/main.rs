@@ -145,6 +145,7 @@ impl Probe {
                                 node_id,
                             }) => format!("watched forgotten {}", hex(node_id.as_bytes())),
                             WatchEvent::Lagged { missed } => format!("watched lagged {missed}"),
+                            other => format!("watched {other:?}"),
                         };
                         let _ = host.send_direct(src, payload(kind.clone(), text)).await;
                     }

@@ -204,15 +204,11 @@ pub fn process_exists(pid: u32) -> bool {
     }
 }
 
-/// Waits, bounded, until `cond` holds.
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// Waits, bounded by [`WAIT`], until `cond` holds: the test kit's
+/// `poll_until`, failing the test on timeout.
+pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    if let Err(e) = pim_plugin_bridge::testkit::poll_until(what, WAIT, cond).await {
+        panic!("{e:#}");
     }
 }
 
