@@ -43,6 +43,7 @@ pub use config::{
     RestartPolicy, SidecarConfig, MAX_DURATION,
 };
 pub use end::{EndReason, ProcessEnd};
+pub use pim_plugin;
 pub use pim_plugin_proto as proto;
 pub use plugin::{SidecarPlugin, SidecarStats};
 pub use queue::{QueueStats, EVENT_OVERHEAD_BYTES};

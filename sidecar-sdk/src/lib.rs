@@ -27,5 +27,6 @@ pub use run::{run, run_async, RegisterRefused};
 pub use sidecar::{Context, Sidecar};
 pub use tokio_util::sync::CancellationToken;
 pub use {
-    anyhow, async_trait::async_trait, bytes::Bytes, pim_core::NodeId, pim_protocol::ControlFrame,
+    anyhow, async_trait::async_trait, bytes::Bytes, pim_core::NodeId, pim_plugin,
+    pim_protocol::ControlFrame, tonic,
 };
