@@ -3,29 +3,45 @@
 # fresh directory outside this workspace, their path dependencies pointed at
 # this checkout.
 #
-# 1. templates/plugin, the plugin crate the README starts from: its
-#    integration test hosts its binary with the test kit.
+# 1. templates/plugin, the plugin crate the README starts from: formatted,
+#    clippy-clean, and its integration test hosts its binary with the test
+#    kit.
 # 2. Every Rust sample of README.md, compiled as the doctests of a crate
 #    that has only the dependencies the README names (those of the template,
 #    plus pim-plugin for the daemon-side samples).
 #
-# The build shares target/outside/ between runs (the lock file of this
-# workspace is copied in, so the versions are the ones tested here).
+# Both start from this workspace's Cargo.lock, completed offline (so the
+# versions are the ones tested here, and a dependency this workspace does
+# not already have is an error, not a silent download), and share
+# target/outside/ between runs.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 export CARGO_TARGET_DIR="$root/target/outside"
 
+# A TOML basic string holding the checkout's path.
+toml_root="$(printf '%s' "$root" | sed 's/\\/\\\\/g; s/"/\\"/g')"
+
+lock() {
+    cp "$root/Cargo.lock" Cargo.lock
+    cargo update --workspace --offline --quiet
+}
+
 echo "--- templates/plugin, copied to $work/my-plugin"
-cp -r "$root/templates/plugin" "$work/my-plugin"
-sed -i "s#path = \"../../#path = \"$root/#" "$work/my-plugin/Cargo.toml"
-cp "$root/Cargo.lock" "$work/my-plugin/Cargo.lock"
-(cd "$work/my-plugin" && cargo test --quiet)
+mkdir "$work/my-plugin"
+(cd "$root/templates/plugin" && git ls-files -z --cached --others --exclude-standard . | xargs -0 cp --parents -t "$work/my-plugin")
+sed -i "s|path = \"../../|path = \"$(printf '%s' "$toml_root" | sed 's/[|&]/\\&/g')/|" "$work/my-plugin/Cargo.toml"
+cd "$work/my-plugin"
+lock
+cargo fmt --check
+cargo clippy --locked --quiet --all-targets -- -D warnings
+cargo test --locked --quiet
 
 echo "--- the README's Rust samples, as doctests of $work/readme-samples"
 mkdir -p "$work/readme-samples/src"
-cat > "$work/readme-samples/Cargo.toml" <<TOML
+cd "$work/readme-samples"
+cat > Cargo.toml <<TOML
 [package]
 name = "readme-samples"
 version = "0.1.0"
@@ -33,12 +49,13 @@ edition = "2021"
 publish = false
 
 [dependencies]
-pim-sidecar = { path = "$root/sidecar-sdk" }
-pim-plugin-bridge = { path = "$root/bridge", features = ["testkit"] }
+pim-sidecar = { path = "$toml_root/sidecar-sdk" }
+pim-plugin-bridge = { path = "$toml_root/bridge", features = ["testkit"] }
 pim-plugin = "0.1"
 tempfile = "3"
 tokio = { version = "1", features = ["macros", "rt-multi-thread"] }
 TOML
-printf '#![doc = include_str!("%s/README.md")]\n' "$root" > "$work/readme-samples/src/lib.rs"
-cp "$root/Cargo.lock" "$work/readme-samples/Cargo.lock"
-(cd "$work/readme-samples" && cargo test --quiet --doc)
+cp "$root/README.md" README.md
+printf '#![doc = include_str!("../README.md")]\n' > src/lib.rs
+lock
+cargo test --locked --quiet --doc

@@ -104,6 +104,29 @@ async fn a_second_client_waits_and_a_takeover_stops_the_first_without_a_war() {
     })
     .await;
     assert_eq!(registrations(), 3);
+    // A client still waiting for the session stops at once on SIGTERM.
+    let mut fourth = client(dir.path(), "fourth", false);
+    eventually("the fourth client to wait", || {
+        fourth
+            .lines()
+            .iter()
+            .any(|l| l.contains("another client holds this plugin's session; waiting"))
+    })
+    .await;
+    fourth.signal(libc::SIGTERM);
+    let status = tokio::time::timeout(WAIT, fourth.wait())
+        .await
+        .expect("a waiting client stops on SIGTERM");
+    assert!(status.success(), "{status:?}: {:?}", fourth.lines());
+    assert!(
+        fourth
+            .lines()
+            .iter()
+            .any(|l| l.contains("SIGTERM before registering: exiting")),
+        "{:?}",
+        fourth.lines()
+    );
+    assert_eq!(registrations(), 3);
     println!(
         "figure: takeover: the first client stopped {} ms after the taker started; the waiting client registered {} ms after the taker died; 3 registrations, 1 takeover",
         stopped.as_millis(),

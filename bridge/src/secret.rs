@@ -13,18 +13,31 @@ pub(crate) fn random_hex(bytes: usize) -> String {
             Ok(n) => filled += n,
             Err(_) => {
                 let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
                 // Without flags, getrandom(2) blocks until the pool is ready
-                // and reads from no file (so no descriptor limit applies);
-                // besides EINTR it fails only for a bad buffer (this one is
-                // valid) or on a kernel older than 3.17 (the sandbox needs 5.x).
-                assert!(
-                    err.kind() == std::io::ErrorKind::Interrupted,
-                    "getrandom(2) failed: {err}"
-                );
+                // and needs no descriptor; it fails only where a filter of
+                // the daemon's own (seccomp, a container's) refuses it. Then
+                // the device, which such filters allow.
+                from_device(&mut buf[filled..]);
+                break;
             }
         }
     }
     buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Fills `buf` from `/dev/urandom`.
+fn from_device(buf: &mut [u8]) {
+    use std::io::Read;
+    // A host whose kernel refuses both sources cannot make a secret that
+    // keeps other local processes out: there is no safe way to go on.
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .unwrap_or_else(|e| {
+            panic!("no random source: getrandom(2) is refused and /dev/urandom fails: {e}")
+        });
 }
 
 /// A fresh plugin token: 256 random bits.

@@ -2,6 +2,7 @@
 //! forwarding, restart with backoff, the failed state and its retry,
 //! replacement on request, and the kill order at shutdown.
 
+use pim_plugin_proto::backoff::Backoff;
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::process::ExitStatus;
@@ -161,7 +162,9 @@ impl Supervisor {
 #[derive(Debug, Default)]
 struct CrashWindow {
     exits: VecDeque<Instant>,
-    backoff: Option<Duration>,
+    /// Made from the policy at the first restart; `None` again after a
+    /// process that ran a whole window.
+    backoff: Option<Backoff>,
 }
 
 impl CrashWindow {
@@ -190,9 +193,10 @@ impl CrashWindow {
     /// The delay before the next restart: the initial backoff, doubling up
     /// to the maximum.
     fn next_delay(&mut self, policy: &RestartPolicy) -> Duration {
-        let delay = self.backoff.unwrap_or(policy.initial_backoff);
-        self.backoff = Some(delay.saturating_mul(2).min(policy.max_backoff));
-        jitter(delay)
+        let backoff = self
+            .backoff
+            .get_or_insert_with(|| Backoff::new(policy.initial_backoff, policy.max_backoff));
+        jitter(backoff.next_pause())
     }
 }
 

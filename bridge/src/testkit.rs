@@ -7,9 +7,8 @@
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! use std::time::Duration;
-//! use pim_plugin_bridge::testkit::{FakeHost, PortCall};
+//! use pim_plugin_bridge::testkit::{FakeHost, NodeId, PortCall};
 //! use pim_plugin_bridge::{CommandSpec, SidecarConfig};
-//! use pim_core::NodeId;
 //!
 //! let dir = tempfile::tempdir()?;
 //! let config = SidecarConfig::spawn("echo", ["echo.ping", "echo.pong"], dir.path().join("sock"),
@@ -30,16 +29,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pim_core::NodeId;
 use pim_plugin::{
     ControlSender, DaemonPlugin, IdentitySecrets, PeerDirectory, PeerDirectoryEvent,
     PeerInfoSource, PluginContext,
 };
-use pim_protocol::ControlFrame;
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::{SidecarConfig, SidecarPlugin};
+
+pub use pim_core::NodeId;
+pub use pim_protocol::ControlFrame;
 
 /// Waits until `cond` holds, checking every 10 ms, for at most `timeout`;
 /// the error names `what`.
@@ -278,9 +278,11 @@ impl FakeHost {
     /// data directory is `data_dir` (the plugin's own is
     /// `<data_dir>/plugins/<name>/` unless `config.data_dir` says
     /// otherwise); returns once it registered (for a spawned sidecar), or
-    /// with the start's error. An optional plugin (`config.required`
-    /// false, the default) that cannot start is no error: see
-    /// `plugin().stats().failed`.
+    /// with the start's error. As in a daemon, an optional plugin
+    /// (`config.required` false, the default) that cannot start is no
+    /// error (see `plugin().stats().failed`): a test of a sidecar that must
+    /// come up sets `config.required = true`, and a sidecar that cannot
+    /// start then fails `start` with the reason and its last output.
     pub async fn start(config: SidecarConfig, data_dir: &Path) -> anyhow::Result<Self> {
         Self::start_with(config, data_dir, RecordingPorts::new([0x5e; 32])).await
     }
@@ -385,10 +387,12 @@ impl FakeHost {
     /// returns its pid, `None` when none runs.
     pub fn kill_sidecar(&self) -> Option<u32> {
         let pid = self.plugin.pid()?;
+        let pid_t = libc::pid_t::try_from(pid).ok()?;
         // SAFETY: kill has no memory-safety preconditions; `pid` is the
-        // process this host's supervisor spawned and has not reaped.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        Some(pid)
+        // process this host's supervisor spawned and has not reaped (it
+        // clears the pid when it reaps the process).
+        let sent = unsafe { libc::kill(pid_t, libc::SIGKILL) } == 0;
+        sent.then_some(pid)
     }
 
     /// Every line the sidecar's processes printed so far (stdout and
@@ -408,14 +412,17 @@ impl FakeHost {
 
 impl Drop for FakeHost {
     /// A test that ends without [`FakeHost::shutdown`] (a failed assertion,
-    /// say) still stops its sidecar: cancelling the daemon's token starts
-    /// the plugin's own shutdown (while the runtime runs), and the
-    /// sidecar's watchdog ends it when the test process exits.
+    /// say) still stops its sidecar: the daemon's token is cancelled, which
+    /// stops the plugin while the runtime runs, and the process is killed
+    /// at once, which needs no runtime.
     ///
     /// It prints the sidecar's output (see [`FakeHost::output`]): the test
     /// harness captures it and shows it for a failing test only.
     fn drop(&mut self) {
         self.cancel.cancel();
+        // The shutdown started above runs on the test's runtime, which may
+        // be dropped right after: the process is not left to outlive it.
+        self.kill_sidecar();
         let lines = self.transcript.lines();
         if !lines.is_empty() {
             println!(

@@ -84,7 +84,7 @@ async fn feed_watch(
     events: broadcast::Sender<PeerDirectoryEvent>,
     cancel: CancellationToken,
 ) {
-    let mut backoff = crate::backoff::Backoff::reconnect();
+    let mut backoff = pim_plugin_proto::backoff::Backoff::reconnect();
     while !cancel.is_cancelled() {
         let watch = tokio::select! {
             w = host.watch() => w,
@@ -118,7 +118,7 @@ async fn feed_watch(
             Err(e) => tracing::debug!("peer directory watch not open yet: {e}"),
         }
         tokio::select! {
-            () = backoff.wait() => {}
+            () = tokio::time::sleep(backoff.next_pause()) => {}
             () = cancel.cancelled() => return,
         }
     }

@@ -53,6 +53,23 @@ impl std::fmt::Debug for ConnectOptions {
 }
 
 impl ConnectOptions {
+    /// Options for a sidecar that runs on its own (not spawned by the
+    /// host): `socket`, `token`, retrying a lost host forever, the
+    /// [default busy poll](default_busy_poll), no takeover. Set the public
+    /// fields to change them; [`ConnectOptions::from_env`] reads them from
+    /// the `PIM_PLUGIN_*` variables instead.
+    pub fn new(socket: impl Into<PathBuf>, token: impl Into<String>) -> Self {
+        Self {
+            socket: socket.into(),
+            token: token.into(),
+            token_file: None,
+            spawned: false,
+            reconnect_timeout: None,
+            busy_poll: default_busy_poll(),
+            takeover: false,
+        }
+    }
+
     /// Reads `PIM_PLUGIN_SOCKET` and the token: from the descriptor named by
     /// `PIM_PLUGIN_TOKEN_FD` (read to its end and closed), else
     /// `PIM_PLUGIN_TOKEN`, else the file named by `PIM_PLUGIN_TOKEN_FILE`.
@@ -255,7 +272,16 @@ pub async fn connect_channel(path: &Path) -> Result<Channel, tonic::transport::E
 mod tests {
     use std::time::Duration;
 
-    use super::{checked_token, parse_busy_poll, BUSY_POLL_ENV};
+    use super::{checked_token, parse_busy_poll, ConnectOptions, BUSY_POLL_ENV};
+
+    #[test]
+    fn options_for_a_sidecar_on_its_own() {
+        let o = ConnectOptions::new("/run/p/echo.sock", "00ff");
+        assert_eq!(o.socket.to_str(), Some("/run/p/echo.sock"));
+        assert_eq!(o.token, "00ff");
+        assert!(!o.spawned && !o.takeover && o.reconnect_timeout.is_none());
+        assert!(!format!("{o:?}").contains("00ff"), "the token is redacted");
+    }
 
     #[test]
     fn busy_poll_budget_from_the_environment() {

@@ -1,7 +1,6 @@
 #![doc = include_str!("../README.md")]
 
 mod adapter;
-mod backoff;
 mod connect;
 mod error;
 mod host_client;

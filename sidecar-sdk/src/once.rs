@@ -93,8 +93,8 @@ impl std::error::Error for Retry {}
 pub const RETRIES: u32 = 5;
 
 /// The pauses between a handler's retries: 50 ms, doubling.
-pub(crate) fn retry_backoff() -> crate::backoff::Backoff {
-    crate::backoff::Backoff::new(
+pub(crate) fn retry_backoff() -> pim_plugin_proto::backoff::Backoff {
+    pim_plugin_proto::backoff::Backoff::new(
         std::time::Duration::from_millis(50),
         std::time::Duration::from_secs(2),
     )

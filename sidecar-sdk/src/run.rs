@@ -9,8 +9,8 @@ use pim_plugin_proto::pb;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::{ConnectOptions, Context, EventInfo, HostError, HostSession, Retry, Sidecar, RETRIES};
+use pim_plugin_proto::backoff::Backoff;
 
 /// Within a batch, the handled position is published for acking every
 /// this many events (and always at the end of the batch).
@@ -105,7 +105,16 @@ pub async fn run_async<S: Sidecar + ?Sized>(
     let kinds = plugin.payload_kinds().to_vec();
     let name = plugin.name().to_owned();
     let term = Terminate::new();
-    let (host, registered) = connect_and_register(&options, &name, &kinds).await?;
+    // SIGTERM while the host is not reachable yet, or while another client
+    // holds the session, ends the wait: nothing was started.
+    let (host, registered) = tokio::select! {
+        biased;
+        () = term.received() => {
+            tracing::info!("SIGTERM before registering: exiting");
+            return Ok(());
+        }
+        connected = connect_and_register(&options, &name, &kinds) => connected?,
+    };
     // Only the first Register may take over: one that follows a lost
     // stream must not take the session from whoever holds it now.
     let options = ConnectOptions {
@@ -143,10 +152,9 @@ pub async fn run_async<S: Sidecar + ?Sized>(
     let mut registered_at = Instant::now();
     let mut cycles = Backoff::reconnect();
     loop {
-        let ended = deliver(&*plugin, &host, &mut delivery, &ack_tx, &term).await;
+        let ended = deliver(&*plugin, &host, &mut delivery, &ack_tx, &term, &cancel).await;
         match ended {
             Ok(Ended::Shutdown) => {
-                cancel.cancel();
                 tracing::info!(duplicates = delivery.duplicates, "shut down by the host");
                 return Ok(());
             }
@@ -166,7 +174,7 @@ pub async fn run_async<S: Sidecar + ?Sized>(
             tokio::select! {
                 biased;
                 () = term.received() => return terminated(&*plugin, &host, &delivery, &cancel).await,
-                () = cycles.wait() => {}
+                () = tokio::time::sleep(cycles.next_pause()) => {}
             }
         } else {
             cycles.reset();
@@ -337,6 +345,7 @@ async fn deliver<S: Sidecar + ?Sized>(
     delivery: &mut Delivery,
     ack: &watch::Sender<u64>,
     term: &Terminate,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<Ended> {
     let mut stream = match host.events().await {
         Err(HostError::Rpc(s)) if superseded(&s) => return Ok(Ended::Superseded),
@@ -385,7 +394,7 @@ async fn deliver<S: Sidecar + ?Sized>(
                             Err(e) if e.is::<Retry>() && attempt < RETRIES => {
                                 attempt += 1;
                                 tracing::debug!(seq, attempt, "{e:#}");
-                                retries.wait().await;
+                                tokio::time::sleep(retries.next_pause()).await;
                             }
                             Err(e) if e.is::<Retry>() => {
                                 tracing::error!(seq, kind = %kind, "handle_payload asked for a retry {RETRIES} times; the event counts as handled: {e:#}");
@@ -403,6 +412,9 @@ async fn deliver<S: Sidecar + ?Sized>(
                 }
                 PluginEvent::Shutdown { grace } => {
                     tracing::info!(grace_ms = grace.as_millis() as u64, "shutdown requested");
+                    // As on every way out: the plugin's tasks are told first,
+                    // so a `shutdown` that waits for them does not wait long.
+                    cancel.cancel();
                     let _ = tokio::time::timeout(grace, plugin.shutdown()).await;
                     delivery.last_handled = seq;
                     // The daemon may be gone by now (one that exits soon
@@ -482,6 +494,15 @@ async fn connect_and_register(
 #[non_exhaustive]
 pub struct RegisterRefused(pub String);
 
+impl RegisterRefused {
+    /// A refusal for `why`: for a plugin whose configuration cannot work
+    /// (a capability it needs was not granted, say), so that [`run`] exits
+    /// with [`pim_plugin_proto::EXIT_REFUSED`] and is not restarted.
+    pub fn new(why: impl Into<String>) -> Self {
+        Self(why.into())
+    }
+}
+
 impl std::fmt::Display for RegisterRefused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "refused by the host's configuration: {}", self.0)
@@ -512,7 +533,7 @@ async fn retry_connect(options: &ConnectOptions) -> anyhow::Result<HostSession> 
                     );
                 }
                 tracing::debug!("host not reachable yet: {e}");
-                backoff.wait().await;
+                tokio::time::sleep(backoff.next_pause()).await;
             }
         }
     }
@@ -551,7 +572,7 @@ async fn register(
                     );
                     Backoff::new(Duration::from_millis(20), Duration::from_secs(1))
                 });
-                waiting.wait().await;
+                tokio::time::sleep(waiting.next_pause()).await;
                 started = Instant::now();
             }
             Err(HostError::Rpc(s)) if refusal(&s, options.spawned) => {
@@ -568,7 +589,7 @@ async fn register(
                     );
                 }
                 tracing::debug!("host not back yet: {e}");
-                backoff.wait().await;
+                tokio::time::sleep(backoff.next_pause()).await;
             }
         }
     }

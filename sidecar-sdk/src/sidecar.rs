@@ -34,7 +34,8 @@ pub struct Context {
 /// interrupted by a crash is delivered again to the next process.
 ///
 /// A plugin that counts the payloads each peer sends, forgets a peer the
-/// daemon forgot, and keeps a background task until shutdown:
+/// daemon forgot, and keeps a background task until shutdown (its own
+/// task, so this plugin also depends on `tokio`):
 ///
 /// ```no_run
 /// use std::collections::HashMap;

@@ -281,6 +281,17 @@ fn readme_settings(all: bool) -> String {
         .join("\n")
 }
 
+/// Whether `text` sets `key` (`key = `, not a longer key ending in it).
+fn sets_key(text: &str, key: &str) -> bool {
+    let pattern = format!("{key} = ");
+    text.match_indices(&pattern).any(|(i, _)| {
+        text[..i]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'))
+    })
+}
+
 /// The keys a table of the sidecars file accepts, from the parser's own
 /// "unknown field" error.
 fn accepted_keys(doc: &str) -> Vec<String> {
@@ -325,14 +336,24 @@ fn the_readme_settings_block_names_every_key() {
             format!("{sidecar}sandbox = {{ limits = {{ zz_unknown = 1 }} }}\n"),
         ),
     ];
+    // The file's own keys come before the first `[[sidecar]]`; a sidecar's
+    // (and its tables') after it.
+    let at = block.find("[[sidecar]]").expect("a [[sidecar]] table");
+    let (file_part, sidecar_part) = block.split_at(at);
     for (table, doc) in tables {
         let keys = accepted_keys(&doc);
         assert!(keys.len() >= 2, "{table}: {keys:?}");
+        let part = if table == "the file" {
+            file_part
+        } else {
+            sidecar_part
+        };
         for key in keys {
             assert!(
-                block.contains(&format!("{key} = ")) || block.contains(&format!("[[{key}]]")),
+                sets_key(part, &key) || block.contains(&format!("[[{key}]]")),
                 "the README's settings block lacks `{key}` of {table}"
             );
         }
     }
+    assert!(sets_key("env = {}", "env") && !sets_key("inherit_env = []", "env"));
 }

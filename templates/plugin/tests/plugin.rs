@@ -12,12 +12,15 @@ const WAIT: Duration = Duration::from_secs(20);
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ping_is_answered_by_name_before_and_after_a_crash() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = SidecarConfig::spawn(
+    let mut config = SidecarConfig::spawn(
         "echo",
         ["echo.ping", "echo.pong"],
         dir.path().join("sock"),
         CommandSpec::new(env!("CARGO_BIN_EXE_my-plugin")),
     );
+    // A sidecar that cannot start (a wrong name, a crash) fails here, with
+    // the reason and its last output, instead of as a timeout later.
+    config.required = true;
     let host = FakeHost::start(config, dir.path()).await?;
 
     let alice = NodeId::from_bytes([1; 16]);

@@ -1,13 +1,13 @@
-//! `Backoff`: the one retry pause of the SDK's loops (connecting,
-//! registering, a stream that keeps ending, the keystore watch, a handler's
-//! `Retry`).
+//! `Backoff`: the one retry pause of both sides: the daemon side's
+//! restarts of a sidecar, and the SDK's loops (connecting, registering, a
+//! stream that keeps ending, the keystore watch, a handler's `Retry`).
 
 use std::time::Duration;
 
 /// Exponential backoff: the first pause is `initial`, each next one twice
 /// the last, never more than `max`.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     initial: Duration,
     max: Duration,
     next: Duration,
@@ -15,7 +15,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     /// A backoff from `initial`, doubling, up to `max`.
-    pub(crate) const fn new(initial: Duration, max: Duration) -> Self {
+    pub const fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
             max,
@@ -24,24 +24,19 @@ impl Backoff {
     }
 
     /// The SDK's reconnect pace: 20 ms, doubling, at most 2 s.
-    pub(crate) const fn reconnect() -> Self {
+    pub const fn reconnect() -> Self {
         Self::new(Duration::from_millis(20), Duration::from_secs(2))
     }
 
     /// The pause before the next attempt; the one after it doubles.
-    pub(crate) fn next_pause(&mut self) -> Duration {
+    pub fn next_pause(&mut self) -> Duration {
         let pause = self.next;
         self.next = self.next.saturating_mul(2).min(self.max);
         pause
     }
 
-    /// Sleeps [`Backoff::next_pause`].
-    pub(crate) async fn wait(&mut self) {
-        tokio::time::sleep(self.next_pause()).await;
-    }
-
     /// Back to the initial pause, after an attempt that worked.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.next = self.initial;
     }
 }
