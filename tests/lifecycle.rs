@@ -306,5 +306,9 @@ async fn the_test_kit_waits_on_anything_and_kills_the_sidecar() {
         ),
         "{err}"
     );
-    host.shutdown().await;
+    // Dropped without shutdown (a failed assertion, say), the kit's host
+    // does not leave its sidecar running.
+    let pid = host.plugin().pid().expect("a sidecar runs");
+    drop(host);
+    eventually("the dropped host's sidecar to end", || !process_exists(pid)).await;
 }

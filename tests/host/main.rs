@@ -114,7 +114,10 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 println!("exiting");
                 // Return from `main` as pim-daemon does: the runtime and
-                // every task and handle in it are dropped.
+                // every task and handle in it are dropped. The fake host is
+                // not: its drop kills the sidecar (a test kit's clean-up),
+                // which a daemon that exits does not do.
+                std::mem::forget(host);
                 return Ok(());
             }
             _ => eprintln!("unknown command {line:?}"),
