@@ -179,7 +179,8 @@ trust_store_file = "{dir}/trust.toml"
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", &self.dir)
-            .env("RUST_LOG", "info")
+            // The sidecars' DEBUG lines too: the test reads the echo's.
+            .env("RUST_LOG", "info,pim_sidecar::output=debug")
             .env("NO_COLOR", "1")
             .env("PIM_DATA_DIR", self.data())
             .env("PIM_RPC_SOCKET", self.rpc());
@@ -276,7 +277,7 @@ fn echo_sidecar(node: &Node, grace: &str, term: &str) -> String {
 name = "echo"
 payload_kinds = ["echo.ping", "echo.pong"]
 command = ["{bin}"]
-env = {{ ECHO_CONTROL = "{ctl}", RUST_LOG = "info" }}
+env = {{ ECHO_CONTROL = "{ctl}", RUST_LOG = "info,echo_sidecar=debug" }}
 shutdown_grace = "{grace}"
 term_grace = "{term}"
 "#,

@@ -5,7 +5,7 @@
 //! cargo run --release -p pim-sidecar-bench            # the full run (about a minute)
 //! cargo run --release -p pim-sidecar-bench -- --smoke # tiny counts, no targets
 //! cargo run --release -p pim-sidecar-bench -- --only throughput   # one phase:
-//!     # cost, throughput, latency, rtt, spawn or memory
+//!     # cost, throughput, latency, rtt, spawn, memory or many
 //! ```
 //!
 //! The same executable is also the benchmark's sidecar (`pim-bench
@@ -13,6 +13,7 @@
 //! the memory probe (`pim-bench memory`), each a separate process.
 
 mod floor;
+mod many;
 mod sidecar;
 mod stats;
 
@@ -27,7 +28,7 @@ use pim_core::NodeId;
 use pim_plugin::{
     ControlSender, DaemonPlugin, IdentitySecrets, PeerDirectory, PeerDirectoryEvent, PluginContext,
 };
-use pim_plugin_bridge::{CommandSpec, Sandbox, SidecarConfig, SidecarPlugin};
+use pim_plugin_bridge::{CommandSpec, Launch, Sandbox, SidecarConfig, SidecarPlugin};
 use pim_protocol::ControlFrame;
 use pim_sidecar::proto::pb;
 use tokio::sync::{broadcast, mpsc};
@@ -92,7 +93,7 @@ impl PeerDirectory for BenchPorts {
 impl ControlSender for BenchPorts {
     async fn send_direct(&self, _: NodeId, frame: ControlFrame) {
         if let ControlFrame::PluginPayload { kind, body } = frame {
-            if kind == "bench.result" {
+            if kind.ends_with(".result") {
                 let _ = self
                     .results
                     .send(String::from_utf8_lossy(&body).into_owned());
@@ -142,6 +143,9 @@ impl DaemonPlugin for InProcess {
 
 struct Host {
     plugin: Arc<SidecarPlugin>,
+    /// `<name>.data` and `<name>.cmd`.
+    data: String,
+    cmd: String,
     results: mpsc::UnboundedReceiver<String>,
     cancel: CancellationToken,
 }
@@ -171,6 +175,10 @@ async fn start_host(config: SidecarConfig, data_dir: &Path) -> anyhow::Result<Ho
         events: broadcast::channel(16).0,
     });
     let cancel = CancellationToken::new();
+    let (data, cmd) = (
+        format!("{}.data", config.name),
+        format!("{}.cmd", config.name),
+    );
     let plugin = Arc::new(SidecarPlugin::new(config)?);
     plugin
         .clone()
@@ -184,6 +192,8 @@ async fn start_host(config: SidecarConfig, data_dir: &Path) -> anyhow::Result<Ho
         .await?;
     Ok(Host {
         plugin,
+        data,
+        cmd,
         results,
         cancel,
     })
@@ -194,7 +204,7 @@ impl Host {
         self.plugin
             .handle_payload(
                 NodeId::from_bytes([1; 16]),
-                "bench.cmd",
+                &self.cmd,
                 Bytes::from(cmd.to_owned()),
             )
             .await;
@@ -437,6 +447,7 @@ async fn raw_stream_floor(dir: &Path, size: usize, n: u64, run: usize) -> anyhow
         .arg("floor-client")
         .arg(&sock)
         .arg(n.to_string())
+        .arg("count")
         .kill_on_drop(true)
         .spawn()?;
     tokio::time::timeout(Duration::from_secs(30), floor.opened).await??;
@@ -481,7 +492,7 @@ async fn our_throughput(host: &Host, size: usize, n: u64) -> f64 {
             body = Bytes::copy_from_slice(&raw);
         }
         host.plugin
-            .handle_payload(src, "bench.data", body.clone())
+            .handle_payload(src, &host.data, body.clone())
             .await;
     }
     host.wait_acked(base + n).await;
@@ -519,9 +530,100 @@ async fn throughput(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Re
                 None
             },
         );
+        if size == 64 {
+            logging_cost(report, dir, n, ours).await?;
+        }
     }
     host.stop().await;
     Ok(max_64)
+}
+
+/// The default that used to cost: the same 64 B run with the sidecar
+/// writing a log line per payload at INFO (the SDK's default level), which
+/// the daemon reads, parses and forwards.
+async fn logging_cost(report: &mut Report, dir: &Path, n: u64, quiet: f64) -> anyhow::Result<()> {
+    let mut config = sidecar_config(dir, "-log", false);
+    if let Launch::Spawn(command) = &mut config.launch {
+        command.env.push(("BENCH_LOG_EACH".into(), "1".into()));
+    }
+    let host = start_host(config, dir).await?;
+    let logged = our_throughput(&host, 64, n / 4).await;
+    host.stop().await;
+    report.row(
+        "  the same, the sidecar logging each payload at INFO",
+        format!("{:.0} k/s", logged / 1e3),
+        format!("quiet {:.0} k/s", quiet / 1e3),
+        format!("{:.2}x", logged / quiet),
+        None,
+    );
+    Ok(())
+}
+
+/// The light-load floor: one-way latency through a plain tonic server
+/// stream fed from an mpsc, one 64 B payload per message at 1,000/s, to a
+/// client process that takes each one's latency; `(median, p99)` ns.
+async fn raw_stream_latency(dir: &Path, ticks: u64) -> anyhow::Result<(u64, u64)> {
+    let sock = dir.join("floor-lat.sock");
+    let floor = floor::serve(&sock)?;
+    let client = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("floor-client")
+        .arg(&sock)
+        .arg(ticks.to_string())
+        .arg("latency")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::timeout(Duration::from_secs(30), floor.opened).await??;
+    let mut interval = tokio::time::interval(Duration::from_millis(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for seq in 1..=ticks {
+        interval.tick().await;
+        let mut body = [0u8; 64];
+        body[..8].copy_from_slice(&mono_ns().to_le_bytes());
+        let msg = pb::EventsResponse {
+            events: vec![event(seq, &Bytes::copy_from_slice(&body))],
+        };
+        if floor.feed.send(Ok(msg)).await.is_err() {
+            anyhow::bail!("the floor client went away");
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(60), floor.acked).await??;
+    let out = client.wait_with_output().await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let f: Vec<u64> = text
+        .lines()
+        .find(|l| l.starts_with("lat "))
+        .ok_or_else(|| anyhow::anyhow!("the latency floor client printed no figures: {text}"))?
+        .split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    Ok((f[0], f[1]))
+}
+
+/// Half of a raw 64 B Unix-socket ping-pong between two processes (the bench
+/// sidecar's `rtt` loop measures the same pair of wake-ups): the least a
+/// one-way hand-over to another process can cost; median ns.
+async fn half_ping_pong(host: &mut Host, dir: &Path, n: usize) -> anyhow::Result<u64> {
+    let floor_sock = dir.join("floor-half.sock");
+    let echo_sock = dir.join("echo-half.sock");
+    let _floor = floor::serve(&floor_sock)?;
+    floor::serve_echo(&echo_sock)?;
+    let reply = host
+        .command(&format!(
+            "rtt {} {} {n}",
+            floor_sock.display(),
+            echo_sock.display()
+        ))
+        .await?;
+    // `rtt` answers five median/p99 pairs; the ping-pong is the last one.
+    let f: Vec<u64> = reply
+        .split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    anyhow::ensure!(f.len() >= 10, "unexpected rtt reply: {reply}");
+    Ok(f[6] / 2)
 }
 
 async fn latency(
@@ -533,6 +635,23 @@ async fn latency(
     println!("\n# delivery latency, handle_payload -> sidecar handler (64 B bodies)");
     let mut host = start_host(sidecar_config(dir, "-lat", false), dir).await?;
     let src = NodeId::from_bytes([2; 16]);
+    let light_ticks = (scale.latency_secs * 1000.0) as u64;
+    let (floor_median, floor_p99) = raw_stream_latency(dir, light_ticks).await?;
+    report.row(
+        "raw tonic stream at 1,000/s (floor)",
+        format!("{} / {}", ns(floor_median), ns(floor_p99)),
+        "median / p99".into(),
+        String::new(),
+        None,
+    );
+    let half = half_ping_pong(&mut host, dir, scale.rtts.min(5_000)).await?;
+    report.row(
+        "half a raw Unix-socket ping-pong",
+        ns(half),
+        "median".into(),
+        String::new(),
+        None,
+    );
     for (label, rate) in [
         ("light load, 1,000/s", 1000.0),
         ("80% of max throughput", 0.8 * max_rate),
@@ -550,7 +669,7 @@ async fn latency(
                 let mut body = [0u8; 64];
                 body[..8].copy_from_slice(&mono_ns().to_le_bytes());
                 host.plugin
-                    .handle_payload(src, "bench.data", Bytes::copy_from_slice(&body))
+                    .handle_payload(src, &host.data, Bytes::copy_from_slice(&body))
                     .await;
                 sent += 1;
             }
@@ -562,11 +681,35 @@ async fn latency(
             .skip(1)
             .filter_map(|v| v.parse().ok())
             .collect();
+        if rate > 1000.0 {
+            report.row(
+                &format!("latency at {label} ({:.0}/s)", rate),
+                format!("{} / {}", ns(f[0]), ns(f[1])),
+                "median / p99".into(),
+                String::new(),
+                None,
+            );
+            continue;
+        }
         report.row(
-            &format!("latency at {label} ({:.0}/s)", rate),
-            format!("{} / {}", ns(f[0]), ns(f[1])),
-            "median / p99".into(),
-            String::new(),
+            &format!("latency at {label}  median"),
+            ns(f[0]),
+            format!("raw stream {}", ns(floor_median)),
+            format!("{:.2}x", f[0] as f64 / floor_median.max(1) as f64),
+            Target::at_most(f[0] as f64, 1.1 * floor_median as f64, "<= 1.1x raw stream"),
+        );
+        report.row(
+            &format!("latency at {label}  p99"),
+            ns(f[1]),
+            format!("raw stream {}", ns(floor_p99)),
+            format!("{:.2}x", f[1] as f64 / floor_p99.max(1) as f64),
+            Target::at_most(f[1] as f64, 1.5 * floor_p99 as f64, "<= 1.5x raw stream"),
+        );
+        report.row(
+            &format!("latency at {label}  median vs half ping-pong"),
+            ns(f[0]),
+            format!("half ping-pong {}", ns(half)),
+            format!("{:.2}x", f[0] as f64 / half.max(1) as f64),
             None,
         );
     }
@@ -906,6 +1049,9 @@ async fn bench(smoke: bool) -> anyhow::Result<Report> {
     if run("memory") {
         memory(&mut report, smoke).await?;
     }
+    if run("many") {
+        many::many(&mut report, smoke).await?;
+    }
     Ok(report)
 }
 
@@ -915,7 +1061,8 @@ fn main() -> ExitCode {
         Some("sidecar") => return sidecar::main(),
         Some("floor-client") => {
             let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(0);
-            return match sidecar::floor_client(args.get(1).map_or("", String::as_str), n) {
+            let latency = args.get(3).map(String::as_str) == Some("latency");
+            return match sidecar::floor_client(args.get(1).map_or("", String::as_str), n, latency) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("floor client: {e:#}");
@@ -947,6 +1094,20 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("spawn probe: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.first().map(String::as_str) == Some("many") {
+        let arg = |i: usize| {
+            args.get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(1.0)
+        };
+        return match runtime.block_on(many::probe(arg(1) as usize, arg(2), arg(3) as u64)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("many-sidecars probe: {e:#}");
                 ExitCode::FAILURE
             }
         };

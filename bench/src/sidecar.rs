@@ -20,15 +20,22 @@ use crate::stats::{encode, mono_ns};
 
 #[derive(Default)]
 struct Bench {
+    /// `PIM_PLUGIN_NAME` (`bench` by default): many bench sidecars may share
+    /// a daemon, each with its own name and kinds `<name>.data`, `<name>.cmd`.
+    name: &'static str,
+    kinds: [&'static str; 2],
     host: OnceCell<HostClient>,
     latencies: Mutex<Option<Vec<u64>>>,
     /// `BENCH_STALL` set: never return from a data handler (read once).
     stall: bool,
+    /// `BENCH_LOG_EACH` set: log a line per payload at INFO, as the echo
+    /// example once did at the SDK's default level.
+    log_each: bool,
 }
 
-fn result(body: String) -> ControlFrame {
+fn result(name: &str, body: String) -> ControlFrame {
     ControlFrame::PluginPayload {
-        kind: "bench.result".into(),
+        kind: format!("{name}.result"),
         body: body.into(),
     }
 }
@@ -50,7 +57,7 @@ impl Bench {
         let host = self.host();
         let node = NodeId::from_bytes([9; 16]);
         let frame = ControlFrame::PluginPayload {
-            kind: "bench.rtt".into(),
+            kind: format!("{}.rtt", self.name),
             body: Bytes::from_static(&[0; 64]),
         };
         // Raw tonic unary on the same kind of channel, to a server with a
@@ -103,11 +110,11 @@ impl Bench {
 #[async_trait]
 impl Sidecar for Bench {
     fn name(&self) -> &str {
-        "bench"
+        self.name
     }
 
     fn payload_kinds(&self) -> &[&str] {
-        &["bench.data", "bench.cmd"]
+        &self.kinds
     }
 
     async fn start(&self, ctx: Context) -> anyhow::Result<()> {
@@ -116,9 +123,12 @@ impl Sidecar for Bench {
     }
 
     async fn handle_payload(&self, src: NodeId, kind: &str, body: Bytes) -> anyhow::Result<()> {
-        if kind == "bench.data" {
+        if kind == self.kinds[0] {
             if self.stall {
                 std::future::pending::<()>().await;
+            }
+            if self.log_each {
+                tracing::info!(bytes = body.len(), "payload from {src}");
             }
             if let Some(samples) = self
                 .latencies
@@ -160,23 +170,37 @@ impl Sidecar for Bench {
             }
             other => format!("unknown command {other:?}"),
         };
-        self.host().send_direct(src, result(reply)).await?;
+        self.host()
+            .send_direct(src, result(self.name, reply))
+            .await?;
         Ok(())
     }
 }
 
 /// `pim-bench sidecar`: run as the benchmark's sidecar.
 pub(crate) fn main() -> std::process::ExitCode {
+    let name: &'static str = Box::leak(
+        std::env::var("PIM_PLUGIN_NAME")
+            .unwrap_or_else(|_| "bench".into())
+            .into_boxed_str(),
+    );
+    let data: &'static str = Box::leak(format!("{name}.data").into_boxed_str());
+    let cmd: &'static str = Box::leak(format!("{name}.cmd").into_boxed_str());
     pim_sidecar::run(Bench {
+        name,
+        kinds: [data, cmd],
         stall: std::env::var_os("BENCH_STALL").is_some(),
+        log_each: std::env::var_os("BENCH_LOG_EACH").is_some(),
         ..Bench::default()
     })
 }
 
-/// `pim-bench floor-client <socket> <n>`: the raw stream floor's client:
-/// reads `n` events from a plain tonic Events stream, then acks once so the
-/// server sees the end.
-pub(crate) fn floor_client(socket: &str, n: u64) -> anyhow::Result<()> {
+/// `pim-bench floor-client <socket> <n> [latency]`: the raw stream floor's
+/// client: reads `n` events from a plain tonic Events stream, then acks once
+/// so the server sees the end. With `latency`, it also takes each event's
+/// one-way latency from the timestamp in its body and prints `lat <median
+/// ns> <p99 ns>` before the ack.
+pub(crate) fn floor_client(socket: &str, n: u64, latency: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -189,11 +213,26 @@ pub(crate) fn floor_client(socket: &str, n: u64) -> anyhow::Result<()> {
             .await?
             .into_inner();
         let mut seen = 0;
+        let mut samples = Vec::new();
         while seen < n {
             let Some(batch) = stream.message().await? else {
                 anyhow::bail!("the floor stream ended after {seen} of {n}");
             };
+            if latency {
+                let now = mono_ns();
+                for event in &batch.events {
+                    if let Some(pb::event::Event::Payload(p)) = &event.event {
+                        if let Some(sent) = p.body.get(..8) {
+                            let sent = u64::from_le_bytes(sent.try_into().expect("8 bytes"));
+                            samples.push(now.saturating_sub(sent));
+                        }
+                    }
+                }
+            }
             seen += batch.events.len() as u64;
+        }
+        if latency {
+            println!("lat {}", encode(&mut samples));
         }
         client
             .ack(pb::AckRequest {

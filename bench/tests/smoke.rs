@@ -45,8 +45,19 @@ fn the_benchmark_runs_end_to_end_in_smoke_mode() {
         "SendRouted round trip",
         "spawn -> registered",
         "peak RSS growth with a full queue",
+        "the sidecar logging each payload at INFO",
+        "raw tonic stream at 1,000/s (floor)",
+        "half a raw Unix-socket ping-pong",
+        "latency at light load, 1,000/s  median vs half ping-pong",
+        "daemon threads, 2 sidecars",
+        "daemon RSS per idle sidecar, 2",
+        "idle wake-ups/s per sidecar, 2",
+        "latency at 1,000/s beside 1 idle",
+        "2 busy together, 64 B",
+        "smallest share of 2 busy",
+        "RSS kept 0.3 s after a burst drained, 2",
     ] {
         assert!(stdout.contains(section), "no `{section}` in:\n{stdout}");
     }
-    assert!(stdout.contains("smoke run: 23 figures printed"), "{stdout}");
+    assert!(stdout.contains("smoke run: 42 figures printed"), "{stdout}");
 }

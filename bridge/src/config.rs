@@ -245,8 +245,9 @@ pub struct SidecarConfig {
     pub allowed_uids: Vec<u32>,
     /// Bounds on connections to the socket.
     pub connections: ConnectionLimits,
-    /// Serve the socket from a thread of its own with a single-threaded
-    /// runtime (the default), which answers a sidecar's calls without
+    /// Serve the socket from the daemon's socket-server threads (the
+    /// default): one per CPU (at most 4) shared by all plugins, each with a
+    /// single-threaded runtime, which answers a sidecar's calls without
     /// hand-overs between the daemon's runtime threads; `false` serves it
     /// on the daemon's runtime.
     pub server_thread: bool,

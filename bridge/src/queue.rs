@@ -70,6 +70,9 @@ pub(crate) struct EventQueue {
     instance: String,
     state: Mutex<State>,
     notify: Notify,
+    /// Woken when an event arrives at a queue with nothing pending (the
+    /// stuck check sleeps on it while the sidecar is all caught up).
+    pending: Notify,
     /// Mirrors `state.acked` for lock-free reads.
     acked: AtomicU64,
     /// Mirrors the newest seq for lock-free reads.
@@ -110,6 +113,7 @@ impl EventQueue {
                 last_progress: Instant::now(),
             }),
             notify: Notify::new(),
+            pending: Notify::new(),
             acked: AtomicU64::new(0),
             newest: AtomicU64::new(0),
         }
@@ -149,7 +153,8 @@ impl EventQueue {
                 dropped += 1;
             }
         }
-        if st.next_seq - 1 == st.acked {
+        let was_caught_up = st.next_seq - 1 == st.acked;
+        if was_caught_up {
             // Nothing was pending: the sidecar has not fallen behind yet.
             st.last_progress = Instant::now();
         }
@@ -162,6 +167,9 @@ impl EventQueue {
         self.newest.store(seq, Ordering::Release);
         drop(st);
         self.notify.notify_one();
+        if was_caught_up {
+            self.pending.notify_waiters();
+        }
         Pushed { seq, dropped }
     }
 
@@ -180,6 +188,25 @@ impl EventQueue {
         }
         trim_acked(&mut st, TRIM_PER_ACK);
         st.acked
+    }
+
+    /// Forgets every acked event, a few hundred per lock hold, and gives
+    /// back the room a burst left once the queue holds a quarter of it or
+    /// less. Called after an Ack, off the daemon's hot path: without it the
+    /// acked events of a burst (and their bodies) would stay until later
+    /// pushes trimmed them. Returns whether it gave room back.
+    pub(crate) fn forget_acked(&self) -> bool {
+        loop {
+            let mut st = self.lock();
+            if trim_acked(&mut st, TRIM_PER_ACK) < TRIM_PER_ACK {
+                let (len, capacity) = (st.events.len(), st.events.capacity());
+                if capacity > MIN_KEPT_CAPACITY && len < capacity / 4 {
+                    st.events.shrink_to((len * 2).max(MIN_KEPT_CAPACITY));
+                    return true;
+                }
+                return false;
+            }
+        }
     }
 
     /// The acked position.
@@ -281,6 +308,17 @@ impl EventQueue {
         self.lock().last_ack_at.elapsed()
     }
 
+    /// Resolves once an event is pending (at once if one is).
+    pub(crate) async fn until_pending(&self) {
+        let notified = self.pending.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a push in between still wakes it.
+        notified.as_mut().enable();
+        if self.stalled().is_none() {
+            notified.await;
+        }
+    }
+
     /// The oldest unacked seq and how long the sidecar has made no progress
     /// on it; `None` when nothing is pending.
     pub(crate) fn stalled(&self) -> Option<(u64, Duration)> {
@@ -311,6 +349,9 @@ const SPINS_BEFORE_PARKING: usize = 16;
 /// push adds one event), few enough to keep every lock hold short.
 const TRIM_PER_PUSH: usize = 4;
 const TRIM_PER_ACK: usize = 256;
+
+/// Room for events the queue keeps however empty it gets.
+const MIN_KEPT_CAPACITY: usize = 1024;
 
 /// Forgets up to `limit` acked events from the front; returns how many.
 fn trim_acked(st: &mut State, limit: usize) -> usize {
@@ -364,6 +405,28 @@ mod tests {
         assert_eq!(q.stats().depth, 2);
         assert_eq!(q.ack(99), 5, "an ack past the end is clamped");
         assert_eq!(q.stats().bytes, 0);
+    }
+
+    /// After a burst is acked, its events and their room are given back.
+    #[test]
+    fn a_drained_burst_gives_its_memory_back() {
+        let q = EventQueue::new(QueueLimits::default());
+        for i in 0..60_000u32 {
+            q.push(payload((i % 256) as u8, 64));
+        }
+        let burst_capacity = q.lock().events.capacity();
+        assert!(burst_capacity >= 60_000);
+        q.ack(60_000);
+        assert!(!q.lock().events.is_empty(), "an ack alone trims a little");
+        assert!(q.forget_acked(), "the room is given back");
+        assert!(!q.forget_acked(), "once");
+        let st = q.lock();
+        assert_eq!((st.events.len(), st.bytes), (0, 0));
+        assert!(
+            st.events.capacity() <= 2 * MIN_KEPT_CAPACITY,
+            "{} of {burst_capacity}",
+            st.events.capacity()
+        );
     }
 
     #[test]

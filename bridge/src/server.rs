@@ -2,6 +2,7 @@
 //! services, health, and reflection (v1 and v1alpha).
 
 use std::any::Any;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use pim_plugin_proto::limits::MAX_MESSAGE_BYTES;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::InterceptorLayer;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
+use tracing::Instrument;
 
 use crate::host::{allowed_uids, AuthCheck, Host, HostServices};
 
@@ -115,44 +117,73 @@ pub(crate) fn serve(
     if !host.config.server_thread {
         return Ok(tokio::spawn(serve(listener)));
     }
-    // A thread of its own with a single-threaded runtime: a sidecar's call
-    // is read, served and answered on one thread, with no hand-over between
-    // the daemon runtime's I/O driver and its workers. The listener moves to
-    // this runtime so its connections are driven here.
+    // On one of the daemon's socket-server threads: a sidecar's call is
+    // read, served and answered on one thread, with no hand-over between the
+    // daemon runtime's I/O driver and its workers. The listener moves to
+    // that thread's runtime so its connections are driven there.
     let listener = listener.into_std()?;
+    let runtime = server_runtime()?;
     let hard_stop = CancellationToken::new();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = hard_stop.clone();
-    let span = tracing::Span::current();
-    std::thread::Builder::new()
-        .name(format!("pim-sidecar-{plugin}"))
-        .spawn(move || {
-            let _span = span.entered();
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
+    let served = runtime.spawn(
+        async move {
+            let listener = match UnixListener::from_std(listener) {
+                Ok(l) => l,
                 Err(e) => {
-                    tracing::error!(plugin, error = %e, "building the socket server runtime failed");
+                    tracing::error!(plugin, error = %e, "moving the socket to its server thread failed");
                     return;
                 }
             };
-            runtime.block_on(async move {
-                let listener = match UnixListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(plugin, error = %e, "moving the socket to its runtime failed");
-                        return;
-                    }
-                };
-                tokio::select! {
-                    () = serve(listener) => {}
-                    () = stop.cancelled() => {}
-                }
-            });
-            let _ = done_tx.send(());
-        })?;
-    // Dropping (or aborting) this task ends the server thread at once.
+            tokio::select! {
+                () = serve(listener) => {}
+                () = stop.cancelled() => {}
+            }
+        }
+        .in_current_span(),
+    );
+    // Dropping (or aborting) this task ends the server at once.
     Ok(tokio::spawn(async move {
         let _stop_on_drop = hard_stop.drop_guard();
-        let _ = done_rx.await;
+        let _ = served.await;
     }))
+}
+
+/// The daemon's socket-server threads, shared by all its plugins, started
+/// at the first plugin: one per CPU, at most [`MAX_SERVER_THREADS`], each
+/// with a single-threaded runtime, so that the daemon's thread count does
+/// not grow with its plugins. Each call hands out the next one, round robin.
+/// A plugin's server is all asynchronous: a plugin whose sidecar stalls or
+/// floods its socket holds no thread, and the kernel and the runtime's
+/// fair scheduling share a thread's time between the plugins on it.
+fn server_runtime() -> std::io::Result<tokio::runtime::Handle> {
+    static THREADS: OnceLock<Result<Vec<tokio::runtime::Handle>, String>> = OnceLock::new();
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let threads = THREADS
+        .get_or_init(|| {
+            let n = std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(MAX_SERVER_THREADS);
+            (0..n).map(start_server_thread).collect()
+        })
+        .as_ref()
+        .map_err(|e| std::io::Error::other(format!("starting a socket-server thread: {e}")))?;
+    Ok(threads[NEXT.fetch_add(1, Ordering::Relaxed) % threads.len()].clone())
+}
+
+/// Most socket-server threads a daemon runs.
+const MAX_SERVER_THREADS: usize = 4;
+
+/// Starts socket-server thread `i`: a single-threaded runtime that runs
+/// for as long as the process does; returns its handle.
+fn start_server_thread(i: usize) -> Result<tokio::runtime::Handle, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name(format!("pim-sidecar-server-{i}"))
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .map_err(|e| e.to_string())?;
+    Ok(handle)
 }

@@ -450,25 +450,21 @@ impl Running {
 
 /// Resolves with the stuck seq once the queue has had events pending and
 /// no progress for the stuck timeout; never when the timeout is disabled.
+///
+/// It sleeps until the moment the oldest pending event would be stuck, and,
+/// while nothing is pending, until an event arrives: an idle plugin costs
+/// the daemon no timer wake-ups.
 async fn stuck(spec: &SpawnSpec) -> u64 {
     let Some(timeout) = spec.stuck_timeout else {
         return std::future::pending().await;
     };
-    let period = stuck_check_period(timeout);
     loop {
-        tokio::time::sleep(period).await;
-        if let Some((seq, idle)) = spec.queue.stalled() {
-            if idle >= timeout {
-                return seq;
-            }
+        match spec.queue.stalled() {
+            None => spec.queue.until_pending().await,
+            Some((seq, idle)) if idle >= timeout => return seq,
+            Some((_, idle)) => tokio::time::sleep(timeout - idle).await,
         }
     }
-}
-
-/// How often the stuck check looks: a twentieth of the timeout (at least
-/// 10 ms), so a stuck sidecar is found within 5% of `stuck_timeout`.
-fn stuck_check_period(timeout: Duration) -> Duration {
-    (timeout / 20).max(Duration::from_millis(10))
 }
 
 /// The kill order: wait for a voluntary exit, SIGTERM, wait, SIGKILL.
@@ -793,16 +789,35 @@ mod tests {
         next(&mut crashes, 100);
     }
 
-    #[test]
-    fn a_stuck_sidecar_is_found_within_a_twentieth_of_its_timeout() {
-        for secs in [1, 30, 300] {
-            let timeout = Duration::from_secs(secs);
-            assert!(stuck_check_period(timeout) * 20 <= timeout, "{timeout:?}");
-        }
-        assert_eq!(
-            stuck_check_period(Duration::from_millis(50)),
-            Duration::from_millis(10)
-        );
+    /// The stuck check waits while nothing is pending, and fires once the
+    /// timeout has passed without progress after an event arrived, not
+    /// before.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_stuck_check_waits_while_idle_and_fires_on_time() {
+        let timeout = Duration::from_millis(300);
+        let mut spec = spec();
+        spec.stuck_timeout = Some(timeout);
+        let spec = Arc::new(spec);
+        let check = tokio::spawn({
+            let spec = spec.clone();
+            async move { stuck(&spec).await }
+        });
+        // Idle for longer than the timeout: nothing pending, nothing found.
+        tokio::time::sleep(3 * timeout).await;
+        assert!(!check.is_finished());
+        let started = Instant::now();
+        let pushed = spec
+            .queue
+            .push(pim_plugin_proto::convert::PluginEvent::PeerForgotten {
+                node: pim_core::NodeId::from_bytes([1; 16]),
+            });
+        let seq = tokio::time::timeout(Duration::from_secs(10), check)
+            .await
+            .expect("the stuck check fires")
+            .unwrap();
+        assert_eq!(seq, pushed.seq);
+        let took = started.elapsed();
+        assert!(took >= timeout, "{took:?}");
     }
 
     /// A process that exits as the stop begins (say, on its Shutdown event)

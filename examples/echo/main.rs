@@ -2,7 +2,7 @@
 //!
 //! It claims `echo.ping` and `echo.pong`. A ping from a peer is answered
 //! with a pong routed back to it, greeting the peer by the friendly name the
-//! daemon's directory gives (`LookupName`); a pong is logged.
+//! daemon's directory gives (`LookupName`); a pong is logged at DEBUG (a line per payload only when `RUST_LOG` asks for it).
 //!
 //! With `ECHO_CONTROL` set to a path, it also serves a control socket there,
 //! one command per line, so a test can start a ping from this node:
@@ -131,16 +131,19 @@ impl Sidecar for Echo {
             "echo.ping" => {
                 let name = host.lookup_name(&src).await?;
                 let name = name.as_deref().unwrap_or("stranger");
-                tracing::info!("ping from {name} ({src}): {text}");
+                // A line per payload only when asked for (RUST_LOG=debug):
+                // at the default level a busy plugin would spend more time
+                // logging than echoing.
+                tracing::debug!("ping from {name} ({src}): {text}");
                 let pong = ControlFrame::PluginPayload {
                     kind: "echo.pong".into(),
                     body: format!("hello {name}, you said: {text}").into(),
                 };
                 let attempted = host.send_routed(src, pong).await?;
-                tracing::info!("pong to {name}: routed={attempted}");
+                tracing::debug!("pong to {name}: routed={attempted}");
             }
             _ => {
-                tracing::info!("pong from {src}: {text}");
+                tracing::debug!("pong from {src}: {text}");
                 let waiter = self
                     .awaited
                     .lock()
@@ -155,7 +158,7 @@ impl Sidecar for Echo {
     }
 
     async fn on_peer_forgotten(&self, peer: NodeId) {
-        tracing::info!("peer forgotten: {peer}");
+        tracing::debug!("peer forgotten: {peer}");
     }
 }
 
