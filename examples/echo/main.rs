@@ -158,7 +158,7 @@ impl Sidecar for Echo {
     }
 
     async fn on_peer_forgotten(&self, peer: NodeId) {
-        tracing::debug!("peer forgotten: {peer}");
+        tracing::info!("peer forgotten: {peer}");
     }
 }
 
