@@ -284,6 +284,8 @@ pub struct ChildProcess {
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     stdin: Option<tokio::process::ChildStdin>,
     notify: std::sync::Arc<tokio::sync::Notify>,
+    /// The tasks reading its stdout and stderr.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ChildProcess {
@@ -299,6 +301,7 @@ impl ChildProcess {
             .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        let mut readers = Vec::new();
         for (stream, tag) in [
             (
                 child
@@ -317,13 +320,13 @@ impl ChildProcess {
         ] {
             let Some(stream) = stream else { continue };
             let (lines, notify) = (lines.clone(), notify.clone());
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut reader = tokio::io::BufReader::new(stream).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
                     lines.lock().unwrap().push(format!("{tag}: {line}"));
                     notify.notify_waiters();
                 }
-            });
+            }));
         }
         Self {
             stdin: child.stdin.take(),
@@ -331,6 +334,7 @@ impl ChildProcess {
             name: name.to_owned(),
             lines,
             notify,
+            readers,
         }
     }
 
@@ -400,12 +404,17 @@ impl ChildProcess {
         let _ = self.child.kill().await;
     }
 
-    /// Waits (bounded) for it to exit.
+    /// Waits (bounded) for it to exit, and for its last output lines to be
+    /// read (bounded too: a child of its own may hold the pipes open).
     pub async fn wait(&mut self) -> std::process::ExitStatus {
-        tokio::time::timeout(WAIT, self.child.wait())
+        let status = tokio::time::timeout(WAIT, self.child.wait())
             .await
             .unwrap_or_else(|_| panic!("{} did not exit within {WAIT:?}", self.name))
-            .unwrap()
+            .unwrap();
+        for reader in self.readers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
+        status
     }
 }
 
