@@ -453,16 +453,23 @@ impl Running {
 ///
 /// It sleeps until the moment the oldest pending event would be stuck, and,
 /// while nothing is pending, until an event arrives: an idle plugin costs
-/// the daemon no timer wake-ups.
+/// the daemon no timer wake-ups. A process gets the whole timeout from its
+/// start, whatever its predecessor left pending.
 async fn stuck(spec: &SpawnSpec) -> u64 {
     let Some(timeout) = spec.stuck_timeout else {
         return std::future::pending().await;
     };
+    let started = Instant::now();
     loop {
         match spec.queue.stalled() {
             None => spec.queue.until_pending().await,
-            Some((seq, idle)) if idle >= timeout => return seq,
-            Some((_, idle)) => tokio::time::sleep(timeout - idle).await,
+            Some((seq, idle)) => {
+                let idle = idle.min(started.elapsed());
+                if idle >= timeout {
+                    return seq;
+                }
+                tokio::time::sleep(timeout - idle).await;
+            }
         }
     }
 }
@@ -818,6 +825,14 @@ mod tests {
         assert_eq!(seq, pushed.seq);
         let took = started.elapsed();
         assert!(took >= timeout, "{took:?}");
+        // The event is still pending and old: a check for a new process
+        // still gives that process the whole timeout.
+        let started = Instant::now();
+        let again = tokio::time::timeout(Duration::from_secs(10), stuck(&spec))
+            .await
+            .expect("the stuck check fires again");
+        assert_eq!(again, pushed.seq);
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
     }
 
     /// A process that exits as the stop begins (say, on its Shutdown event)
