@@ -96,6 +96,11 @@ pub(crate) async fn probe(n: usize, idle_secs: f64, payloads: u64) -> anyhow::Re
         // The daemon's defaults for what runs while idle.
         config.stuck_timeout = Some(Duration::from_secs(30));
         config.queue = Default::default();
+        // `PIM_BENCH_SERVER_THREAD=0`: serve on the daemon's runtime instead
+        // of the shared socket-server threads, to compare the two.
+        if std::env::var_os("PIM_BENCH_SERVER_THREAD").is_some_and(|v| v == "0") {
+            config.server_thread = false;
+        }
         hosts.push(start_host(config, dir.path()).await?);
     }
     // Let registration traffic and first acks settle.
