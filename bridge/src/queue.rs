@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,9 @@ pub(crate) struct EventQueue {
     /// Woken when an event arrives at a queue with nothing pending (the
     /// stuck check sleeps on it while the sidecar is all caught up).
     pending: Notify,
+    /// Whether a task waits on `pending`: a push notifies only then, so the
+    /// hot path takes no extra lock while the stuck check sleeps on a timer.
+    pending_waiter: AtomicBool,
     /// Mirrors `state.acked` for lock-free reads.
     acked: AtomicU64,
     /// Mirrors the newest seq for lock-free reads.
@@ -114,6 +117,7 @@ impl EventQueue {
             }),
             notify: Notify::new(),
             pending: Notify::new(),
+            pending_waiter: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             newest: AtomicU64::new(0),
         }
@@ -167,7 +171,9 @@ impl EventQueue {
         self.newest.store(seq, Ordering::Release);
         drop(st);
         self.notify.notify_one();
-        if was_caught_up {
+        // SeqCst, paired with `until_pending`: either this sees its flag, or
+        // its check under the lock sees this event.
+        if was_caught_up && self.pending_waiter.load(Ordering::SeqCst) {
             self.pending.notify_waiters();
         }
         Pushed { seq, dropped }
@@ -190,15 +196,15 @@ impl EventQueue {
         st.acked
     }
 
-    /// Forgets every acked event, a few hundred per lock hold, and gives
+    /// Forgets every acked event, [`TRIM_PER_HOLD`] per lock hold, and gives
     /// back the room a burst left once the queue holds a quarter of it or
-    /// less. Called after an Ack, off the daemon's hot path: without it the
-    /// acked events of a burst (and their bodies) would stay until later
-    /// pushes trimmed them. Returns whether it gave room back.
+    /// less. Called after an Ack that caught up, off the daemon's hot path:
+    /// without it the acked events of a burst (and their bodies) would stay
+    /// until later pushes trimmed them. Returns whether it gave room back.
     pub(crate) fn forget_acked(&self) -> bool {
         loop {
             let mut st = self.lock();
-            if trim_acked(&mut st, TRIM_PER_ACK) < TRIM_PER_ACK {
+            if trim_acked(&mut st, TRIM_PER_HOLD) < TRIM_PER_HOLD {
                 let (len, capacity) = (st.events.len(), st.events.capacity());
                 if capacity > MIN_KEPT_CAPACITY && len < capacity / 4 {
                     st.events.shrink_to((len * 2).max(MIN_KEPT_CAPACITY));
@@ -312,8 +318,12 @@ impl EventQueue {
     pub(crate) async fn until_pending(&self) {
         let notified = self.pending.notified();
         tokio::pin!(notified);
-        // Registered before the check, so a push in between still wakes it.
+        // Registered, and said so, before the check: a push in between
+        // still wakes it.
         notified.as_mut().enable();
+        self.pending_waiter.store(true, Ordering::SeqCst);
+        // Cleared however this ends, a drop included.
+        let _waiting = ClearOnDrop(&self.pending_waiter);
         if self.stalled().is_none() {
             notified.await;
         }
@@ -350,8 +360,20 @@ const SPINS_BEFORE_PARKING: usize = 16;
 const TRIM_PER_PUSH: usize = 4;
 const TRIM_PER_ACK: usize = 256;
 
+/// Acked events `forget_acked` forgets per lock hold.
+const TRIM_PER_HOLD: usize = 64;
+
 /// Room for events the queue keeps however empty it gets.
 const MIN_KEPT_CAPACITY: usize = 1024;
+
+/// Sets its flag to false when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
 
 /// Forgets up to `limit` acked events from the front; returns how many.
 fn trim_acked(st: &mut State, limit: usize) -> usize {

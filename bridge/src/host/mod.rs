@@ -89,6 +89,8 @@ pub(crate) struct Host {
     /// without its `event`, as a kind a newer host knows and the client
     /// does not.
     pub(crate) unknown_seq: std::sync::atomic::AtomicU64,
+    /// Whether a clean-up of the queue is scheduled (see `forget_later`).
+    pub(crate) forget_scheduled: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Host {
@@ -127,6 +129,7 @@ impl Host {
             sidecar_pid: Arc::default(),
             acks_held: std::sync::atomic::AtomicBool::new(false),
             unknown_seq: std::sync::atomic::AtomicU64::new(0),
+            forget_scheduled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

@@ -209,13 +209,40 @@ impl PluginSession for HostServices {
             }));
         }
         let acked_seq = self.0.queue.ack(req.seq);
-        if self.0.queue.forget_acked() {
-            // A burst has drained: the allocator gives the freed pages back
-            // (glibc keeps them otherwise; each plugin's bound is 64 MiB).
-            give_back_freed_memory();
+        if acked_seq == self.0.queue.last_seq() {
+            forget_later(&self.0);
         }
         Ok(Response::new(pb::AckResponse { acked_seq }))
     }
+}
+
+/// How long the sidecar must have stayed caught up before the queue is
+/// cleaned up.
+const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// After an Ack that caught up: in [`FORGET_AFTER`], if the sidecar is
+/// still caught up (a burst has drained, nothing new came), forgets every
+/// acked event and gives the queue's room and the allocator's free pages
+/// back. Not at once: while a producer keeps pushing, a long clean-up would
+/// hold the queue's lock against the daemon's `handle_payload` (its p99 grew
+/// tenfold); pushes and acks trim a few events each meanwhile.
+fn forget_later(host: &std::sync::Arc<super::Host>) {
+    if host
+        .forget_scheduled
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
+        return;
+    }
+    let host = host.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(FORGET_AFTER).await;
+        host.forget_scheduled
+            .store(false, std::sync::atomic::Ordering::Release);
+        if host.queue.acked() == host.queue.last_seq() && host.queue.forget_acked() {
+            // Glibc keeps freed pages otherwise; each plugin's bound is 64 MiB.
+            give_back_freed_memory();
+        }
+    });
 }
 
 /// Returns the C allocator's free pages to the kernel (glibc's
