@@ -126,27 +126,37 @@ pub(crate) async fn probe(n: usize, idle_secs: f64, payloads: u64) -> anyhow::Re
     let cpu = ((dt1 - dt0) + (st1 - st0)) as f64 / hz / idle_secs * 100.0;
 
     // Light load on the first plugin beside the idle others.
-    let host = &mut hosts[0];
-    host.command("lat-start").await?;
-    let src = NodeId::from_bytes([2; 16]);
-    let base = host.plugin.progress().0;
-    let mut interval = tokio::time::interval(Duration::from_millis(1));
     let ticks = (idle_secs.min(2.0) * 1000.0) as u64;
-    for _ in 0..ticks {
-        interval.tick().await;
-        let mut body = [0u8; 64];
-        body[..8].copy_from_slice(&mono_ns().to_le_bytes());
-        host.plugin
-            .handle_payload(src, &host.data, Bytes::copy_from_slice(&body))
-            .await;
-    }
-    host.wait_acked(base + ticks).await;
-    let reply = host.command("lat-report").await?;
-    let lat: Vec<u64> = reply
-        .split(' ')
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let lat = light_load(&mut hosts[0], ticks).await?;
+
+    // The same beside a sidecar that never returns from its handler while
+    // it is flooded (its queue fills and drops, bounded).
+    let mut stalled_config = sidecar_config(dir.path(), "-stalled", true);
+    stalled_config.name = "stalled".into();
+    stalled_config.payload_kinds = vec!["stalled.data".into(), "stalled.cmd".into()];
+    stalled_config.queue = Default::default();
+    stalled_config.shutdown_grace = Duration::from_millis(100);
+    stalled_config.term_grace = Duration::from_millis(100);
+    let stalled = start_host(stalled_config, dir.path()).await?;
+    let flood = {
+        let plugin = stalled.plugin.clone();
+        tokio::spawn(async move {
+            let src = NodeId::from_bytes([3; 16]);
+            let body = Bytes::from(vec![9u8; 1024]);
+            loop {
+                for _ in 0..100 {
+                    plugin
+                        .handle_payload(src, "stalled.data", body.clone())
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let lat_stalled = light_load(&mut hosts[0], ticks).await?;
+    flood.abort();
+    let dropped = stalled.plugin.stats().queue.dropped_overflow;
+    stalled.stop().await;
 
     // Busy: one alone, then up to 8 at once.
     let busy = n.min(8);
@@ -190,16 +200,47 @@ pub(crate) async fn probe(n: usize, idle_secs: f64, payloads: u64) -> anyhow::Re
         "many n={n} threads={threads} rss_empty={rss_empty} rss={rss} daemon_wakes={daemon_wakes:.2} \
          sidecar_wakes={sidecar_wakes:.2} cpu={cpu:.3} lat_median={} lat_p99={} busy={busy} \
          alone_rate={:.0} together_rate={:.0} smallest_share={smallest:.4} \
-         rss_before_burst={rss_before_burst} rss_peak={rss_peak} rss_after={rss_after}",
-        lat.first().copied().unwrap_or(0),
-        lat.get(1).copied().unwrap_or(0),
+         rss_before_burst={rss_before_burst} rss_peak={rss_peak} rss_after={rss_after} \
+         stalled_median={} stalled_p99={} stalled_dropped={dropped}",
+        lat.0,
+        lat.1,
         payloads as f64 / alone.as_secs_f64(),
         (busy as u64 * payloads) as f64 / together.as_secs_f64(),
+        lat_stalled.0,
+        lat_stalled.1,
     );
     for host in hosts {
         host.stop().await;
     }
     Ok(())
+}
+
+/// 64 B payloads to `host` at 1,000/s for `ticks` ms; the sidecar's
+/// delivery latency, `(median, p99)` ns.
+async fn light_load(host: &mut super::Host, ticks: u64) -> anyhow::Result<(u64, u64)> {
+    host.command("lat-start").await?;
+    let src = NodeId::from_bytes([2; 16]);
+    let base = host.plugin.progress().0;
+    let mut interval = tokio::time::interval(Duration::from_millis(1));
+    for _ in 0..ticks {
+        interval.tick().await;
+        let mut body = [0u8; 64];
+        body[..8].copy_from_slice(&mono_ns().to_le_bytes());
+        host.plugin
+            .handle_payload(src, &host.data, Bytes::copy_from_slice(&body))
+            .await;
+    }
+    host.wait_acked(base + ticks).await;
+    let reply = host.command("lat-report").await?;
+    let f: Vec<u64> = reply
+        .split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    Ok((
+        f.first().copied().unwrap_or(0),
+        f.get(1).copied().unwrap_or(0),
+    ))
 }
 
 /// The probe's figures for one count.
@@ -321,6 +362,18 @@ pub(crate) async fn many(report: &mut Report, smoke: bool) -> anyhow::Result<()>
             format!("{} / {}", ns(median as u64), ns(f.get("lat_p99") as u64)),
             format!("alone {}", ns(base.get("lat_median") as u64)),
             format!("{:.2}x", median / base.get("lat_median").max(1.0)),
+            None,
+        );
+        let stalled = f.get("stalled_median");
+        report.row(
+            &format!("  latency at 1,000/s beside a stalled, flooded one, {n}"),
+            format!(
+                "{} / {}",
+                ns(stalled as u64),
+                ns(f.get("stalled_p99") as u64)
+            ),
+            format!("beside idle {}", ns(median as u64)),
+            format!("{:.2}x", stalled / median.max(1.0)),
             None,
         );
         if n > 1 {

@@ -56,8 +56,9 @@ fn the_benchmark_runs_end_to_end_in_smoke_mode() {
         "2 busy together, 64 B",
         "smallest share of 2 busy",
         "RSS kept 0.3 s after a burst drained, 2",
+        "latency at 1,000/s beside a stalled, flooded one, 2",
     ] {
         assert!(stdout.contains(section), "no `{section}` in:\n{stdout}");
     }
-    assert!(stdout.contains("smoke run: 42 figures printed"), "{stdout}");
+    assert!(stdout.contains("smoke run: 44 figures printed"), "{stdout}");
 }
