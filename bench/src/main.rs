@@ -5,7 +5,7 @@
 //! cargo run --release -p pim-sidecar-bench            # the full run (about a minute)
 //! cargo run --release -p pim-sidecar-bench -- --smoke # tiny counts, no targets
 //! cargo run --release -p pim-sidecar-bench -- --only throughput   # one phase:
-//!     # cost, throughput, latency, rtt, spawn, memory or many
+//!     # cost, throughput, latency, sustainable, rtt, spawn, memory or many
 //! ```
 //!
 //! The same executable is also the benchmark's sidecar (`pim-bench
@@ -626,6 +626,226 @@ async fn half_ping_pong(host: &mut Host, dir: &Path, n: usize) -> anyhow::Result
     Ok(f[6] / 2)
 }
 
+/// How a run at a fixed rate went: its p99 latency, or that the backlog
+/// outgrew what a 1 ms p99 allows (the run was cut short).
+enum AtRate {
+    P99(u64),
+    Behind,
+}
+
+/// Pushes `size` B payloads to our sidecar at `rate`/s for `secs`; the p99
+/// of their delivery latency. A backlog of unacked payloads of more than
+/// 10 ms' worth (at least 1,000; acks lag delivery by up to the SDK's 2 ms
+/// ack interval) ends the run early: that rate is not sustainable.
+async fn ours_at(host: &mut Host, size: usize, rate: f64, secs: f64) -> anyhow::Result<AtRate> {
+    host.command("lat-start").await?;
+    let per_ms = (rate / 1000.0).max(1.0) as u64;
+    let ticks = (secs * 1000.0) as u64;
+    let base = host.plugin.progress().0;
+    let src = NodeId::from_bytes([2; 16]);
+    let mut raw = vec![7u8; size.max(8)];
+    let mut interval = tokio::time::interval(Duration::from_millis(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = 0;
+    let mut behind = false;
+    for _ in 0..ticks {
+        interval.tick().await;
+        for _ in 0..per_ms {
+            raw[..8].copy_from_slice(&mono_ns().to_le_bytes());
+            host.plugin
+                .handle_payload(src, &host.data, Bytes::copy_from_slice(&raw))
+                .await;
+            sent += 1;
+        }
+        let (newest, acked) = host.plugin.progress();
+        if newest - acked > (10 * per_ms).max(1000) {
+            behind = true;
+            break;
+        }
+    }
+    host.wait_acked(base + sent).await;
+    let reply = host.command("lat-report").await?;
+    let f: Vec<u64> = reply
+        .split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    Ok(if behind {
+        AtRate::Behind
+    } else {
+        AtRate::P99(f.get(1).copied().unwrap_or(u64::MAX))
+    })
+}
+
+/// The raw tonic stream at `rate`/s for `secs`, `size` B payloads, one per
+/// message; the p99 of their latency.
+async fn raw_at(
+    dir: &Path,
+    size: usize,
+    rate: f64,
+    secs: f64,
+    run: usize,
+) -> anyhow::Result<AtRate> {
+    let per_ms = (rate / 1000.0).max(1.0) as u64;
+    let ticks = (secs * 1000.0) as u64;
+    let n = per_ms * ticks;
+    let sock = dir.join(format!("floor-rate-{run}.sock"));
+    let floor = floor::serve(&sock)?;
+    let client = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("floor-client")
+        .arg(&sock)
+        .arg(n.to_string())
+        .arg("latency")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::timeout(Duration::from_secs(30), floor.opened).await??;
+    let mut raw = vec![7u8; size.max(8)];
+    let mut interval = tokio::time::interval(Duration::from_millis(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut seq = 0;
+    for _ in 0..ticks {
+        interval.tick().await;
+        for _ in 0..per_ms {
+            seq += 1;
+            raw[..8].copy_from_slice(&mono_ns().to_le_bytes());
+            let msg = pb::EventsResponse {
+                events: vec![event(seq, &Bytes::copy_from_slice(&raw))],
+            };
+            if floor.feed.send(Ok(msg)).await.is_err() {
+                anyhow::bail!("the floor client went away");
+            }
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(120), floor.acked).await??;
+    let out = client.wait_with_output().await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let p99 = text
+        .lines()
+        .find(|l| l.starts_with("lat "))
+        .and_then(|l| l.split(' ').nth(2))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("the floor client printed no figures: {text}"))?;
+    Ok(AtRate::P99(p99))
+}
+
+/// The search for the highest rate with p99 ≤ 1 ms: first 1,000/s, then
+/// bisection on a log scale between the highest rate that held and the
+/// lowest that did not, `steps` times.
+struct RateSearch {
+    lo: f64,
+    hi: f64,
+    steps: usize,
+    /// `None` until 1,000/s was tried; `Some(false)` if even that failed.
+    floor_held: Option<bool>,
+    /// The p99 at 1,000/s (`None`: the run fell behind).
+    first_p99: Option<u64>,
+}
+
+impl RateSearch {
+    fn new(max: f64, steps: usize) -> Self {
+        Self {
+            lo: 1000.0,
+            hi: max.max(2000.0),
+            steps,
+            floor_held: None,
+            first_p99: None,
+        }
+    }
+
+    /// The next rate to try, `None` when done.
+    fn next(&self) -> Option<f64> {
+        match self.floor_held {
+            None => Some(self.lo),
+            Some(true) if self.steps > 0 => Some((self.lo * self.hi).sqrt()),
+            _ => None,
+        }
+    }
+
+    /// Records how the run at `rate` went.
+    fn record(&mut self, rate: f64, result: &AtRate) {
+        let held = matches!(result, AtRate::P99(p) if *p <= 1_000_000);
+        if self.floor_held.is_none() {
+            self.floor_held = Some(held);
+            if let AtRate::P99(p) = result {
+                self.first_p99 = Some(*p);
+            }
+            return;
+        }
+        self.steps -= 1;
+        if held {
+            self.lo = rate;
+        } else {
+            self.hi = rate;
+        }
+    }
+
+    /// The highest rate that held (0 if even 1,000/s did not).
+    fn result(&self) -> f64 {
+        if self.floor_held == Some(true) {
+            self.lo
+        } else {
+            0.0
+        }
+    }
+
+    /// The result for the report: the rate, or, when even 1,000/s did not
+    /// hold, the p99 it had.
+    fn shown(&self) -> String {
+        match (self.result(), self.first_p99) {
+            (r, _) if r > 0.0 => format!("{:.0} k/s", r / 1e3),
+            (_, Some(p)) => format!("none (p99 {} at 1k/s)", ns(p)),
+            (_, None) => "none (behind at 1k/s)".into(),
+        }
+    }
+}
+
+/// The sustainable rate: the highest at which p99 delivery latency stays
+/// within 1 ms over a run, ours and the raw stream's, 64 B and 1 KiB.
+async fn sustainable(
+    report: &mut Report,
+    smoke: bool,
+    dir: &Path,
+    max_rate: f64,
+) -> anyhow::Result<()> {
+    let (secs, steps) = if smoke { (0.2, 1) } else { (5.0, 6) };
+    println!("\n# sustainable rate: the highest with p99 delivery latency <= 1 ms over {secs} s (search: {steps} steps between 1,000/s and the 64 B burst maximum)");
+    let mut host = start_host(sidecar_config(dir, "-rate", false), dir).await?;
+    for size in [64usize, 1024] {
+        let mut raw = RateSearch::new(max_rate, steps);
+        let mut run = 0;
+        while let Some(rate) = raw.next() {
+            run += 1;
+            let result = raw_at(dir, size, rate, secs, size * 100 + run).await?;
+            raw.record(rate, &result);
+        }
+        let mut ours = RateSearch::new(max_rate, steps);
+        while let Some(rate) = ours.next() {
+            let result = ours_at(&mut host, size, rate, secs).await?;
+            ours.record(rate, &result);
+        }
+        let (ours_rate, raw_rate) = (ours.result(), raw.result());
+        report.row(
+            &format!("sustainable rate, {size} B"),
+            ours.shown(),
+            format!("raw {}", raw.shown()),
+            if raw_rate > 0.0 {
+                format!("{:.2}x", ours_rate / raw_rate)
+            } else {
+                String::new()
+            },
+            // No target when the floor itself holds no rate on this machine.
+            if raw_rate > 0.0 {
+                Target::at_least(ours_rate, raw_rate, ">= 1.0x raw stream")
+            } else {
+                None
+            },
+        );
+    }
+    host.stop().await;
+    Ok(())
+}
+
 async fn latency(
     report: &mut Report,
     scale: Scale,
@@ -1042,6 +1262,12 @@ async fn bench(smoke: bool) -> anyhow::Result<Report> {
     }
     if run("latency") {
         latency(&mut report, scale, dir.path(), max_rate).await?;
+    }
+    if run("sustainable") {
+        if !(run("throughput") || run("latency")) {
+            max_rate = throughput(&mut report, scale, dir.path()).await?;
+        }
+        sustainable(&mut report, smoke, dir.path(), max_rate).await?;
     }
     if run("rtt") {
         round_trips(&mut report, scale, dir.path()).await?;

@@ -57,8 +57,10 @@ fn the_benchmark_runs_end_to_end_in_smoke_mode() {
         "smallest share of 2 busy",
         "RSS kept 0.3 s after a burst drained, 2",
         "latency at 1,000/s beside a stalled, flooded one, 2",
+        "sustainable rate, 64 B",
+        "sustainable rate, 1024 B",
     ] {
         assert!(stdout.contains(section), "no `{section}` in:\n{stdout}");
     }
-    assert!(stdout.contains("smoke run: 44 figures printed"), "{stdout}");
+    assert!(stdout.contains("smoke run: 46 figures printed"), "{stdout}");
 }
