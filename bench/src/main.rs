@@ -563,42 +563,10 @@ async fn logging_cost(report: &mut Report, dir: &Path, n: u64, quiet: f64) -> an
 /// stream fed from an mpsc, one 64 B payload per message at 1,000/s, to a
 /// client process that takes each one's latency; `(median, p99)` ns.
 async fn raw_stream_latency(dir: &Path, ticks: u64) -> anyhow::Result<(u64, u64)> {
-    let sock = dir.join("floor-lat.sock");
-    let floor = floor::serve(&sock)?;
-    let client = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("floor-client")
-        .arg(&sock)
-        .arg(ticks.to_string())
-        .arg("latency")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    tokio::time::timeout(Duration::from_secs(30), floor.opened).await??;
-    let mut interval = tokio::time::interval(Duration::from_millis(1));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    for seq in 1..=ticks {
-        interval.tick().await;
-        let mut body = [0u8; 64];
-        body[..8].copy_from_slice(&mono_ns().to_le_bytes());
-        let msg = pb::EventsResponse {
-            events: vec![event(seq, &Bytes::copy_from_slice(&body))],
-        };
-        if floor.feed.send(Ok(msg)).await.is_err() {
-            anyhow::bail!("the floor client went away");
-        }
+    match raw_at(dir, 64, 1000.0, ticks as f64 / 1000.0, 0).await? {
+        AtRate::Latency { median, p99 } => Ok((median, p99)),
+        AtRate::Behind => anyhow::bail!("the raw stream fell behind at 1,000/s"),
     }
-    tokio::time::timeout(Duration::from_secs(60), floor.acked).await??;
-    let out = client.wait_with_output().await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let f: Vec<u64> = text
-        .lines()
-        .find(|l| l.starts_with("lat "))
-        .ok_or_else(|| anyhow::anyhow!("the latency floor client printed no figures: {text}"))?
-        .split(' ')
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    Ok((f[0], f[1]))
 }
 
 /// Half of a raw 64 B Unix-socket ping-pong between two processes (the bench
@@ -626,15 +594,15 @@ async fn half_ping_pong(host: &mut Host, dir: &Path, n: usize) -> anyhow::Result
     Ok(f[6] / 2)
 }
 
-/// How a run at a fixed rate went: its p99 latency, or that the backlog
-/// outgrew what a 1 ms p99 allows (the run was cut short).
+/// How a run at a fixed rate went: its delivery latency (ns), or that the
+/// backlog outgrew what a 1 ms p99 allows (the run was cut short).
 enum AtRate {
-    P99(u64),
+    Latency { median: u64, p99: u64 },
     Behind,
 }
 
-/// Pushes `size` B payloads to our sidecar at `rate`/s for `secs`; the p99
-/// of their delivery latency. A backlog of unacked payloads of more than
+/// Pushes `size` B payloads to our sidecar at `rate`/s for `secs`; their
+/// delivery latency. A backlog of unacked payloads of more than
 /// 10 ms' worth (at least 1,000; acks lag delivery by up to the SDK's 2 ms
 /// ack interval) ends the run early: that rate is not sustainable.
 async fn ours_at(host: &mut Host, size: usize, rate: f64, secs: f64) -> anyhow::Result<AtRate> {
@@ -670,15 +638,18 @@ async fn ours_at(host: &mut Host, size: usize, rate: f64, secs: f64) -> anyhow::
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    Ok(if behind {
+    Ok(if behind || f.len() < 2 {
         AtRate::Behind
     } else {
-        AtRate::P99(f.get(1).copied().unwrap_or(u64::MAX))
+        AtRate::Latency {
+            median: f[0],
+            p99: f[1],
+        }
     })
 }
 
 /// The raw tonic stream at `rate`/s for `secs`, `size` B payloads, one per
-/// message; the p99 of their latency.
+/// message; their latency.
 async fn raw_at(
     dir: &Path,
     size: usize,
@@ -720,13 +691,19 @@ async fn raw_at(
     tokio::time::timeout(Duration::from_secs(120), floor.acked).await??;
     let out = client.wait_with_output().await?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let p99 = text
+    let f: Vec<u64> = text
         .lines()
         .find(|l| l.starts_with("lat "))
-        .and_then(|l| l.split(' ').nth(2))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("the floor client printed no figures: {text}"))?;
-    Ok(AtRate::P99(p99))
+        .ok_or_else(|| anyhow::anyhow!("the floor client printed no figures: {text}"))?
+        .split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    anyhow::ensure!(f.len() >= 2, "the floor client printed no figures: {text}");
+    Ok(AtRate::Latency {
+        median: f[0],
+        p99: f[1],
+    })
 }
 
 /// The search for the highest rate with p99 ≤ 1 ms: first 1,000/s, then
@@ -764,11 +741,11 @@ impl RateSearch {
 
     /// Records how the run at `rate` went.
     fn record(&mut self, rate: f64, result: &AtRate) {
-        let held = matches!(result, AtRate::P99(p) if *p <= 1_000_000);
+        let held = matches!(result, AtRate::Latency { p99, .. } if *p99 <= 1_000_000);
         if self.floor_held.is_none() {
             self.floor_held = Some(held);
-            if let AtRate::P99(p) = result {
-                self.first_p99 = Some(*p);
+            if let AtRate::Latency { p99, .. } = result {
+                self.first_p99 = Some(*p99);
             }
             return;
         }

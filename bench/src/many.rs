@@ -17,7 +17,6 @@ use pim_plugin::DaemonPlugin;
 use pim_plugin_bridge::SidecarPlugin;
 
 use super::{ns, sidecar_config, start_host, status_kib, Report, Target};
-use crate::stats::mono_ns;
 
 /// Context switches (the wake-ups of a sleeping thread, and preemptions)
 /// of every thread of `pid`, and its CPU time in clock ticks.
@@ -218,29 +217,10 @@ pub(crate) async fn probe(n: usize, idle_secs: f64, payloads: u64) -> anyhow::Re
 /// 64 B payloads to `host` at 1,000/s for `ticks` ms; the sidecar's
 /// delivery latency, `(median, p99)` ns.
 async fn light_load(host: &mut super::Host, ticks: u64) -> anyhow::Result<(u64, u64)> {
-    host.command("lat-start").await?;
-    let src = NodeId::from_bytes([2; 16]);
-    let base = host.plugin.progress().0;
-    let mut interval = tokio::time::interval(Duration::from_millis(1));
-    for _ in 0..ticks {
-        interval.tick().await;
-        let mut body = [0u8; 64];
-        body[..8].copy_from_slice(&mono_ns().to_le_bytes());
-        host.plugin
-            .handle_payload(src, &host.data, Bytes::copy_from_slice(&body))
-            .await;
+    match super::ours_at(host, 64, 1000.0, ticks as f64 / 1000.0).await? {
+        super::AtRate::Latency { median, p99 } => Ok((median, p99)),
+        super::AtRate::Behind => anyhow::bail!("the sidecar fell behind at 1,000/s"),
     }
-    host.wait_acked(base + ticks).await;
-    let reply = host.command("lat-report").await?;
-    let f: Vec<u64> = reply
-        .split(' ')
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    Ok((
-        f.first().copied().unwrap_or(0),
-        f.get(1).copied().unwrap_or(0),
-    ))
 }
 
 /// The probe's figures for one count.
