@@ -11,39 +11,27 @@ use std::path::PathBuf;
 use pim_plugin_bridge::testkit::{FakeHost, PortCall};
 use pim_plugin_bridge::{CommandSpec, SidecarConfig};
 use pim_protocol::ControlFrame;
+use pim_sidecar_examples::python_dir;
 use support::*;
-
-fn python_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python"))
-}
 
 /// The Python with grpcio and grpcio-tools (`PIM_PYTHON`, else the
 /// workspace's .venv), with the stubs generated; `None` (skip) outside CI
 /// when it is missing.
 async fn python() -> Option<PathBuf> {
-    let python = std::env::var_os("PIM_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python3"))
-        });
-    let script = format!(
-        "import sys; sys.path.insert(0, {:?}); import pim_sidecar",
-        python_dir().display().to_string()
-    );
-    let ready = python.is_file() && run_tool(&python, &["-c".into(), script]).await.0;
-    if !ready {
-        let why = format!(
-            "{} with grpcio and grpcio-tools not found (run tests/run.sh, or set PIM_PYTHON)",
-            python.display()
-        );
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true and {why}"
-        );
-        eprintln!("SKIPPED: {why}");
-        return None;
+    match tokio::task::spawn_blocking(pim_sidecar_examples::python)
+        .await
+        .expect("looking for python")
+    {
+        Ok(python) => Some(python),
+        Err(why) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and {why}"
+            );
+            eprintln!("SKIPPED: {why}");
+            None
+        }
     }
-    Some(python)
 }
 
 enum Echo {
@@ -86,24 +74,9 @@ fn node_read_paths() -> Vec<PathBuf> {
     ]
 }
 
-/// What the sandbox must let a Python sidecar read besides the system:
-/// the script's directory, the virtual environment and the installation it
-/// was made from.
+/// What the sandbox must let a Python sidecar read besides the system.
 fn python_read_paths(python: &std::path::Path) -> Vec<PathBuf> {
-    let out = std::process::Command::new(python)
-        .args([
-            "-c",
-            "import sys; print(sys.prefix); print(sys.base_prefix)",
-        ])
-        .output()
-        .expect("running python");
-    let mut paths = vec![python_dir()];
-    paths.extend(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| std::fs::canonicalize(l.trim()).expect("python prefix")),
-    );
-    paths
+    pim_sidecar_examples::python_read_paths(python, &[]).expect("python's prefixes")
 }
 
 fn echo_config(dir: &std::path::Path, echo: &Echo) -> SidecarConfig {
@@ -487,4 +460,22 @@ async fn the_node_echo_passes_the_conformance_kit() {
     let Some(node) = node_js() else { return };
     let script = node_dir().join("echo_sidecar.js");
     passes_the_kit("Node.js", node_read_paths(), &[node, script]).await;
+}
+
+#[tokio::test]
+async fn the_python_modules_own_unit_tests_pass() {
+    let Some(python) = python().await else { return };
+    let dir = python_dir();
+    let args = ["-m", "unittest", "discover", "-v", "-s"]
+        .map(String::from)
+        .into_iter()
+        .chain([dir.display().to_string(), "-p".into(), "test_*.py".into()])
+        .collect::<Vec<_>>();
+    let (ok, stdout, stderr) = run_tool(&python, &args).await;
+    assert!(ok, "python -m unittest failed:\n{stdout}\n{stderr}");
+    // unittest reports on stderr; an empty discovery also "passes".
+    assert!(
+        stderr.contains("Ran 7 tests") && stderr.contains("\nOK"),
+        "{stderr}"
+    );
 }

@@ -5,15 +5,17 @@
 //! cargo run --release -p pim-sidecar-bench            # the full run (about a minute)
 //! cargo run --release -p pim-sidecar-bench -- --smoke # tiny counts, no targets
 //! cargo run --release -p pim-sidecar-bench -- --only throughput   # one phase:
-//!     # cost, throughput, latency, sustainable, rtt, spawn, memory or many
+//!     # cost, throughput, latency, sustainable, rtt, e2e, python, spawn, memory or many
 //! ```
 //!
 //! The same executable is also the benchmark's sidecar (`pim-bench
 //! sidecar`), the raw stream floor's client (`pim-bench floor-client`) and
 //! the memory probe (`pim-bench memory`), each a separate process.
 
+mod e2e;
 mod floor;
 mod many;
+mod python;
 mod sidecar;
 mod stats;
 
@@ -68,9 +70,12 @@ const SMOKE: Scale = Scale {
 };
 
 /// Ports whose calls cost next to nothing, so the figures are the plugin
-/// system's own. `bench.result` payloads come back on a channel.
+/// system's own. `bench.result` payloads come back on a channel; so does
+/// the latency of each `<name>.pong` sent routed (from the timestamp in the
+/// first 8 bytes of its body to its arrival here).
 struct BenchPorts {
     results: mpsc::UnboundedSender<String>,
+    pongs: mpsc::UnboundedSender<u64>,
     events: broadcast::Sender<PeerDirectoryEvent>,
 }
 
@@ -101,7 +106,13 @@ impl ControlSender for BenchPorts {
         }
     }
 
-    async fn send_routed(&self, _: NodeId, _: ControlFrame) -> bool {
+    async fn send_routed(&self, _: NodeId, frame: ControlFrame) -> bool {
+        if let ControlFrame::PluginPayload { kind, body } = frame {
+            if let (true, Some(sent)) = (kind.ends_with(".pong"), body.get(..8)) {
+                let sent = u64::from_le_bytes(sent.try_into().expect("8 bytes"));
+                let _ = self.pongs.send(mono_ns().saturating_sub(sent));
+            }
+        }
         true
     }
 }
@@ -143,10 +154,12 @@ impl DaemonPlugin for InProcess {
 
 struct Host {
     plugin: Arc<SidecarPlugin>,
-    /// `<name>.data` and `<name>.cmd`.
+    /// `<name>.data`, `<name>.cmd` and `<name>.ping`.
     data: String,
     cmd: String,
+    ping: String,
     results: mpsc::UnboundedReceiver<String>,
+    pongs: mpsc::UnboundedReceiver<u64>,
     cancel: CancellationToken,
 }
 
@@ -158,11 +171,16 @@ fn sidecar_config(dir: &Path, name_suffix: &str, stall: bool) -> SidecarConfig {
     }
     let mut config = SidecarConfig::spawn(
         "bench",
-        ["bench.data", "bench.cmd"],
+        ["bench.data", "bench.cmd", "bench.ping"],
         dir.join(format!("sock{name_suffix}")),
         command,
     );
     config.stuck_timeout = None;
+    // `PIM_BENCH_SERVER_THREAD=0`: serve on the daemon's runtime instead of
+    // the shared socket-server threads, to compare the two.
+    if std::env::var_os("PIM_BENCH_SERVER_THREAD").is_some_and(|v| v == "0") {
+        config.server_thread = false;
+    }
     config.queue.max_events = 4 << 20;
     config.queue.max_bytes = 2 << 30;
     config
@@ -170,14 +188,17 @@ fn sidecar_config(dir: &Path, name_suffix: &str, stall: bool) -> SidecarConfig {
 
 async fn start_host(config: SidecarConfig, data_dir: &Path) -> anyhow::Result<Host> {
     let (results_tx, results) = mpsc::unbounded_channel();
+    let (pongs_tx, pongs) = mpsc::unbounded_channel();
     let ports = Arc::new(BenchPorts {
         results: results_tx,
+        pongs: pongs_tx,
         events: broadcast::channel(16).0,
     });
     let cancel = CancellationToken::new();
-    let (data, cmd) = (
+    let (data, cmd, ping) = (
         format!("{}.data", config.name),
         format!("{}.cmd", config.name),
+        format!("{}.ping", config.name),
     );
     let plugin = Arc::new(SidecarPlugin::new(config)?);
     plugin
@@ -194,7 +215,9 @@ async fn start_host(config: SidecarConfig, data_dir: &Path) -> anyhow::Result<Ho
         plugin,
         data,
         cmd,
+        ping,
         results,
+        pongs,
         cancel,
     })
 }
@@ -440,22 +463,36 @@ fn event(seq: u64, body: &Bytes) -> pb::Event {
 /// Payloads per second through a plain tonic stream fed from an mpsc, one
 /// payload per message, to a client process.
 async fn raw_stream_floor(dir: &Path, size: usize, n: u64, run: usize) -> anyhow::Result<f64> {
+    let mut client = tokio::process::Command::new(std::env::current_exe()?);
+    client.arg("floor-client");
+    raw_stream_floor_with(client, 1, dir, size, n, run).await
+}
+
+/// [`raw_stream_floor`] with another client, which gets the socket and the
+/// count as its last two arguments, and `batch` payloads per message.
+async fn raw_stream_floor_with(
+    mut client: tokio::process::Command,
+    batch: u64,
+    dir: &Path,
+    size: usize,
+    n: u64,
+    run: usize,
+) -> anyhow::Result<f64> {
     let sock = dir.join(format!("floor-{size}-{run}.sock"));
     let floor = floor::serve(&sock)?;
-    let exe = std::env::current_exe()?;
-    let mut client = tokio::process::Command::new(exe)
-        .arg("floor-client")
+    let mut client = client
         .arg(&sock)
         .arg(n.to_string())
-        .arg("count")
         .kill_on_drop(true)
         .spawn()?;
     tokio::time::timeout(Duration::from_secs(30), floor.opened).await??;
     let body = Bytes::from(vec![7u8; size]);
     let started = Instant::now();
-    for seq in 1..=n {
+    for first in (1..=n).step_by(batch.max(1) as usize) {
         let msg = pb::EventsResponse {
-            events: vec![event(seq, &body)],
+            events: (first..=n.min(first + batch.max(1) - 1))
+                .map(|seq| event(seq, &body))
+                .collect(),
         };
         if floor.feed.send(Ok(msg)).await.is_err() {
             anyhow::bail!("the floor client went away");
@@ -563,10 +600,10 @@ async fn logging_cost(report: &mut Report, dir: &Path, n: u64, quiet: f64) -> an
 /// stream fed from an mpsc, one 64 B payload per message at 1,000/s, to a
 /// client process that takes each one's latency; `(median, p99)` ns.
 async fn raw_stream_latency(dir: &Path, ticks: u64) -> anyhow::Result<(u64, u64)> {
-    match raw_at(dir, 64, 1000.0, ticks as f64 / 1000.0, 0).await? {
-        AtRate::Latency { median, p99 } => Ok((median, p99)),
-        AtRate::Behind => anyhow::bail!("the raw stream fell behind at 1,000/s"),
-    }
+    raw_at(dir, 64, 1000.0, ticks as f64 / 1000.0, 0)
+        .await?
+        .latency
+        .ok_or_else(|| anyhow::anyhow!("the raw stream fell behind at 1,000/s"))
 }
 
 /// Half of a raw 64 B Unix-socket ping-pong between two processes (the bench
@@ -594,19 +631,62 @@ async fn half_ping_pong(host: &mut Host, dir: &Path, n: usize) -> anyhow::Result
     Ok(f[6] / 2)
 }
 
-/// How a run at a fixed rate went: its delivery latency (ns), or that the
-/// backlog outgrew what a 1 ms p99 allows (the run was cut short).
-enum AtRate {
-    Latency { median: u64, p99: u64 },
-    Behind,
+/// How a run at a fixed rate went.
+struct AtRate {
+    /// Delivery latency (median, p99) in ns; `None` when the backlog grew
+    /// past what a 1 ms p99 allows and the run was cut short.
+    latency: Option<(u64, u64)>,
+    /// CPU time of both processes (the daemon or floor server, and the
+    /// sidecar or floor client) per payload, ns.
+    cpu_ns: f64,
+    /// Context switches of both processes' threads per payload.
+    switches: f64,
+}
+
+impl AtRate {
+    /// Measures the CPU time and context switches of `pids` from now.
+    fn meter(pids: Vec<u32>) -> impl FnOnce(u64, Option<(u64, u64)>) -> AtRate {
+        let (switches0, ticks0) = crate::stats::sum(&pids);
+        move |payloads, latency| {
+            let (switches1, ticks1) = crate::stats::sum(&pids);
+            let n = payloads.max(1) as f64;
+            AtRate {
+                latency,
+                cpu_ns: ticks1.saturating_sub(ticks0) as f64 * 1e9
+                    / crate::stats::clock_ticks_per_second()
+                    / n,
+                switches: switches1.saturating_sub(switches0) as f64 / n,
+            }
+        }
+    }
+
+    /// For the search's log lines.
+    fn shown(&self) -> String {
+        let cost = format!(
+            "; {:.1} µs CPU and {:.2} context switches per payload",
+            self.cpu_ns / 1e3,
+            self.switches
+        );
+        match self.latency {
+            Some((median, p99)) => format!("median {}, p99 {}{cost}", ns(median), ns(p99)),
+            None => format!("behind (the backlog passed 100 ms' worth){cost}"),
+        }
+    }
 }
 
 /// Pushes `size` B payloads to our sidecar at `rate`/s for `secs`; their
-/// delivery latency. A backlog of unacked payloads of more than
-/// 10 ms' worth (at least 1,000; acks lag delivery by up to the SDK's 2 ms
-/// ack interval) ends the run early: that rate is not sustainable.
+/// delivery latency. A backlog of unacked payloads of more than 100 ms'
+/// worth (at least 10,000) ends the run early: that rate is not
+/// sustainable (acks lag delivery by the SDK's ack interval, so a smaller
+/// backlog is not yet a sign).
 async fn ours_at(host: &mut Host, size: usize, rate: f64, secs: f64) -> anyhow::Result<AtRate> {
     host.command("lat-start").await?;
+    let meter = AtRate::meter(
+        [std::process::id()]
+            .into_iter()
+            .chain(host.plugin.pid())
+            .collect(),
+    );
     let per_ms = (rate / 1000.0).max(1.0) as u64;
     let ticks = (secs * 1000.0) as u64;
     let base = host.plugin.progress().0;
@@ -626,7 +706,7 @@ async fn ours_at(host: &mut Host, size: usize, rate: f64, secs: f64) -> anyhow::
             sent += 1;
         }
         let (newest, acked) = host.plugin.progress();
-        if newest - acked > (10 * per_ms).max(1000) {
+        if newest - acked > (100 * per_ms).max(10_000) {
             behind = true;
             break;
         }
@@ -638,14 +718,7 @@ async fn ours_at(host: &mut Host, size: usize, rate: f64, secs: f64) -> anyhow::
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    Ok(if behind || f.len() < 2 {
-        AtRate::Behind
-    } else {
-        AtRate::Latency {
-            median: f[0],
-            p99: f[1],
-        }
-    })
+    Ok(meter(sent, (!behind && f.len() >= 2).then(|| (f[0], f[1]))))
 }
 
 /// The raw tonic stream at `rate`/s for `secs`, `size` B payloads, one per
@@ -671,6 +744,12 @@ async fn raw_at(
         .kill_on_drop(true)
         .spawn()?;
     tokio::time::timeout(Duration::from_secs(30), floor.opened).await??;
+    let meter = AtRate::meter(
+        [std::process::id()]
+            .into_iter()
+            .chain(client.id())
+            .collect(),
+    );
     let mut raw = vec![7u8; size.max(8)];
     let mut interval = tokio::time::interval(Duration::from_millis(1));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -689,6 +768,9 @@ async fn raw_at(
         }
     }
     tokio::time::timeout(Duration::from_secs(120), floor.acked).await??;
+    // The client has acked and is exiting; until it is waited for, its
+    // figures stay readable.
+    let measured = meter(n, None);
     let out = client.wait_with_output().await?;
     let text = String::from_utf8_lossy(&out.stdout);
     let f: Vec<u64> = text
@@ -700,9 +782,9 @@ async fn raw_at(
         .filter_map(|v| v.parse().ok())
         .collect();
     anyhow::ensure!(f.len() >= 2, "the floor client printed no figures: {text}");
-    Ok(AtRate::Latency {
-        median: f[0],
-        p99: f[1],
+    Ok(AtRate {
+        latency: Some((f[0], f[1])),
+        ..measured
     })
 }
 
@@ -741,12 +823,10 @@ impl RateSearch {
 
     /// Records how the run at `rate` went.
     fn record(&mut self, rate: f64, result: &AtRate) {
-        let held = matches!(result, AtRate::Latency { p99, .. } if *p99 <= 1_000_000);
+        let held = result.latency.is_some_and(|(_, p99)| p99 <= 1_000_000);
         if self.floor_held.is_none() {
             self.floor_held = Some(held);
-            if let AtRate::Latency { p99, .. } = result {
-                self.first_p99 = Some(*p99);
-            }
+            self.first_p99 = result.latency.map(|(_, p99)| p99);
             return;
         }
         self.steps -= 1;
@@ -777,6 +857,22 @@ impl RateSearch {
     }
 }
 
+/// `pim-bench at <size> <rate> [runs]`: ours and the raw stream at one
+/// rate, 5 s a run, alternating; each run's latency. For profiling one
+/// point of the sustainable-rate search.
+async fn at_rate(size: usize, rate: f64, runs: usize) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("pim-bench-").tempdir()?;
+    let mut host = start_host(sidecar_config(dir.path(), "-at", false), dir.path()).await?;
+    for run in 0..runs {
+        let raw = raw_at(dir.path(), size, rate, 5.0, run).await?;
+        println!("raw  {size} B at {rate:.0}/s: {}", raw.shown());
+        let ours = ours_at(&mut host, size, rate, 5.0).await?;
+        println!("ours {size} B at {rate:.0}/s: {}", ours.shown());
+    }
+    host.stop().await;
+    Ok(())
+}
+
 /// The sustainable rate: the highest at which p99 delivery latency stays
 /// within 1 ms over a run, ours and the raw stream's, 64 B and 1 KiB.
 async fn sustainable(
@@ -794,11 +890,13 @@ async fn sustainable(
         while let Some(rate) = raw.next() {
             run += 1;
             let result = raw_at(dir, size, rate, secs, size * 100 + run).await?;
+            println!("  raw  {size} B at {:>7.0}/s: {}", rate, result.shown());
             raw.record(rate, &result);
         }
         let mut ours = RateSearch::new(max_rate, steps);
         while let Some(rate) = ours.next() {
             let result = ours_at(&mut host, size, rate, secs).await?;
+            println!("  ours {size} B at {:>7.0}/s: {}", rate, result.shown());
             ours.record(rate, &result);
         }
         let (ours_rate, raw_rate) = (ours.result(), raw.result());
@@ -1249,6 +1347,12 @@ async fn bench(smoke: bool) -> anyhow::Result<Report> {
     if run("rtt") {
         round_trips(&mut report, scale, dir.path()).await?;
     }
+    if run("e2e") {
+        e2e::end_to_end(&mut report, scale, dir.path()).await?;
+    }
+    if run("python") {
+        python::python(&mut report, scale, dir.path()).await?;
+    }
     if run("memory") {
         memory(&mut report, smoke).await?;
     }
@@ -1311,6 +1415,24 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("many-sidecars probe: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.first().map(String::as_str) == Some("at") {
+        let arg = |i: usize, default: f64| {
+            args.get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(default)
+        };
+        return match runtime.block_on(at_rate(
+            arg(1, 64.0) as usize,
+            arg(2, 1000.0),
+            arg(3, 3.0) as usize,
+        )) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("at: {e:#}");
                 ExitCode::FAILURE
             }
         };

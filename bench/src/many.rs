@@ -17,44 +17,7 @@ use pim_plugin::DaemonPlugin;
 use pim_plugin_bridge::SidecarPlugin;
 
 use super::{ns, sidecar_config, start_host, status_kib, Report, Target};
-
-/// Context switches (the wake-ups of a sleeping thread, and preemptions)
-/// of every thread of `pid`, and its CPU time in clock ticks.
-fn switches_and_ticks(pid: u32) -> (u64, u64) {
-    let mut switches = 0;
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for task in tasks.flatten() {
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            for line in status.lines() {
-                if let Some(v) = line
-                    .strip_prefix("voluntary_ctxt_switches:")
-                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-                {
-                    switches += v.trim().parse::<u64>().unwrap_or(0);
-                }
-            }
-        }
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command's closing parenthesis: utime is the 12th,
-    // stime the 13th of them.
-    let ticks = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| {
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let at = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            at(11) + at(12)
-        })
-        .unwrap_or(0);
-    (switches, ticks)
-}
-
-/// Sums [`switches_and_ticks`] over `pids`.
-fn sum(pids: &[u32]) -> (u64, u64) {
-    pids.iter()
-        .map(|&p| switches_and_ticks(p))
-        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
-}
+use crate::stats::{clock_ticks_per_second, sum, switches_and_ticks};
 
 /// Pushes `n` 64 B payloads to `plugin` as fast as its queue drains (at
 /// most 50,000 pending), then waits for the acks; returns the time taken.
@@ -91,15 +54,14 @@ pub(crate) async fn probe(n: usize, idle_secs: f64, payloads: u64) -> anyhow::Re
     for i in 0..n {
         let mut config = sidecar_config(dir.path(), &format!("-m{i}"), false);
         config.name = format!("m{i}");
-        config.payload_kinds = vec![format!("m{i}.data"), format!("m{i}.cmd")];
+        config.payload_kinds = vec![
+            format!("m{i}.data"),
+            format!("m{i}.cmd"),
+            format!("m{i}.ping"),
+        ];
         // The daemon's defaults for what runs while idle.
         config.stuck_timeout = Some(Duration::from_secs(30));
         config.queue = Default::default();
-        // `PIM_BENCH_SERVER_THREAD=0`: serve on the daemon's runtime instead
-        // of the shared socket-server threads, to compare the two.
-        if std::env::var_os("PIM_BENCH_SERVER_THREAD").is_some_and(|v| v == "0") {
-            config.server_thread = false;
-        }
         hosts.push(start_host(config, dir.path()).await?);
     }
     // Let registration traffic and first acks settle.
@@ -118,8 +80,7 @@ pub(crate) async fn probe(n: usize, idle_secs: f64, payloads: u64) -> anyhow::Re
     tokio::time::sleep(Duration::from_secs_f64(idle_secs)).await;
     let (d1, dt1) = switches_and_ticks(me);
     let (s1, st1) = sum(&sidecars);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = clock_ticks_per_second();
     let daemon_wakes = (d1 - d0) as f64 / idle_secs;
     let sidecar_wakes = (s1 - s0) as f64 / idle_secs;
     let cpu = ((dt1 - dt0) + (st1 - st0)) as f64 / hz / idle_secs * 100.0;
@@ -132,7 +93,11 @@ pub(crate) async fn probe(n: usize, idle_secs: f64, payloads: u64) -> anyhow::Re
     // it is flooded (its queue fills and drops, bounded).
     let mut stalled_config = sidecar_config(dir.path(), "-stalled", true);
     stalled_config.name = "stalled".into();
-    stalled_config.payload_kinds = vec!["stalled.data".into(), "stalled.cmd".into()];
+    stalled_config.payload_kinds = vec![
+        "stalled.data".into(),
+        "stalled.cmd".into(),
+        "stalled.ping".into(),
+    ];
     stalled_config.queue = Default::default();
     stalled_config.shutdown_grace = Duration::from_millis(100);
     stalled_config.term_grace = Duration::from_millis(100);
@@ -217,10 +182,10 @@ pub(crate) async fn probe(n: usize, idle_secs: f64, payloads: u64) -> anyhow::Re
 /// 64 B payloads to `host` at 1,000/s for `ticks` ms; the sidecar's
 /// delivery latency, `(median, p99)` ns.
 async fn light_load(host: &mut super::Host, ticks: u64) -> anyhow::Result<(u64, u64)> {
-    match super::ours_at(host, 64, 1000.0, ticks as f64 / 1000.0).await? {
-        super::AtRate::Latency { median, p99 } => Ok((median, p99)),
-        super::AtRate::Behind => anyhow::bail!("the sidecar fell behind at 1,000/s"),
-    }
+    super::ours_at(host, 64, 1000.0, ticks as f64 / 1000.0)
+        .await?
+        .latency
+        .ok_or_else(|| anyhow::anyhow!("the sidecar fell behind at 1,000/s"))
 }
 
 /// The probe's figures for one count.

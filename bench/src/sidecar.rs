@@ -23,7 +23,10 @@ struct Bench {
     /// `PIM_PLUGIN_NAME` (`bench` by default): many bench sidecars may share
     /// a daemon, each with its own name and kinds `<name>.data`, `<name>.cmd`.
     name: &'static str,
-    kinds: [&'static str; 2],
+    /// `<name>.data`, `<name>.cmd`, `<name>.ping`.
+    kinds: [&'static str; 3],
+    /// `<name>.pong`.
+    pong: &'static str,
     host: OnceCell<HostClient>,
     latencies: Mutex<Option<Vec<u64>>>,
     /// `BENCH_STALL` set: never return from a data handler (read once).
@@ -123,6 +126,16 @@ impl Sidecar for Bench {
     }
 
     async fn handle_payload(&self, src: NodeId, kind: &str, body: Bytes) -> anyhow::Result<()> {
+        if kind == self.kinds[2] {
+            // The echo pattern: one lookup, then the pong routed back.
+            self.host().lookup_x25519(&src).await?;
+            let pong = ControlFrame::PluginPayload {
+                kind: self.pong.to_owned(),
+                body,
+            };
+            self.host().send_routed(src, pong).await?;
+            return Ok(());
+        }
         if kind == self.kinds[0] {
             if self.stall {
                 std::future::pending::<()>().await;
@@ -186,9 +199,12 @@ pub(crate) fn main() -> std::process::ExitCode {
     );
     let data: &'static str = Box::leak(format!("{name}.data").into_boxed_str());
     let cmd: &'static str = Box::leak(format!("{name}.cmd").into_boxed_str());
+    let ping: &'static str = Box::leak(format!("{name}.ping").into_boxed_str());
+    let pong: &'static str = Box::leak(format!("{name}.pong").into_boxed_str());
     pim_sidecar::run(Bench {
         name,
-        kinds: [data, cmd],
+        kinds: [data, cmd, ping],
+        pong,
         stall: std::env::var_os("BENCH_STALL").is_some(),
         log_each: std::env::var_os("BENCH_LOG_EACH").is_some(),
         ..Bench::default()

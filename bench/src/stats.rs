@@ -26,3 +26,48 @@ pub(crate) fn encode(samples: &mut [u64]) -> String {
     let (m, p) = median_p99(samples);
     format!("{m} {p}")
 }
+
+/// Context switches (the wake-ups of a sleeping thread, and preemptions)
+/// of every thread of `pid`, and its CPU time in clock ticks.
+pub(crate) fn switches_and_ticks(pid: u32) -> (u64, u64) {
+    let mut switches = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            for line in status.lines() {
+                if let Some(v) = line
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    switches += v.trim().parse::<u64>().unwrap_or(0);
+                }
+            }
+        }
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis: utime is the 12th,
+    // stime the 13th of them.
+    let ticks = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let at = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            at(11) + at(12)
+        })
+        .unwrap_or(0);
+    (switches, ticks)
+}
+
+/// Sums [`switches_and_ticks`] over `pids`.
+pub(crate) fn sum(pids: &[u32]) -> (u64, u64) {
+    pids.iter()
+        .map(|&p| switches_and_ticks(p))
+        .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+}
+
+/// The kernel's clock ticks per second (the unit of `/proc/<pid>/stat`'s
+/// CPU times).
+pub(crate) fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
+}

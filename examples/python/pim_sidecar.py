@@ -334,19 +334,14 @@ def _register(host, sidecar, token_file, give_up_after, takeover=False):
             delay = min(delay * 2, 2.0)
 
 
-def _check_event(ev):
-    which = ev.WhichOneof("event")
-    if which is None:
-        return None  # a kind a newer host knows: nothing to do, it counts as handled
-    if which == "payload":
-        p = ev.payload
-        if len(p.src) != NODE_ID_BYTES:
-            raise ValueError(f"event {ev.seq}: payload.src is {len(p.src)} bytes, not 16")
-        if not 1 <= len(p.kind) <= MAX_KIND_BYTES or not p.kind.isascii():
-            raise ValueError(f"event {ev.seq}: payload.kind breaks 1..=255 ASCII bytes")
-        if len(p.body) > MAX_BODY_BYTES:
-            raise ValueError(f"event {ev.seq}: payload.body is over 65535 bytes")
-    return which
+def _check_payload(seq, src, kind, body):
+    """Raises ValueError, naming the field, for a payload the wire forbids."""
+    if len(src) != NODE_ID_BYTES:
+        raise ValueError(f"event {seq}: payload.src is {len(src)} bytes, not 16")
+    if not 1 <= len(kind) <= MAX_KIND_BYTES or not kind.isascii():
+        raise ValueError(f"event {seq}: payload.kind breaks 1..=255 ASCII bytes")
+    if len(body) > MAX_BODY_BYTES:
+        raise ValueError(f"event {seq}: payload.body is over 65535 bytes")
 
 
 class _Terminated(Exception):
@@ -394,25 +389,34 @@ def _terminated(host, sidecar, sigterm, last):
     return 0
 
 
-def _handle(sidecar, p, seq, instance):
-    """One payload: a Retry hands it back (bounded); any other failure is logged."""
+def _handle(sidecar, src, kind, body, seq, instance):
+    """One payload: a Retry hands it back (bounded); any other failure is
+    logged. The first call is the fast path: no loop, no sleep."""
     global _current
     _current = (seq, instance)
     try:
-        for attempt in range(RETRIES + 1):
-            try:
-                sidecar.handle_payload(p.src, p.kind, p.body)
-                return
-            except Retry as e:
-                if attempt == RETRIES:
-                    log("ERROR", f"handle_payload asked for a retry {RETRIES} times on seq {seq}; the event counts as handled: {e}")
-                    return
-                time.sleep(0.05 * 2**attempt)
-            except Exception as e:  # noqa: BLE001 - the event still counts as handled
-                log("WARN", f"handle_payload failed on seq {seq}: {e}")
-                return
+        sidecar.handle_payload(src, kind, body)
+    except Retry:
+        _retry(sidecar, src, kind, body, seq)
+    except Exception as e:  # noqa: BLE001 - the event still counts as handled
+        log("WARN", f"handle_payload failed on seq {seq}: {e}")
     finally:
         _current = None
+
+
+def _retry(sidecar, src, kind, body, seq):
+    """After a Retry: at most RETRIES more calls, 50 ms doubling between them."""
+    for attempt in range(RETRIES):
+        time.sleep(0.05 * 2**attempt)
+        try:
+            sidecar.handle_payload(src, kind, body)
+            return
+        except Retry as e:
+            if attempt == RETRIES - 1:
+                log("ERROR", f"handle_payload asked for a retry {RETRIES} times on seq {seq}; the event counts as handled: {e}")
+        except Exception as e:  # noqa: BLE001 - the event still counts as handled
+            log("WARN", f"handle_payload failed on seq {seq}: {e}")
+            return
 
 
 def _forgotten(sidecar, node, seq, instance):
@@ -467,14 +471,28 @@ def run(sidecar):
         try:
             for batch in host.events():
                 for ev in batch.events:
-                    if ev.seq <= last:
+                    seq = ev.seq
+                    if seq <= last:
                         duplicates += 1
                         continue
-                    which = _check_event(ev)
+                    which = ev.WhichOneof("event")
                     if which == "payload":
+                        # Inline rather than `with sigterm.handling()`: this
+                        # runs for every payload.
                         p = ev.payload
-                        with sigterm.handling():
-                            _handle(sidecar, p, ev.seq, instance)
+                        src, kind, body = p.src, p.kind, p.body
+                        if (
+                            len(src) != NODE_ID_BYTES
+                            or not 0 < len(kind) <= MAX_KIND_BYTES
+                            or len(body) > MAX_BODY_BYTES
+                            or not kind.isascii()
+                        ):
+                            _check_payload(seq, src, kind, body)  # raises, naming the field
+                        sigterm.in_handler = True
+                        try:
+                            _handle(sidecar, src, kind, body, seq, instance)
+                        finally:
+                            sigterm.in_handler = False
                     elif which == "peer_forgotten":
                         with sigterm.handling():
                             _forgotten(sidecar, ev.peer_forgotten.node, ev.seq, instance)
@@ -488,7 +506,7 @@ def run(sidecar):
                         log("INFO", f"shut down by the host, duplicates={duplicates}")
                         host.channel.close()
                         return 0
-                    last = ev.seq
+                    last = seq
                     sigterm.check()
                 host.ack(last)
             log("WARN", "the host closed the event stream")

@@ -72,6 +72,65 @@ fn build(cargo: &str, target_dir: &Path, profile: &[String]) -> Result<(), Strin
     }
 }
 
+/// The directory of the Python sidecars and their module,
+/// `examples/python`.
+pub fn python_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+}
+
+/// The Python with grpcio and grpcio-tools that runs the Python sidecars:
+/// `PIM_PYTHON`, else the workspace's `.venv` (which `tests/run.sh`
+/// makes), checked by importing `pim_sidecar` (which generates the stubs).
+/// The error says what is missing and how to get it.
+pub fn python() -> Result<PathBuf, String> {
+    let python = std::env::var_os("PIM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python3"))
+        });
+    let script = format!(
+        "import sys; sys.path.insert(0, {:?}); import pim_sidecar",
+        python_dir().display().to_string()
+    );
+    let ready = python.is_file()
+        && std::process::Command::new(&python)
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .is_ok_and(|out| out.status.success());
+    if ready {
+        Ok(python)
+    } else {
+        Err(format!(
+            "{} with grpcio and grpcio-tools not found (run tests/run.sh, or set PIM_PYTHON)",
+            python.display()
+        ))
+    }
+}
+
+/// What the sandbox must let a Python sidecar read besides the system:
+/// `examples/python`, `extra` (the directory of a script elsewhere), the
+/// virtual environment and the installation it was made from.
+pub fn python_read_paths(python: &Path, extra: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let out = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import sys; print(sys.prefix); print(sys.base_prefix)",
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} could not print its prefixes",
+        python.display()
+    );
+    let mut paths = vec![python_dir()];
+    paths.extend(extra.iter().cloned());
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        paths.push(std::fs::canonicalize(line.trim())?);
+    }
+    Ok(paths)
+}
+
 /// Standard base64 with padding: how grpcurl's JSON spells bytes fields.
 pub fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

@@ -16,8 +16,12 @@ use pim_plugin_proto::backoff::Backoff;
 /// this many events (and always at the end of the batch).
 const ACK_EVERY: u64 = 32;
 
-/// Least time between two Ack calls.
-const ACK_INTERVAL: Duration = Duration::from_millis(2);
+/// Least time between two Ack calls. Each Ack is a unary call that wakes
+/// both processes: at 2 ms, a sidecar at 1,000 payloads/s spent about a
+/// sixth of its and the daemon's CPU on Acks. 10 ms bounds what a crash
+/// replays to 10 ms' worth of events, and what the daemon's queue holds for
+/// a keeping-up sidecar to about 11,000 events at 1.1 M/s.
+const ACK_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Name the SDK reports in Register.
 const SDK_NAME: &str = "pim-sidecar (Rust)";

@@ -1,0 +1,48 @@
+"""The raw grpcio floor for the Python sidecar's delivery throughput: reads
+n events from a plain tonic Events stream (`pim-bench`'s floor server at
+<socket>), only counting them (each one's seq is read), then acks once so
+the server sees the end.
+
+    floor_client.py <socket> <n>
+
+It uses the stubs examples/python/pim_sidecar.py generates, and nothing
+else of that module.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "examples" / "python"))
+
+import grpc  # noqa: E402
+
+import pim_sidecar  # noqa: E402
+
+
+def main(socket_path, n):
+    channel = grpc.insecure_channel(
+        f"unix:{socket_path}",
+        options=[
+            ("grpc.default_authority", "localhost"),
+            ("grpc.max_receive_message_length", pim_sidecar.MAX_MESSAGE_BYTES),
+        ],
+    )
+    session = pim_sidecar.session_grpc.PluginSessionStub(channel)
+    seen = 0
+    for batch in session.Events(pim_sidecar.session_pb.EventsRequest()):
+        # Each event is looked at (as any consumer must), nothing more.
+        for ev in batch.events:
+            if ev.seq:
+                seen += 1
+        if seen >= n:
+            break
+    if seen < n:
+        print(f"floor client: the stream ended after {seen} of {n}", file=sys.stderr)
+        return 1
+    session.Ack(pim_sidecar.session_pb.AckRequest(seq=seen), timeout=10)
+    channel.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))

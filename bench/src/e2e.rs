@@ -1,0 +1,174 @@
+//! Light load end to end: `handle_payload(<name>.ping)` in the daemon →
+//! the sidecar's handler → one `LookupX25519` → `SendRouted(<name>.pong)`
+//! arriving at the daemon's port (the echo pattern), at 1,000 pings/s
+//! against the same back to back; and what the SDK's busy poll of its port
+//! calls costs in CPU, idle and at 1,000/s, against a sidecar without it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pim_core::NodeId;
+use pim_plugin::DaemonPlugin;
+
+use super::{ns, sidecar_config, start_host, Host, Report, Scale, Target};
+use crate::stats::{clock_ticks_per_second, median_p99, mono_ns, sum};
+
+/// CPU seconds (daemon and sidecar, all threads) from `pids`' clock ticks.
+fn cpu_secs(pids: &[u32]) -> f64 {
+    sum(pids).1 as f64 / clock_ticks_per_second()
+}
+
+/// One ping with the time it was sent in its first 8 bytes.
+async fn ping(host: &Host) {
+    let mut body = [0u8; 64];
+    body[..8].copy_from_slice(&mono_ns().to_le_bytes());
+    host.plugin
+        .handle_payload(
+            NodeId::from_bytes([3; 16]),
+            &host.ping,
+            Bytes::copy_from_slice(&body),
+        )
+        .await;
+}
+
+/// The next pong's latency (ns); an error after 10 s.
+async fn pong(host: &mut Host) -> anyhow::Result<u64> {
+    tokio::time::timeout(Duration::from_secs(10), host.pongs.recv())
+        .await
+        .map_err(|_| anyhow::anyhow!("no pong within 10 s"))?
+        .ok_or_else(|| anyhow::anyhow!("the bench sidecar went away"))
+}
+
+/// What one sidecar showed.
+struct Run {
+    /// Ping → pong back to back: (median, p99) ns.
+    back_to_back: (u64, u64),
+    /// The same at 1,000 pings/s.
+    at_rate: (u64, u64),
+    /// Daemon and sidecar CPU per ping at 1,000/s, µs.
+    cpu_per_ping_us: f64,
+    /// Daemon and sidecar CPU while idle, ms per second.
+    idle_ms_per_s: f64,
+}
+
+async fn run(
+    dir: &Path,
+    suffix: &str,
+    busy_poll_us: Option<u32>,
+    n: usize,
+    secs: f64,
+) -> anyhow::Result<Run> {
+    let mut config = sidecar_config(dir, suffix, false);
+    if let Some(us) = busy_poll_us {
+        if let pim_plugin_bridge::Launch::Spawn(command) = &mut config.launch {
+            command
+                .env
+                .push((pim_sidecar::BUSY_POLL_ENV.into(), us.to_string().into()));
+        }
+    }
+    let mut host = start_host(config, dir).await?;
+    let pids: Vec<u32> = [std::process::id()]
+        .into_iter()
+        .chain(host.plugin.pid())
+        .collect();
+    // Warm up: connections, allocations, caches.
+    for _ in 0..n.min(500) {
+        ping(&host).await;
+        pong(&mut host).await?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        ping(&host).await;
+        samples.push(pong(&mut host).await?);
+    }
+    let back_to_back = median_p99(&mut samples);
+
+    let idle = Duration::from_secs_f64(secs.min(2.0));
+    let before = cpu_secs(&pids);
+    tokio::time::sleep(idle).await;
+    let idle_ms_per_s = (cpu_secs(&pids) - before) * 1e3 / idle.as_secs_f64();
+
+    let ticks = (secs * 1000.0) as usize;
+    let before = cpu_secs(&pids);
+    let mut interval = tokio::time::interval(Duration::from_millis(1));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for _ in 0..ticks {
+        interval.tick().await;
+        ping(&host).await;
+    }
+    let mut samples = Vec::with_capacity(ticks);
+    for _ in 0..ticks {
+        samples.push(pong(&mut host).await?);
+    }
+    let cpu_per_ping_us = (cpu_secs(&pids) - before) * 1e6 / ticks as f64;
+    host.stop().await;
+    Ok(Run {
+        back_to_back,
+        at_rate: median_p99(&mut samples),
+        cpu_per_ping_us,
+        idle_ms_per_s,
+    })
+}
+
+pub(crate) async fn end_to_end(
+    report: &mut Report,
+    scale: Scale,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let secs = scale.latency_secs.max(0.2) * 2.5;
+    let n = (secs * 1000.0) as usize;
+    println!("\n# light load end to end: handle_payload(ping) -> the sidecar's LookupX25519 -> SendRouted(pong) at the daemon, 64 B; {n} pings back to back, then {secs} s at 1,000/s");
+    let polling = run(dir, "-e2e", None, n, secs).await?;
+    let quiet = run(dir, "-e2e-nopoll", Some(0), n, secs).await?;
+    let (m, p) = polling.at_rate;
+    let (bm, bp) = polling.back_to_back;
+    report.row(
+        "ping -> lookup -> pong at 1,000/s, median",
+        ns(m),
+        format!("back to back {}", ns(bm)),
+        format!("{:.2}x", m as f64 / bm as f64),
+        Target::at_most(m as f64, 1.5 * bm as f64, "<= 1.5x back to back"),
+    );
+    report.row(
+        "  p99",
+        ns(p),
+        format!("back to back {}", ns(bp)),
+        format!("{:.2}x", p as f64 / bp as f64),
+        None,
+    );
+    let (qm, _) = quiet.at_rate;
+    let (qbm, _) = quiet.back_to_back;
+    report.row(
+        "  without the SDK's busy poll: at 1,000/s",
+        ns(qm),
+        format!("back to back {}", ns(qbm)),
+        format!("{:.2}x", qm as f64 / qbm as f64),
+        None,
+    );
+    report.row(
+        "CPU per ping at 1,000/s (daemon + sidecar)",
+        format!("{:.1} µs", polling.cpu_per_ping_us),
+        format!("no poll {:.1} µs", quiet.cpu_per_ping_us),
+        format!("{:.2}x", polling.cpu_per_ping_us / quiet.cpu_per_ping_us),
+        None,
+    );
+    // CPU time is counted in clock ticks: below one tick over the idle
+    // time, say so rather than print a zero.
+    let resolution = 1e3 / clock_ticks_per_second() / secs.min(2.0);
+    let idle = |ms: f64| {
+        if ms > 0.0 {
+            format!("{ms:.1} ms/s")
+        } else {
+            format!("< {resolution:.0} ms/s")
+        }
+    };
+    report.row(
+        "CPU idle (daemon + sidecar)",
+        idle(polling.idle_ms_per_s),
+        format!("no poll {}", idle(quiet.idle_ms_per_s)),
+        String::new(),
+        None,
+    );
+    Ok(())
+}

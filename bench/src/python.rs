@@ -1,0 +1,95 @@
+//! The Python sidecar (examples/python's `pim_sidecar` module over grpcio)
+//! beside raw grpcio floors in the same run: delivery throughput against a
+//! grpcio client that only counts the events of a plain tonic stream, and
+//! the module's LookupX25519 round trip against a raw grpcio unary call to
+//! a plain tonic server with a trivial handler.
+
+use std::path::{Path, PathBuf};
+
+use pim_plugin_bridge::{CommandSpec, Launch};
+
+use super::{
+    floor, ns, our_throughput, raw_stream_floor_with, sidecar_config, start_host, Report, Scale,
+    Target,
+};
+
+/// `bench/python`: the benchmark's Python sidecar and floor client.
+fn scripts() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/python"))
+}
+
+pub(crate) async fn python(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<()> {
+    let smoke = scale.spawns < 10;
+    let (n, rtts) = if smoke { (500, 100) } else { (20_000, 2_000) };
+    println!("\n# the Python sidecar (examples/python, grpcio) beside raw grpcio in the same run, 64 B payloads");
+    let python = match tokio::task::spawn_blocking(pim_sidecar_examples::python).await? {
+        Ok(python) => python,
+        Err(why) => {
+            anyhow::ensure!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and {why}"
+            );
+            println!("python phase skipped: {why}");
+            return Ok(());
+        }
+    };
+    let mut config = sidecar_config(dir, "-py", false);
+    config.payload_kinds = vec!["bench.data".into(), "bench.cmd".into()];
+    config.launch =
+        Launch::Spawn(CommandSpec::new(&python).arg(scripts().join("bench_sidecar.py")));
+    config.sandbox.read_paths = pim_sidecar_examples::python_read_paths(&python, &[scripts()])?;
+    let mut host = start_host(config, dir).await?;
+
+    // Median of three runs each, alternating. The floor's messages carry as
+    // many events as the host's batches (256): what is compared is the work
+    // per event, the module's against a loop that only counts.
+    let (mut floors, mut ourss) = (Vec::new(), Vec::new());
+    for run in 0..3 {
+        let mut client = tokio::process::Command::new(&python);
+        client.arg(scripts().join("floor_client.py"));
+        floors.push(raw_stream_floor_with(client, 256, dir, 64, n, 900 + run).await?);
+        ourss.push(our_throughput(&host, 64, n).await);
+    }
+    floors.sort_by(f64::total_cmp);
+    ourss.sort_by(f64::total_cmp);
+    let (floor_rate, ours) = (floors[1], ourss[1]);
+    report.row(
+        &format!("Python sidecar throughput, 64 B ({n} payloads)"),
+        format!("{:.1} k/s", ours / 1e3),
+        format!("raw grpcio {:.1} k/s", floor_rate / 1e3),
+        format!("{:.2}x", ours / floor_rate),
+        Target::at_least(ours, 0.8 * floor_rate, ">= 0.8x raw grpcio"),
+    );
+
+    let sock = dir.join("floor-py-rtt.sock");
+    let _floor = floor::serve(&sock)?;
+    let reply = host
+        .command(&format!("rtt {} {rtts}", sock.display()))
+        .await?;
+    let f: Vec<u64> = reply
+        .split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    anyhow::ensure!(
+        f.len() == 4,
+        "unexpected reply from the Python sidecar: {reply}"
+    );
+    report.row(
+        "Python LookupX25519 round trip, median",
+        ns(f[0]),
+        format!("raw grpcio {}", ns(f[2])),
+        format!("{:.2}x", f[0] as f64 / f[2] as f64),
+        // At least 0.8x the floor's rate of calls: at most 1.25x its time.
+        Target::at_most(f[0] as f64, 1.25 * f[2] as f64, "<= 1.25x raw grpcio"),
+    );
+    report.row(
+        "  p99",
+        ns(f[1]),
+        format!("raw grpcio {}", ns(f[3])),
+        format!("{:.2}x", f[1] as f64 / f[3] as f64),
+        None,
+    );
+    host.stop().await;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+"""Unit tests of the module's event handling that need no host: the retry
+of a handler that raises Retry, payload checks, and that a failing handler
+does not stop delivery. Run by tests/python.rs (`python -m unittest`)."""
+
+import unittest
+from unittest import mock
+
+import pim_sidecar
+
+SRC = bytes(16)
+
+
+class Flaky(pim_sidecar.Sidecar):
+    """Raises Retry `retries` times, then takes the payload."""
+
+    name = "flaky"
+    payload_kinds = ("flaky.data",)
+
+    def __init__(self, retries, error=None):
+        self.retries = retries
+        self.error = error
+        self.calls = []
+
+    def handle_payload(self, src, kind, body):
+        self.calls.append((src, kind, body, pim_sidecar.current_event()))
+        if len(self.calls) <= self.retries:
+            raise pim_sidecar.Retry("not yet")
+        if self.error:
+            raise self.error
+
+
+class HandleTests(unittest.TestCase):
+    def setUp(self):
+        self.sleeps = []
+        patcher = mock.patch.object(pim_sidecar.time, "sleep", self.sleeps.append)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        logs = mock.patch.object(pim_sidecar, "log")
+        self.log = logs.start()
+        self.addCleanup(logs.stop)
+
+    def test_a_handler_that_takes_the_payload_is_called_once_without_sleeping(self):
+        s = Flaky(0)
+        pim_sidecar._handle(s, SRC, "flaky.data", b"x", 7, "host-1")
+        self.assertEqual(s.calls, [(SRC, "flaky.data", b"x", (7, "host-1"))])
+        self.assertEqual(self.sleeps, [])
+        self.assertIsNone(pim_sidecar.current_event())
+
+    def test_retry_calls_again_after_50_ms_doubling(self):
+        s = Flaky(2)
+        pim_sidecar._handle(s, SRC, "flaky.data", b"x", 7, "host-1")
+        self.assertEqual(len(s.calls), 3)
+        self.assertEqual(self.sleeps, [0.05, 0.1])
+        self.assertTrue(all(c[3] == (7, "host-1") for c in s.calls))
+        self.log.assert_not_called()
+
+    def test_retry_gives_up_after_retries_more_calls_and_logs_an_error(self):
+        s = Flaky(100)
+        pim_sidecar._handle(s, SRC, "flaky.data", b"x", 9, "host-1")
+        self.assertEqual(len(s.calls), pim_sidecar.RETRIES + 1)
+        self.assertEqual(self.sleeps, [0.05 * 2**i for i in range(pim_sidecar.RETRIES)])
+        level, message = self.log.call_args.args
+        self.assertEqual(level, "ERROR")
+        self.assertIn("seq 9", message)
+
+    def test_a_failure_after_a_retry_is_logged_and_not_retried(self):
+        s = Flaky(1, error=RuntimeError("broken"))
+        pim_sidecar._handle(s, SRC, "flaky.data", b"x", 3, "host-1")
+        self.assertEqual(len(s.calls), 2)
+        self.assertEqual(self.log.call_args.args[0], "WARN")
+        self.assertIn("broken", self.log.call_args.args[1])
+
+    def test_a_failing_handler_is_logged_and_counts_as_handled(self):
+        s = Flaky(0, error=ValueError("bad body"))
+        pim_sidecar._handle(s, SRC, "flaky.data", b"x", 4, "host-1")
+        self.assertEqual(len(s.calls), 1)
+        self.assertEqual(self.sleeps, [])
+        self.assertEqual(self.log.call_args.args[0], "WARN")
+        self.assertIsNone(pim_sidecar.current_event())
+
+
+class CheckPayloadTests(unittest.TestCase):
+    def test_each_wire_limit_names_its_field(self):
+        cases = [
+            ((bytes(15), "a.b", b""), "payload.src"),
+            ((SRC, "", b""), "payload.kind"),
+            ((SRC, "k" * 256, b""), "payload.kind"),
+            ((SRC, "ké", b""), "payload.kind"),
+            ((SRC, "a.b", bytes(65536)), "payload.body"),
+        ]
+        for (src, kind, body), field in cases:
+            with self.assertRaisesRegex(ValueError, field):
+                pim_sidecar._check_payload(5, src, kind, body)
+
+    def test_a_payload_at_the_limits_passes(self):
+        pim_sidecar._check_payload(5, SRC, "k" * 255, bytes(65535))
+
+
+if __name__ == "__main__":
+    unittest.main()
