@@ -253,6 +253,11 @@ pub struct SidecarConfig {
     pub server_thread: bool,
     /// Event queue bounds.
     pub queue: QueueLimits,
+    /// A budget this plugin's queue shares with other plugins' queues
+    /// besides its own bounds (see [`QueueBudget`](crate::QueueBudget)).
+    /// Default none; a sidecars file gives all its sidecars one of 256 MiB
+    /// (`queue_budget`).
+    pub queue_budget: Option<crate::QueueBudget>,
     /// Restarts of a spawned sidecar.
     pub restart: RestartPolicy,
     /// Whether `start` waits until the sidecar registered. Default true for
@@ -320,6 +325,7 @@ impl SidecarConfig {
             connections: ConnectionLimits::default(),
             server_thread: true,
             queue: QueueLimits::default(),
+            queue_budget: None,
             restart: RestartPolicy::default(),
             wait_for_register,
             startup_timeout: Duration::from_secs(10),

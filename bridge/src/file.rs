@@ -32,6 +32,8 @@ use crate::{CommandSpec, ConfigError, Launch, SidecarConfig, SidecarPlugin};
 #[serde(deny_unknown_fields)]
 struct FileDoc {
     socket_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "size_or_off")]
+    queue_budget: Option<Option<u64>>,
     #[serde(default)]
     sidecar: Vec<SidecarDoc>,
 }
@@ -307,6 +309,19 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigFileEr
 pub fn parse_sidecars(text: &str, base_dir: &Path) -> Result<Vec<SidecarConfig>, ConfigFileError> {
     let doc: FileDoc = toml::from_str(text).map_err(|e| ConfigFileError::Parse(e.to_string()))?;
     let mut configs: Vec<SidecarConfig> = Vec::new();
+    // One budget for every sidecar of the file, unless "off".
+    let budget = match doc.queue_budget.unwrap_or(Some(DEFAULT_QUEUE_BUDGET)) {
+        None => None,
+        Some(0) => {
+            return Err(invalid(
+                "queue_budget",
+                "must be at least 1 byte, or \"off\"",
+            ))
+        }
+        Some(n) => Some(crate::QueueBudget::new(usize::try_from(n).map_err(
+            |_| invalid("queue_budget", "is more than this machine can address"),
+        )?)),
+    };
     for (i, sc) in doc.sidecar.into_iter().enumerate() {
         let at = |field: &str| format!("sidecar[{i}].{field}");
         let socket_dir = sc
@@ -459,10 +474,15 @@ pub fn parse_sidecars(text: &str, base_dir: &Path) -> Result<Vec<SidecarConfig>,
                 ));
             }
         }
+        config.queue_budget = budget.clone();
         configs.push(config);
     }
     Ok(configs)
 }
+
+/// The queue budget a sidecars file's sidecars share unless it sets
+/// `queue_budget`: 256 MiB (four plugins' default own bound).
+pub const DEFAULT_QUEUE_BUDGET: u64 = 256 << 20;
 
 /// Reads and parses a sidecars file.
 pub fn load_sidecars(path: &Path) -> Result<Vec<SidecarConfig>, ConfigFileError> {

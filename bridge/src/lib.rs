@@ -46,7 +46,7 @@ pub use end::{EndReason, ProcessEnd};
 pub use pim_plugin;
 pub use pim_plugin_proto as proto;
 pub use plugin::{SidecarPlugin, SidecarStats};
-pub use queue::{QueueStats, EVENT_OVERHEAD_BYTES};
+pub use queue::{QueueBudget, QueueStats, EVENT_OVERHEAD_BYTES};
 pub use sandbox::{default_denied_syscalls, Enforcement, ResourceLimits, Sandbox, SandboxReport};
 
 #[cfg(test)]

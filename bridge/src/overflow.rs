@@ -23,9 +23,10 @@ pub(crate) fn report(plugin: &'static str, queue: &EventQueue) {
         tracing::warn!(
             plugin,
             dropped_total = stats.dropped_overflow,
+            dropped_for_budget = stats.dropped_budget,
             depth = stats.depth,
             bytes = stats.bytes,
-            "event queue full: dropped the oldest payloads (is the sidecar slow or stuck?)"
+            "event queue full (its own bounds, or above its share of the daemon-wide queue budget): dropped the oldest payloads (is the sidecar slow or stuck?)"
         );
     }
 }

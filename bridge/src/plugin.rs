@@ -159,7 +159,10 @@ impl SidecarPlugin {
             id: kinds::claimant_id(),
             name,
             kinds: Box::leak(kinds.into_boxed_slice()),
-            queue: Arc::new(EventQueue::new(config.queue)),
+            queue: Arc::new(EventQueue::with_budget(
+                config.queue,
+                config.queue_budget.clone(),
+            )),
             token: secret::new_token().into(),
             config,
             running: Mutex::new(None),

@@ -7,8 +7,8 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pim_plugin_proto::convert::{PluginEvent, SequencedEvent};
@@ -20,6 +20,73 @@ use crate::config::QueueLimits;
 /// Bytes charged per queued event on top of its body and kind, for the
 /// queue's own bookkeeping.
 pub const EVENT_OVERHEAD_BYTES: usize = 96;
+
+/// A memory budget that the event queues of several plugins share, besides
+/// each queue's own bound ([`QueueLimits`](crate::QueueLimits)): the
+/// daemon-wide cap on what its plugins' queues hold together, counted as
+/// each queue counts its bytes.
+///
+/// Each plugin is entitled to an equal share (the budget divided by the
+/// queues that share it); above its share a plugin may use what the others
+/// leave free. When the budget is full, a payload for a plugin above its
+/// share drops that plugin's oldest payloads (never another plugin's) and
+/// counts them in [`QueueStats::dropped_budget`]; a plugin within its share
+/// always gets room. So a stalled or flooded plugin cannot take the
+/// others' room, and the total stays within the budget except briefly,
+/// while plugins within their share take room that an over-share plugin
+/// gives back on its next payload (at most the budget again). Lifecycle
+/// events are never dropped.
+///
+/// Clones share one budget: give a clone to each plugin's
+/// [`SidecarConfig::queue_budget`](crate::SidecarConfig::queue_budget).
+#[derive(Clone)]
+pub struct QueueBudget(Arc<BudgetShared>);
+
+struct BudgetShared {
+    max_bytes: usize,
+    used: AtomicUsize,
+    /// Queues sharing it.
+    members: AtomicUsize,
+}
+
+impl QueueBudget {
+    /// A budget of `max_bytes` for all the queues that share it.
+    pub fn new(max_bytes: usize) -> Self {
+        Self(Arc::new(BudgetShared {
+            max_bytes,
+            used: AtomicUsize::new(0),
+            members: AtomicUsize::new(0),
+        }))
+    }
+
+    /// The bound.
+    pub fn max_bytes(&self) -> usize {
+        self.0.max_bytes
+    }
+
+    /// Bytes the sharing queues hold now.
+    pub fn used(&self) -> usize {
+        self.0.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether a queue that holds `own` bytes must make room before it
+    /// takes `size` more: the budget is full and it is above its share.
+    fn must_shed(&self, own: usize, size: usize) -> bool {
+        let b = &*self.0;
+        b.used.load(Ordering::Relaxed) + size > b.max_bytes
+            && own + size > b.max_bytes / b.members.load(Ordering::Relaxed).max(1)
+    }
+}
+
+impl std::fmt::Debug for QueueBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueBudget")
+            .field("max_bytes", &self.max_bytes())
+            .field("used", &self.used())
+            .field("queues", &self.0.members.load(Ordering::Relaxed))
+            .finish()
+    }
+}
 
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,8 +109,12 @@ pub struct QueueStats {
     pub delivered: u64,
     /// Events sent again to a new stream after having been sent before.
     pub replayed: u64,
-    /// Payloads dropped because the queue was full.
+    /// Payloads dropped because the queue was full (its own bounds, or the
+    /// shared budget).
     pub dropped_overflow: u64,
+    /// Of those, the payloads dropped for the [`QueueBudget`] the queue
+    /// shares with other plugins while its own bounds had room.
+    pub dropped_budget: u64,
     /// Events in the queue (not acked yet).
     pub depth: usize,
     /// Bytes charged for them.
@@ -57,6 +128,8 @@ struct State {
     /// Highest seq ever handed to a stream.
     sent: u64,
     bytes: usize,
+    /// The budget shared with other plugins' queues, charged with `bytes`.
+    budget: Option<QueueBudget>,
     stats: QueueStats,
     last_ack_at: Instant,
     /// When the sidecar last made progress: an ack moved, a stream opened,
@@ -99,9 +172,46 @@ fn cost(event: &PluginEvent) -> usize {
     event.body_len() + kind + EVENT_OVERHEAD_BYTES
 }
 
+impl State {
+    /// Counts `n` more bytes held, here and in the shared budget.
+    fn charge(&mut self, n: usize) {
+        self.bytes += n;
+        if let Some(b) = &self.budget {
+            b.0.used.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts `n` bytes given back.
+    fn release(&mut self, n: usize) {
+        self.bytes -= n;
+        if let Some(b) = &self.budget {
+            b.0.used.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for EventQueue {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = st.budget.take() {
+            b.0.used.fetch_sub(st.bytes, Ordering::Relaxed);
+            b.0.members.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl EventQueue {
     /// An empty queue with these bounds.
+    #[cfg(test)]
     pub(crate) fn new(limits: QueueLimits) -> Self {
+        Self::with_budget(limits, None)
+    }
+
+    /// An empty queue with these bounds that also shares `budget`.
+    pub(crate) fn with_budget(limits: QueueLimits, budget: Option<QueueBudget>) -> Self {
+        if let Some(b) = &budget {
+            b.0.members.fetch_add(1, Ordering::Relaxed);
+        }
         Self {
             limits,
             instance: crate::secret::random_hex(8),
@@ -111,6 +221,7 @@ impl EventQueue {
                 acked: 0,
                 sent: 0,
                 bytes: 0,
+                budget,
                 stats: QueueStats::default(),
                 last_ack_at: Instant::now(),
                 last_progress: Instant::now(),
@@ -144,8 +255,18 @@ impl EventQueue {
         // Acked events are forgotten a few at a time, so that no call holds
         // the lock for long (an ack may cover many thousands of events).
         trim_acked(&mut st, TRIM_PER_PUSH);
-        let mut dropped = 0;
-        while st.events.len() >= self.limits.max_events || st.bytes + size > self.limits.max_bytes {
+        let (mut dropped, mut for_budget) = (0, 0);
+        loop {
+            let own_full = st.events.len() >= self.limits.max_events
+                || st.bytes + size > self.limits.max_bytes;
+            let shed = !own_full
+                && st
+                    .budget
+                    .as_ref()
+                    .is_some_and(|b| b.must_shed(st.bytes, size));
+            if !own_full && !shed {
+                break;
+            }
             if trim_acked(&mut st, 1) == 1 {
                 continue;
             }
@@ -153,8 +274,9 @@ impl EventQueue {
                 break;
             };
             if let Some(old) = st.events.remove(pos) {
-                st.bytes -= cost(&old.event);
+                st.release(cost(&old.event));
                 dropped += 1;
+                for_budget += u64::from(shed);
             }
         }
         let was_caught_up = st.next_seq - 1 == st.acked;
@@ -164,10 +286,11 @@ impl EventQueue {
         }
         let seq = st.next_seq;
         st.next_seq += 1;
-        st.bytes += size;
+        st.charge(size);
         st.events.push_back(SequencedEvent { seq, event });
         st.stats.pushed += 1;
         st.stats.dropped_overflow += dropped;
+        st.stats.dropped_budget += for_budget;
         self.newest.store(seq, Ordering::Release);
         drop(st);
         self.notify.notify_one();
@@ -380,7 +503,7 @@ fn trim_acked(st: &mut State, limit: usize) -> usize {
     let mut n = 0;
     while n < limit && st.events.front().is_some_and(|e| e.seq <= st.acked) {
         if let Some(old) = st.events.pop_front() {
-            st.bytes -= cost(&old.event);
+            st.release(cost(&old.event));
         }
         n += 1;
     }
@@ -548,6 +671,67 @@ mod tests {
         }
         assert_eq!(q.stats().bytes, 0, "every acked event was forgotten");
         assert_eq!(q.stalled(), None);
+    }
+
+    #[test]
+    fn a_flooded_queue_cannot_take_a_neighbours_share_of_the_budget() {
+        let size = 1000 + 3 + EVENT_OVERHEAD_BYTES;
+        let budget = QueueBudget::new(20 * size);
+        let own = QueueLimits {
+            max_events: 1000,
+            max_bytes: usize::MAX,
+        };
+        let flooded = EventQueue::with_budget(own, Some(budget.clone()));
+        let quiet = EventQueue::with_budget(own, Some(budget.clone()));
+        // Nobody reads the flooded queue: it takes all the free room, then
+        // drops its own oldest payloads to stay within the budget.
+        for _ in 0..100 {
+            flooded.push(payload(1, 1000));
+        }
+        assert_eq!(budget.used(), 20 * size, "{budget:?}");
+        assert_eq!(flooded.stats().dropped_budget, 80);
+        assert_eq!(flooded.stats().dropped_overflow, 80);
+        // Its neighbour, within its share (10 events' worth), loses nothing
+        // although the budget is full.
+        for _ in 0..10 {
+            assert_eq!(quiet.push(payload(2, 1000)).dropped, 0);
+        }
+        assert_eq!(quiet.stats().depth, 10);
+        // Above its share, the neighbour sheds its own oldest, not the
+        // flooded queue's.
+        let before = flooded.stats().depth;
+        assert_eq!(quiet.push(payload(2, 1000)).dropped, 1);
+        assert_eq!(flooded.stats().depth, before);
+        // The flooded queue gives the borrowed room back on its next push.
+        flooded.push(payload(1, 1000));
+        assert!(flooded.stats().bytes <= 10 * size, "{:?}", flooded.stats());
+        assert!(budget.used() <= 20 * size, "{budget:?}");
+        // Lifecycle events are never dropped, budget or not.
+        flooded.push(PluginEvent::PeerForgotten {
+            node: NodeId::from_bytes([0; 16]),
+        });
+        assert!(flooded
+            .batch_after(0, 1000, usize::MAX)
+            .iter()
+            .any(|e| matches!(e.event, Some(pb::event::Event::PeerForgotten(_)))));
+    }
+
+    #[test]
+    fn acks_and_dropped_queues_give_the_budget_back() {
+        let budget = QueueBudget::new(1 << 20);
+        let q = EventQueue::with_budget(QueueLimits::default(), Some(budget.clone()));
+        let other = EventQueue::with_budget(QueueLimits::default(), Some(budget.clone()));
+        for _ in 0..50 {
+            q.push(payload(1, 500));
+            other.push(payload(2, 500));
+        }
+        assert_eq!(budget.used(), q.stats().bytes + other.stats().bytes);
+        q.ack(50);
+        q.forget_acked();
+        assert_eq!(budget.used(), other.stats().bytes);
+        drop(other);
+        assert_eq!(budget.used(), 0);
+        assert_eq!(q.stats().dropped_budget, 0);
     }
 
     #[test]

@@ -185,6 +185,65 @@ fn the_readme_settings_are_the_defaults() {
         (&shown.user, &shown.group),
         (&defaults.user, &defaults.group)
     );
+    // The file's own default: one budget for all its sidecars.
+    let budget = shown.queue_budget.as_ref().expect("a budget");
+    assert_eq!(budget.max_bytes() as u64, crate::file::DEFAULT_QUEUE_BUDGET);
+    let without = parse_sidecars(
+        &block.replace("queue_budget = \"256MiB\"", ""),
+        Path::new("/etc/pim"),
+    )
+    .expect("parses");
+    assert_eq!(
+        without[0]
+            .queue_budget
+            .as_ref()
+            .map(crate::QueueBudget::max_bytes),
+        Some(budget.max_bytes()),
+        "the README shows the default"
+    );
+}
+
+#[test]
+fn the_sidecars_of_a_file_share_one_queue_budget_which_may_be_off() {
+    let two = |budget: &str| {
+        format!(
+            "socket_dir = \"/run/pim\"\n{budget}\n\
+             [[sidecar]]\nname = \"a\"\npayload_kinds = [\"a.k\"]\nexternal = true\n\
+             [[sidecar]]\nname = \"b\"\npayload_kinds = [\"b.k\"]\nexternal = true\n"
+        )
+    };
+    let configs = parse_sidecars(&two("queue_budget = \"1MiB\""), Path::new("/")).unwrap();
+    let (a, b) = (
+        configs[0].queue_budget.clone().unwrap(),
+        configs[1].queue_budget.clone().unwrap(),
+    );
+    assert_eq!(a.max_bytes(), 1 << 20);
+    // Shared, not two budgets of the same size: a plugin's queue charges both.
+    let plugin = crate::SidecarPlugin::new(configs[0].clone()).unwrap();
+    block_on(pim_plugin::DaemonPlugin::handle_payload(
+        &plugin,
+        pim_core::NodeId::from_bytes([1; 16]),
+        "a.k",
+        bytes::Bytes::from_static(&[0; 100]),
+    ));
+    assert!(a.used() >= 100 && a.used() == b.used(), "{a:?} {b:?}");
+    drop(plugin);
+    assert_eq!(b.used(), 0, "a dropped plugin gives its share back");
+
+    let off = parse_sidecars(&two("queue_budget = \"off\""), Path::new("/")).unwrap();
+    assert!(off.iter().all(|c| c.queue_budget.is_none()));
+    let e = parse_sidecars(&two("queue_budget = 0"), Path::new("/")).unwrap_err();
+    assert!(e.to_string().contains("queue_budget"), "{e}");
+    let e = parse_sidecars(&two("queue_budget = \"lots\""), Path::new("/")).unwrap_err();
+    assert!(e.to_string().contains("queue_budget"), "{e}");
+}
+
+/// Runs a future that never waits (the bridge's `handle_payload`).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime")
+        .block_on(f)
 }
 
 #[test]
