@@ -660,6 +660,11 @@ impl AtRate {
         }
     }
 
+    /// Whether the p99 stayed within 1 ms.
+    fn holds(&self) -> bool {
+        self.latency.is_some_and(|(_, p99)| p99 <= 1_000_000)
+    }
+
     /// For the search's log lines.
     fn shown(&self) -> String {
         let cost = format!(
@@ -823,7 +828,7 @@ impl RateSearch {
 
     /// Records how the run at `rate` went.
     fn record(&mut self, rate: f64, result: &AtRate) {
-        let held = result.latency.is_some_and(|(_, p99)| p99 <= 1_000_000);
+        let held = result.holds();
         if self.floor_held.is_none() {
             self.floor_held = Some(held);
             self.first_p99 = result.latency.map(|(_, p99)| p99);
@@ -882,22 +887,40 @@ async fn sustainable(
     max_rate: f64,
 ) -> anyhow::Result<()> {
     let (secs, steps) = if smoke { (0.2, 1) } else { (5.0, 6) };
-    println!("\n# sustainable rate: the highest with p99 delivery latency <= 1 ms over {secs} s (search: {steps} steps between 1,000/s and the 64 B burst maximum)");
+    println!("\n# sustainable rate: the highest with p99 delivery latency <= 1 ms over {secs} s (search: {steps} steps between 1,000/s and the 64 B burst maximum; a rate that misses is tried twice)");
     let mut host = start_host(sidecar_config(dir, "-rate", false), dir).await?;
     for size in [64usize, 1024] {
+        // A rate that misses is tried once more, for both alike: on a busy
+        // machine one slow moment decides a single 5 s p99.
         let mut raw = RateSearch::new(max_rate, steps);
         let mut run = 0;
         while let Some(rate) = raw.next() {
-            run += 1;
-            let result = raw_at(dir, size, rate, secs, size * 100 + run).await?;
-            println!("  raw  {size} B at {:>7.0}/s: {}", rate, result.shown());
-            raw.record(rate, &result);
+            let mut result = None;
+            for _ in 0..2 {
+                run += 1;
+                let r = raw_at(dir, size, rate, secs, size * 100 + run).await?;
+                println!("  raw  {size} B at {:>7.0}/s: {}", rate, r.shown());
+                let held = r.holds();
+                result = Some(r);
+                if held {
+                    break;
+                }
+            }
+            raw.record(rate, result.as_ref().expect("one run at least"));
         }
         let mut ours = RateSearch::new(max_rate, steps);
         while let Some(rate) = ours.next() {
-            let result = ours_at(&mut host, size, rate, secs).await?;
-            println!("  ours {size} B at {:>7.0}/s: {}", rate, result.shown());
-            ours.record(rate, &result);
+            let mut result = None;
+            for _ in 0..2 {
+                let r = ours_at(&mut host, size, rate, secs).await?;
+                println!("  ours {size} B at {:>7.0}/s: {}", rate, r.shown());
+                let held = r.holds();
+                result = Some(r);
+                if held {
+                    break;
+                }
+            }
+            ours.record(rate, result.as_ref().expect("one run at least"));
         }
         let (ours_rate, raw_rate) = (ours.result(), raw.result());
         report.row(
@@ -1229,39 +1252,99 @@ fn status_kib(field: &str) -> u64 {
 
 /// `pim-bench memory`: in a fresh process, fills the queue of a stalled
 /// sidecar past its bound and prints `rss <baseline KiB> <peak KiB> <bound KiB>`.
-async fn memory_probe(bound_mib: usize) -> anyhow::Result<()> {
+/// `pim-bench memory <bound MiB> [plugins]`: `plugins` stalled sidecars
+/// (1 by default), each queue bounded at `bound` MiB; with more than one,
+/// they share a [`pim_plugin_bridge::QueueBudget`] of `bound` MiB. Pushes 3x
+/// the bound to each, round robin; prints the RSS before and at its peak,
+/// and what should bound the growth (KiB).
+async fn memory_probe(bound_mib: usize, plugins: usize) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("pim-bench-mem-")
         .tempdir()?;
-    let mut config = sidecar_config(dir.path(), "", true);
-    config.queue.max_events = 1 << 22;
-    config.queue.max_bytes = bound_mib << 20;
-    config.shutdown_grace = Duration::from_millis(100);
-    config.term_grace = Duration::from_millis(100);
-    let host = start_host(config, dir.path()).await?;
+    let budget = (plugins > 1).then(|| pim_plugin_bridge::QueueBudget::new(bound_mib << 20));
+    let mut hosts = Vec::new();
+    for i in 0..plugins.max(1) {
+        let mut config = sidecar_config(dir.path(), &format!("-mem{i}"), true);
+        config.name = format!("mem{i}");
+        config.payload_kinds = ["data", "cmd", "ping"]
+            .map(|k| format!("mem{i}.{k}"))
+            .to_vec();
+        config.queue.max_events = 1 << 22;
+        config.queue.max_bytes = bound_mib << 20;
+        config.queue_budget = budget.clone();
+        config.shutdown_grace = Duration::from_millis(100);
+        config.term_grace = Duration::from_millis(100);
+        hosts.push(start_host(config, dir.path()).await?);
+    }
     let baseline = status_kib("VmRSS:");
     let src = NodeId::from_bytes([2; 16]);
     let body = vec![3u8; 1024];
     let total = 3 * (bound_mib << 20) / 1024;
     for _ in 0..total {
-        host.plugin
-            .handle_payload(src, "bench.data", Bytes::copy_from_slice(&body))
-            .await;
+        for host in &hosts {
+            host.plugin
+                .handle_payload(src, &host.data, Bytes::copy_from_slice(&body))
+                .await;
+        }
     }
-    let stats = host.plugin.stats();
-    anyhow::ensure!(stats.queue.dropped_overflow > 0, "the queue never filled");
+    for host in &hosts {
+        let stats = host.plugin.stats();
+        anyhow::ensure!(stats.queue.dropped_overflow > 0, "a queue never filled");
+        anyhow::ensure!(
+            budget.is_none() || stats.queue.dropped_budget > 0,
+            "the budget never bound"
+        );
+    }
     let peak = status_kib("VmHWM:");
     println!("rss {baseline} {peak} {}", bound_mib * 1024);
-    host.stop().await;
+    for host in hosts {
+        host.stop().await;
+    }
     Ok(())
 }
 
 async fn memory(report: &mut Report, smoke: bool) -> anyhow::Result<()> {
     let bound_mib = if smoke { 8 } else { 64 };
-    println!("\n# daemon-side memory with a stalled sidecar and a full queue ({bound_mib} MiB bound, 1 KiB payloads, 3x the bound pushed)");
+    println!("\n# daemon-side memory with stalled sidecars and full queues ({bound_mib} MiB bound, 1 KiB payloads, 3x the bound pushed to each)");
+    let growth = memory_run(bound_mib, 1).await?;
+    report.row(
+        "peak RSS growth with a full queue",
+        format!("{:.1} MiB", growth as f64 / 1024.0),
+        format!("bound {bound_mib} MiB"),
+        format!("{:.2}x", growth as f64 / (bound_mib * 1024) as f64),
+        Target::at_most(
+            growth as f64,
+            1.1 * (bound_mib * 1024) as f64,
+            "<= bound + 10%",
+        ),
+    );
+    // Four plugins, each bounded at `bound`, sharing a budget of `bound`:
+    // without the budget they could hold 4x. What the queues do not count
+    // (each plugin's connection, its stream's messages in flight, its
+    // server) is about 2 MiB per plugin.
+    let plugins = 4;
+    let growth = memory_run(bound_mib, plugins).await?;
+    let allowed = 1.1 * (bound_mib * 1024) as f64 + (plugins * 2048) as f64;
+    report.row(
+        &format!("  {plugins} stalled, sharing a queue budget"),
+        format!("{:.1} MiB", growth as f64 / 1024.0),
+        format!("budget {bound_mib} MiB"),
+        format!("{:.2}x", growth as f64 / (bound_mib * 1024) as f64),
+        Target::at_most(
+            growth as f64,
+            allowed,
+            "<= budget + 10% + 2 MiB a plugin; own bounds 4x budget",
+        ),
+    );
+    Ok(())
+}
+
+/// Runs the memory probe in a fresh process; the peak RSS growth, KiB.
+async fn memory_run(bound_mib: usize, plugins: usize) -> anyhow::Result<u64> {
     let out = tokio::process::Command::new(std::env::current_exe()?)
         .arg("memory")
         .arg(bound_mib.to_string())
+        .arg(plugins.to_string())
         .kill_on_drop(true)
         .output()
         .await?;
@@ -1280,15 +1363,8 @@ async fn memory(report: &mut Report, smoke: bool) -> anyhow::Result<()> {
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    let growth = f[1].saturating_sub(f[0]);
-    report.row(
-        "peak RSS growth with a full queue",
-        format!("{:.1} MiB", growth as f64 / 1024.0),
-        format!("bound {:.0} MiB", f[2] as f64 / 1024.0),
-        format!("{:.2}x", growth as f64 / f[2] as f64),
-        Target::at_most(growth as f64, 1.1 * f[2] as f64, "<= bound + 10%"),
-    );
-    Ok(())
+    anyhow::ensure!(f.len() == 3, "unexpected memory probe output: {line}");
+    Ok(f[1].saturating_sub(f[0]))
 }
 
 async fn bench(smoke: bool) -> anyhow::Result<Report> {
@@ -1439,7 +1515,8 @@ fn main() -> ExitCode {
     }
     if args.first().map(String::as_str) == Some("memory") {
         let mib = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(64);
-        return match runtime.block_on(memory_probe(mib)) {
+        let plugins = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(1);
+        return match runtime.block_on(memory_probe(mib, plugins)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("memory probe: {e:#}");

@@ -171,7 +171,7 @@ impl Sidecar for Bench {
                     .take();
                 let mut samples = samples.unwrap_or_default();
                 let count = samples.len();
-                format!("lat {} {count}", encode(&mut samples))
+                format!("lat {} {count}", encode(warm(&mut samples)))
             }
             Some("rtt") => {
                 let floor = words.next().unwrap_or_default();
@@ -188,6 +188,14 @@ impl Sidecar for Bench {
             .await?;
         Ok(())
     }
+}
+
+/// Latency samples without the first ones (100, at most a tenth): a
+/// fresh process's first events meet cold code and caches. Ours and the
+/// floor's alike.
+fn warm(samples: &mut [u64]) -> &mut [u64] {
+    let skip = 100.min(samples.len() / 10);
+    &mut samples[skip..]
 }
 
 /// `pim-bench sidecar`: run as the benchmark's sidecar.
@@ -248,7 +256,7 @@ pub(crate) fn floor_client(socket: &str, n: u64, latency: bool) -> anyhow::Resul
             seen += batch.events.len() as u64;
         }
         if latency {
-            println!("lat {}", encode(&mut samples));
+            println!("lat {}", encode(warm(&mut samples)));
         }
         client
             .ack(pb::AckRequest {

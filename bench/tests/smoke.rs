@@ -45,6 +45,7 @@ fn the_benchmark_runs_end_to_end_in_smoke_mode() {
         "SendRouted round trip",
         "spawn -> registered",
         "peak RSS growth with a full queue",
+        "stalled, sharing a queue budget",
         "the sidecar logging each payload at INFO",
         "raw tonic stream at 1,000/s (floor)",
         "half a raw Unix-socket ping-pong",
@@ -73,7 +74,7 @@ fn the_benchmark_runs_end_to_end_in_smoke_mode() {
         .find(|l| l.starts_with("python phase skipped:"))
     {
         eprintln!("SKIPPED the Python phase's rows: {why}");
-        51
+        52
     } else {
         for section in [
             "Python sidecar throughput, 64 B",
@@ -81,7 +82,7 @@ fn the_benchmark_runs_end_to_end_in_smoke_mode() {
         ] {
             assert!(stdout.contains(section), "no `{section}` in:\n{stdout}");
         }
-        54
+        55
     };
     assert!(
         stdout.contains(&format!("smoke run: {figures} figures printed")),
