@@ -1,6 +1,6 @@
 """The raw grpcio floor for the Python sidecar's delivery throughput: reads
 n events from a plain tonic Events stream (`pim-bench`'s floor server at
-<socket>), only counting them (each one's seq is read), then acks once so
+<socket>), only counting them (each one's seq, src, kind and body are read), then acks once so
 the server sees the end.
 
     floor_client.py <socket> <n>
@@ -30,9 +30,11 @@ def main(socket_path, n):
     session = pim_sidecar.session_grpc.PluginSessionStub(channel)
     seen = 0
     for batch in session.Events(pim_sidecar.session_pb.EventsRequest()):
-        # Each event is looked at (as any consumer must), nothing more.
+        # Each event's fields are read (as any consumer that hands them to
+        # a handler must), nothing more.
         for ev in batch.events:
-            if ev.seq:
+            p = ev.payload
+            if ev.seq and (p.src, p.kind, p.body):
                 seen += 1
         if seen >= n:
             break

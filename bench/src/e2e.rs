@@ -150,7 +150,11 @@ pub(crate) async fn end_to_end(
         "CPU per ping at 1,000/s (daemon + sidecar)",
         format!("{:.1} µs", polling.cpu_per_ping_us),
         format!("no poll {:.1} µs", quiet.cpu_per_ping_us),
-        format!("{:.2}x", polling.cpu_per_ping_us / quiet.cpu_per_ping_us),
+        if quiet.cpu_per_ping_us > 0.0 {
+            format!("{:.2}x", polling.cpu_per_ping_us / quiet.cpu_per_ping_us)
+        } else {
+            String::new()
+        },
         None,
     );
     // CPU time is counted in clock ticks: below one tick over the idle

@@ -22,16 +22,11 @@ pub(crate) async fn python(report: &mut Report, scale: Scale, dir: &Path) -> any
     let smoke = scale.spawns < 10;
     let (n, rtts) = if smoke { (500, 100) } else { (20_000, 2_000) };
     println!("\n# the Python sidecar (examples/python, grpcio) beside raw grpcio in the same run, 64 B payloads");
-    let python = match tokio::task::spawn_blocking(pim_sidecar_examples::python).await? {
-        Ok(python) => python,
-        Err(why) => {
-            anyhow::ensure!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true and {why}"
-            );
-            println!("python phase skipped: {why}");
-            return Ok(());
-        }
+    let python =
+        tokio::task::spawn_blocking(|| pim_sidecar_examples::python_or_skip("the python phase"))
+            .await?;
+    let Some(python) = python else {
+        return Ok(());
     };
     let mut config = sidecar_config(dir, "-py", false);
     config.payload_kinds = vec!["bench.data".into(), "bench.cmd".into()];

@@ -71,7 +71,7 @@ fn the_benchmark_runs_end_to_end_in_smoke_mode() {
     // (under CI=true it fails instead, and so does this test).
     let figures = if let Some(why) = stdout
         .lines()
-        .find(|l| l.starts_with("python phase skipped:"))
+        .find(|l| l.starts_with("SKIPPED the python phase:"))
     {
         eprintln!("SKIPPED the Python phase's rows: {why}");
         52

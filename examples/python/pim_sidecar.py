@@ -334,6 +334,16 @@ def _register(host, sidecar, token_file, give_up_after, takeover=False):
             delay = min(delay * 2, 2.0)
 
 
+def _payload_ok(src, kind, body):
+    """Whether a payload keeps the wire's limits (the per-payload check)."""
+    return (
+        len(src) == NODE_ID_BYTES
+        and 0 < len(kind) <= MAX_KIND_BYTES
+        and len(body) <= MAX_BODY_BYTES
+        and kind.isascii()
+    )
+
+
 def _check_payload(seq, src, kind, body):
     """Raises ValueError, naming the field, for a payload the wire forbids."""
     if len(src) != NODE_ID_BYTES:
@@ -394,12 +404,16 @@ def _handle(sidecar, src, kind, body, seq, instance):
     logged. The first call is the fast path: no loop, no sleep."""
     global _current
     _current = (seq, instance)
+    retry = False
     try:
         sidecar.handle_payload(src, kind, body)
     except Retry:
-        _retry(sidecar, src, kind, body, seq)
+        retry = True  # retried below, outside this handler of the exception
     except Exception as e:  # noqa: BLE001 - the event still counts as handled
         log("WARN", f"handle_payload failed on seq {seq}: {e}")
+    try:
+        if retry:
+            _retry(sidecar, src, kind, body, seq)
     finally:
         _current = None
 
@@ -481,13 +495,9 @@ def run(sidecar):
                         # runs for every payload.
                         p = ev.payload
                         src, kind, body = p.src, p.kind, p.body
-                        if (
-                            len(src) != NODE_ID_BYTES
-                            or not 0 < len(kind) <= MAX_KIND_BYTES
-                            or len(body) > MAX_BODY_BYTES
-                            or not kind.isascii()
-                        ):
-                            _check_payload(seq, src, kind, body)  # raises, naming the field
+                        if not _payload_ok(src, kind, body):
+                            _check_payload(seq, src, kind, body)  # names the field
+                            raise ValueError(f"event {seq}: invalid payload")
                         sigterm.in_handler = True
                         try:
                             _handle(sidecar, src, kind, body, seq, instance)

@@ -2,6 +2,7 @@
 of a handler that raises Retry, payload checks, and that a failing handler
 does not stop delivery. Run by tests/python.rs (`python -m unittest`)."""
 
+import sys
 import unittest
 from unittest import mock
 
@@ -94,6 +95,32 @@ class CheckPayloadTests(unittest.TestCase):
 
     def test_a_payload_at_the_limits_passes(self):
         pim_sidecar._check_payload(5, SRC, "k" * 255, bytes(65535))
+        self.assertTrue(pim_sidecar._payload_ok(SRC, "k" * 255, bytes(65535)))
+
+    def test_the_quick_check_refuses_what_the_named_check_refuses(self):
+        for src, kind, body in [
+            (bytes(15), "a.b", b""),
+            (SRC, "", b""),
+            (SRC, "k" * 256, b""),
+            (SRC, "ké", b""),
+            (SRC, "a.b", bytes(65536)),
+        ]:
+            self.assertFalse(pim_sidecar._payload_ok(src, kind, body))
+            with self.assertRaises(ValueError):
+                pim_sidecar._check_payload(5, src, kind, body)
+
+    def test_a_handler_retried_does_not_see_the_first_retry_as_its_context(self):
+        seen = []
+
+        class Look(Flaky):
+            def handle_payload(self, src, kind, body):
+                seen.append(sys.exc_info()[0])
+                super().handle_payload(src, kind, body)
+
+        s = Look(1)
+        with mock.patch.object(pim_sidecar.time, "sleep"):
+            pim_sidecar._handle(s, SRC, "flaky.data", b"x", 7, "host-1")
+        self.assertEqual(seen, [None, None])
 
 
 if __name__ == "__main__":

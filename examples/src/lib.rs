@@ -108,6 +108,23 @@ pub fn python() -> Result<PathBuf, String> {
     }
 }
 
+/// [`python`] for a test or a benchmark phase that needs it: outside CI a
+/// missing Python prints `SKIPPED <what>: <why>` and gives `None`; under
+/// `CI=true` nothing may skip, and it panics with the reason.
+pub fn python_or_skip(what: &str) -> Option<PathBuf> {
+    match python() {
+        Ok(python) => Some(python),
+        Err(why) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and {why}"
+            );
+            println!("SKIPPED {what}: {why}");
+            None
+        }
+    }
+}
+
 /// What the sandbox must let a Python sidecar read besides the system:
 /// `examples/python`, `extra` (the directory of a script elsewhere), the
 /// virtual environment and the installation it was made from.
