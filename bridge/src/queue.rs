@@ -32,10 +32,13 @@ pub const EVENT_OVERHEAD_BYTES: usize = 96;
 /// share drops that plugin's oldest payloads (never another plugin's) and
 /// counts them in [`QueueStats::dropped_budget`]; a plugin within its share
 /// always gets room. So a stalled or flooded plugin cannot take the
-/// others' room, and the total stays within the budget except briefly,
-/// while plugins within their share take room that an over-share plugin
-/// gives back on its next payload (at most the budget again). Lifecycle
-/// events are never dropped.
+/// others' room. The price is the bound: plugins within their share may
+/// take room while over-share plugins still hold theirs, which they give
+/// back on their next payload (or their sidecar's acks) and not before, so
+/// the total stays below twice the budget, not below the budget; pushes to
+/// different plugins at the same moment may each add one event more. With
+/// a budget smaller than one event per plugin, a plugin over its share
+/// keeps only the newest payload. Lifecycle events are never dropped.
 ///
 /// Clones share one budget: give a clone to each plugin's
 /// [`SidecarConfig::queue_budget`](crate::SidecarConfig::queue_budget).
