@@ -2,15 +2,17 @@
 //! in the same run, printed as figures and ratios.
 //!
 //! ```text
-//! cargo run --release -p pim-sidecar-bench            # the full run (about a minute)
+//! cargo run --release -p pim-sidecar-bench            # the full run (about ten minutes on two cores)
 //! cargo run --release -p pim-sidecar-bench -- --smoke # tiny counts, no targets
 //! cargo run --release -p pim-sidecar-bench -- --only throughput   # one phase:
 //!     # cost, throughput, latency, sustainable, rtt, e2e, python, spawn, memory or many
+//! target/release/pim-bench at 64 20000 3              # one rate of the sustainable search
 //! ```
 //!
 //! The same executable is also the benchmark's sidecar (`pim-bench
-//! sidecar`), the raw stream floor's client (`pim-bench floor-client`) and
-//! the memory probe (`pim-bench memory`), each a separate process.
+//! sidecar`), the raw stream floor's client (`pim-bench floor-client`),
+//! the memory probe (`pim-bench memory`) and the many-sidecars probe
+//! (`pim-bench many`), each a separate process.
 
 mod e2e;
 mod floor;
