@@ -624,11 +624,7 @@ async fn half_ping_pong(host: &mut Host, dir: &Path, n: usize) -> anyhow::Result
         ))
         .await?;
     // `rtt` answers five median/p99 pairs; the ping-pong is the last one.
-    let f: Vec<u64> = reply
-        .split(' ')
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let f = crate::stats::numbers(&reply);
     anyhow::ensure!(f.len() >= 10, "unexpected rtt reply: {reply}");
     Ok(f[6] / 2)
 }
@@ -683,11 +679,17 @@ impl AtRate {
 }
 
 /// Pushes `size` B payloads to our sidecar at `rate`/s for `secs`; their
-/// delivery latency. A backlog of unacked payloads of more than 100 ms'
-/// worth (at least 10,000) ends the run early: that rate is not
-/// sustainable (acks lag delivery by the SDK's ack interval, so a smaller
-/// backlog is not yet a sign).
-async fn ours_at(host: &mut Host, size: usize, rate: f64, secs: f64) -> anyhow::Result<AtRate> {
+/// delivery latency. With `cut_short`, a backlog of unacked payloads of
+/// more than 100 ms' worth (at least 10,000) ends the run early: that rate
+/// is not sustainable (acks lag delivery by the SDK's ack interval, so a
+/// smaller backlog is not yet a sign).
+async fn ours_at(
+    host: &mut Host,
+    size: usize,
+    rate: f64,
+    secs: f64,
+    cut_short: bool,
+) -> anyhow::Result<AtRate> {
     host.command("lat-start").await?;
     let meter = AtRate::meter(
         [std::process::id()]
@@ -714,18 +716,14 @@ async fn ours_at(host: &mut Host, size: usize, rate: f64, secs: f64) -> anyhow::
             sent += 1;
         }
         let (newest, acked) = host.plugin.progress();
-        if newest - acked > (100 * per_ms).max(10_000) {
+        if cut_short && newest - acked > (100 * per_ms).max(10_000) {
             behind = true;
             break;
         }
     }
     host.wait_acked(base + sent).await;
     let reply = host.command("lat-report").await?;
-    let f: Vec<u64> = reply
-        .split(' ')
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let f = crate::stats::numbers(&reply);
     Ok(meter(sent, (!behind && f.len() >= 2).then(|| (f[0], f[1]))))
 }
 
@@ -781,14 +779,11 @@ async fn raw_at(
     let measured = meter(n, None);
     let out = client.wait_with_output().await?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let f: Vec<u64> = text
-        .lines()
-        .find(|l| l.starts_with("lat "))
-        .ok_or_else(|| anyhow::anyhow!("the floor client printed no figures: {text}"))?
-        .split(' ')
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let f = crate::stats::numbers(
+        text.lines()
+            .find(|l| l.starts_with("lat "))
+            .ok_or_else(|| anyhow::anyhow!("the floor client printed no figures: {text}"))?,
+    );
     anyhow::ensure!(f.len() >= 2, "the floor client printed no figures: {text}");
     Ok(AtRate {
         latency: Some((f[0], f[1])),
@@ -897,7 +892,7 @@ async fn at_rate(size: usize, rate: f64, runs: usize) -> anyhow::Result<()> {
     for run in 0..runs {
         let raw = raw_at(dir.path(), size, rate, 5.0, run).await?;
         println!("raw  {size} B at {rate:.0}/s: {}", raw.shown());
-        let ours = ours_at(&mut host, size, rate, 5.0).await?;
+        let ours = ours_at(&mut host, size, rate, 5.0, true).await?;
         println!("ours {size} B at {rate:.0}/s: {}", ours.shown());
     }
     host.stop().await;
@@ -954,7 +949,7 @@ async fn sustainable(
         let mut ours = RateSearch::new(max_rate, steps);
         while let Some(rate) = ours.next() {
             let result = try_twice(&format!("ours {size} B"), rate, async || {
-                ours_at(&mut host, size, rate, secs).await
+                ours_at(&mut host, size, rate, secs, true).await
             })
             .await?;
             ours.record(rate, &result);
@@ -989,7 +984,6 @@ async fn latency(
 ) -> anyhow::Result<()> {
     println!("\n# delivery latency, handle_payload -> sidecar handler (64 B bodies)");
     let mut host = start_host(sidecar_config(dir, "-lat", false), dir).await?;
-    let src = NodeId::from_bytes([2; 16]);
     let light_ticks = (scale.latency_secs * 1000.0) as u64;
     let (floor_median, floor_p99) = raw_stream_latency(dir, light_ticks).await?;
     report.row(
@@ -1011,31 +1005,13 @@ async fn latency(
         ("light load, 1,000/s", 1000.0),
         ("80% of max throughput", 0.8 * max_rate),
     ] {
-        host.command("lat-start").await?;
-        let per_ms = (rate / 1000.0).max(1.0) as u64;
-        let ticks = (scale.latency_secs * 1000.0) as u64;
-        let base = host.plugin.progress().0;
-        let mut interval = tokio::time::interval(Duration::from_millis(1));
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        let mut sent = 0;
-        for _ in 0..ticks {
-            interval.tick().await;
-            for _ in 0..per_ms {
-                let mut body = [0u8; 64];
-                body[..8].copy_from_slice(&mono_ns().to_le_bytes());
-                host.plugin
-                    .handle_payload(src, &host.data, Bytes::copy_from_slice(&body))
-                    .await;
-                sent += 1;
-            }
-        }
-        host.wait_acked(base + sent).await;
-        let reply = host.command("lat-report").await?;
-        let f: Vec<u64> = reply
-            .split(' ')
-            .skip(1)
-            .filter_map(|v| v.parse().ok())
-            .collect();
+        // Not cut short: at 80% of the burst maximum the backlog grows, and
+        // how far is the figure.
+        let f = ours_at(&mut host, 64, rate, scale.latency_secs, false)
+            .await?
+            .latency
+            .ok_or_else(|| anyhow::anyhow!("the bench sidecar reported no latencies"))?;
+        let f = [f.0, f.1];
         if rate > 1000.0 {
             report.row(
                 &format!("latency at {label} ({:.0}/s)", rate),
@@ -1092,11 +1068,7 @@ async fn round_trips(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::R
         ))
         .await?;
     host.stop().await;
-    let f: Vec<u64> = reply
-        .split(' ')
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let f = crate::stats::numbers(&reply);
     anyhow::ensure!(f.len() == 10, "bad rtt reply: {reply}");
     let (raw_med, raw_p99) = (f[4], f[5]);
     report.row(
@@ -1197,32 +1169,16 @@ async fn run_spawn_probe(
     sandbox: bool,
     n: usize,
 ) -> anyhow::Result<(u64, u64, u64)> {
-    let out = tokio::process::Command::new(std::env::current_exe()?)
-        .env("PIM_BENCH_ECHO", echo_sidecar()?)
-        .args([
-            "spawn",
-            &ballast_mib.to_string(),
-            if sandbox { "on" } else { "off" },
-            &n.to_string(),
-        ])
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let f: Vec<u64> = text
-        .lines()
-        .find(|l| l.starts_with("spawn "))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "the spawn probe failed: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?
-        .split(' ')
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    anyhow::ensure!(f.len() == 3, "the spawn probe printed {text}");
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.env("PIM_BENCH_ECHO", echo_sidecar()?).args([
+        "spawn",
+        &ballast_mib.to_string(),
+        if sandbox { "on" } else { "off" },
+        &n.to_string(),
+    ]);
+    let line = crate::stats::probe_line(command, "spawn ", "the spawn probe").await?;
+    let f = crate::stats::numbers(&line);
+    anyhow::ensure!(f.len() == 3, "the spawn probe printed {line}");
     Ok((f[0], f[1], f[2]))
 }
 
@@ -1378,28 +1334,10 @@ async fn memory(report: &mut Report, smoke: bool) -> anyhow::Result<()> {
 
 /// Runs the memory probe in a fresh process; the peak RSS growth, KiB.
 async fn memory_run(bound_mib: usize, plugins: usize) -> anyhow::Result<u64> {
-    let out = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("memory")
-        .arg(bound_mib.to_string())
-        .arg(plugins.to_string())
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("rss "))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "the memory probe failed: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    let f: Vec<u64> = line
-        .split(' ')
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.args(["memory", &bound_mib.to_string(), &plugins.to_string()]);
+    let line = crate::stats::probe_line(command, "rss ", "the memory probe").await?;
+    let f = crate::stats::numbers(&line);
     anyhow::ensure!(f.len() == 3, "unexpected memory probe output: {line}");
     Ok(f[1].saturating_sub(f[0]))
 }

@@ -182,7 +182,7 @@ pub(crate) async fn probe(n: usize, idle_secs: f64, payloads: u64) -> anyhow::Re
 /// 64 B payloads to `host` at 1,000/s for `ticks` ms; the sidecar's
 /// delivery latency, `(median, p99)` ns.
 async fn light_load(host: &mut super::Host, ticks: u64) -> anyhow::Result<(u64, u64)> {
-    super::ours_at(host, 64, 1000.0, ticks as f64 / 1000.0)
+    super::ours_at(host, 64, 1000.0, ticks as f64 / 1000.0, true)
         .await?
         .latency
         .ok_or_else(|| anyhow::anyhow!("the sidecar fell behind at 1,000/s"))
@@ -201,26 +201,15 @@ impl Figures {
 }
 
 async fn run_probe(n: usize, idle_secs: f64, payloads: u64) -> anyhow::Result<Figures> {
-    let out = tokio::process::Command::new(std::env::current_exe()?)
-        .args([
-            "many",
-            &n.to_string(),
-            &idle_secs.to_string(),
-            &payloads.to_string(),
-        ])
-        .kill_on_drop(true)
-        .output()
-        .await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("many "))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "the many-sidecars probe ({n}) failed: {text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command.args([
+        "many",
+        &n.to_string(),
+        &idle_secs.to_string(),
+        &payloads.to_string(),
+    ]);
+    let what = format!("the many-sidecars probe ({n})");
+    let line = crate::stats::probe_line(command, "many ", &what).await?;
     Ok(Figures(
         line.split(' ')
             .skip(1)

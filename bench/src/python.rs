@@ -61,11 +61,7 @@ pub(crate) async fn python(report: &mut Report, scale: Scale, dir: &Path) -> any
     let reply = host
         .command(&format!("rtt {} {rtts}", sock.display()))
         .await?;
-    let f: Vec<u64> = reply
-        .split(' ')
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let f = crate::stats::numbers(&reply);
     anyhow::ensure!(
         f.len() == 4,
         "unexpected reply from the Python sidecar: {reply}"

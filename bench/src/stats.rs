@@ -21,6 +21,36 @@ pub(crate) fn median_p99(samples: &mut [u64]) -> (u64, u64) {
     (at(0.5), at(0.99))
 }
 
+/// The numbers after the first word of a reply or a probe's line
+/// (`lat 123 456` → `[123, 456]`); words that are not numbers are skipped.
+pub(crate) fn numbers(line: &str) -> Vec<u64> {
+    line.split(' ')
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
+/// Runs `pim-bench <args>` as a fresh process (a probe) and returns the
+/// line of its output that starts with `prefix`; the error names `what`
+/// and carries all it printed.
+pub(crate) async fn probe_line(
+    mut command: tokio::process::Command,
+    prefix: &str,
+    what: &str,
+) -> anyhow::Result<String> {
+    let out = command.kill_on_drop(true).output().await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{what} failed: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
 /// Median and 99th percentile as "a b" (the wire form between processes).
 pub(crate) fn encode(samples: &mut [u64]) -> String {
     let (m, p) = median_p99(samples);
