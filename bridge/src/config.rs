@@ -245,11 +245,11 @@ pub struct SidecarConfig {
     pub allowed_uids: Vec<u32>,
     /// Bounds on connections to the socket.
     pub connections: ConnectionLimits,
-    /// Serve the socket from the daemon's socket-server threads (the
-    /// default): one per CPU (at most 4) shared by all plugins, each with a
-    /// single-threaded runtime, which answers a sidecar's calls without
-    /// hand-overs between the daemon's runtime threads; `false` serves it
-    /// on the daemon's runtime.
+    /// Serve the socket from the daemon's socket-server runtime (the
+    /// default): one worker thread per CPU (at most 4) shared by all
+    /// plugins, apart from the daemon's own runtime so that a busy daemon
+    /// loop does not delay a sidecar's calls; `false` serves it on the
+    /// daemon's runtime.
     pub server_thread: bool,
     /// Event queue bounds.
     pub queue: QueueLimits,

@@ -2,7 +2,6 @@
 //! services, health, and reflection (v1 and v1alpha).
 
 use std::any::Any;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use pim_plugin_proto::limits::MAX_MESSAGE_BYTES;
@@ -117,10 +116,8 @@ pub(crate) fn serve(
     if !host.config.server_thread {
         return Ok(tokio::spawn(serve(listener)));
     }
-    // On one of the daemon's socket-server threads: a sidecar's call is
-    // read, served and answered on one thread, with no hand-over between the
-    // daemon runtime's I/O driver and its workers. The listener moves to
-    // that thread's runtime so its connections are driven there.
+    // On the daemon's socket-server runtime. The listener moves to that
+    // runtime so its connections are driven there.
     let listener = listener.into_std()?;
     let runtime = server_runtime()?;
     let hard_stop = CancellationToken::new();
@@ -148,42 +145,33 @@ pub(crate) fn serve(
     }))
 }
 
-/// The daemon's socket-server threads, shared by all its plugins, started
-/// at the first plugin: one per CPU, at most [`MAX_SERVER_THREADS`], each
-/// with a single-threaded runtime, so that the daemon's thread count does
-/// not grow with its plugins. Each call hands out the next one, round robin.
-/// A plugin's server is all asynchronous: a plugin whose sidecar stalls or
-/// floods its socket holds no thread, and the kernel and the runtime's
-/// fair scheduling share a thread's time between the plugins on it.
+/// The daemon's socket-server runtime, shared by all its plugins, started
+/// at the first plugin: one worker thread per CPU, at most
+/// [`MAX_SERVER_THREADS`], so that the daemon's thread count does not grow
+/// with its plugins. Its workers steal work from each other, so no plugin
+/// is bound to one thread: with several busy plugins, whichever worker the
+/// kernel runs serves whichever plugin is ready (with a single-threaded
+/// runtime per thread, the plugins of a thread that got less CPU got half
+/// the share of the others). A plugin's server is all asynchronous: a
+/// plugin whose sidecar stalls or floods its socket holds no thread.
 fn server_runtime() -> std::io::Result<tokio::runtime::Handle> {
-    static THREADS: OnceLock<Result<Vec<tokio::runtime::Handle>, String>> = OnceLock::new();
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let threads = THREADS
+    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RUNTIME
         .get_or_init(|| {
             let n = std::thread::available_parallelism()
                 .map_or(1, usize::from)
                 .min(MAX_SERVER_THREADS);
-            (0..n).map(start_server_thread).collect()
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n)
+                .thread_name("pim-sidecar-server")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
         })
         .as_ref()
-        .map_err(|e| std::io::Error::other(format!("starting a socket-server thread: {e}")))?;
-    Ok(threads[NEXT.fetch_add(1, Ordering::Relaxed) % threads.len()].clone())
+        .map(|runtime| runtime.handle().clone())
+        .map_err(|e| std::io::Error::other(format!("starting the socket-server runtime: {e}")))
 }
 
 /// Most socket-server threads a daemon runs.
 const MAX_SERVER_THREADS: usize = 4;
-
-/// Starts socket-server thread `i`: a single-threaded runtime that runs
-/// for as long as the process does; returns its handle.
-fn start_server_thread(i: usize) -> Result<tokio::runtime::Handle, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let handle = runtime.handle().clone();
-    std::thread::Builder::new()
-        .name(format!("pim-sidecar-server-{i}"))
-        .spawn(move || runtime.block_on(std::future::pending::<()>()))
-        .map_err(|e| e.to_string())?;
-    Ok(handle)
-}

@@ -247,7 +247,7 @@ fn forget_later(host: &std::sync::Arc<super::Host>) {
 
 /// Returns the C allocator's free pages to the kernel (glibc's
 /// `malloc_trim`); nothing elsewhere. A few milliseconds at most, on a
-/// socket-server thread, once per drained burst.
+/// socket-server worker, once per drained burst.
 fn give_back_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim has no preconditions; it only releases memory the
