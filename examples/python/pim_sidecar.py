@@ -3,7 +3,8 @@
 Subclass `Sidecar`, then `sys.exit(run(MySidecar()))`. `run` reads the
 PIM_PLUGIN_* environment, connects to the plugin socket (with the
 `localhost` authority), registers, delivers events in order to your
-handlers, acks them, drops duplicates after a reconnect, and returns 0 on
+handlers, acks them (without waiting: one Ack in flight at a time, the
+newest position next), drops duplicates after a reconnect, and returns 0 on
 Shutdown (78 when the host refuses the registration, 1 when the host is
 gone for good). On SIGTERM it finishes the event in hand, acks, calls
 `shutdown` and returns 0. `Host` wraps every host RPC.
@@ -17,6 +18,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 import time
 
 import grpc
@@ -120,6 +122,10 @@ class Host:
         self.peers = peers_grpc.PeerDirectoryStub(self.channel)
         self.control = control_grpc.ControlSenderStub(self.channel)
         self.identity = identity_grpc.IdentitySecretsStub(self.channel)
+        # `ack_soon`: the newest position to ack, and whether an Ack is in flight.
+        self._ack_lock = threading.Lock()
+        self._ack_wanted = 0
+        self._ack_in_flight = False
 
     def set_token(self, token):
         self._metadata = [("authorization", f"Bearer {token}")]
@@ -137,7 +143,9 @@ class Host:
             metadata=self._metadata,
             timeout=10,
         )
-        self.session_id = resp.session_id
+        with self._ack_lock:
+            self.session_id = resp.session_id
+            self._ack_wanted = 0  # a new host instance numbers its events from 1
         return resp
 
     def events(self):
@@ -146,8 +154,45 @@ class Host:
         )
 
     def ack(self, seq):
+        """Acks everything up to `seq` and waits for the answer: the acked position."""
         req = session_pb.AckRequest(session_id=self.session_id, seq=seq)
         return self.session.Ack(req, metadata=self._metadata, timeout=10).acked_seq
+
+    def ack_soon(self, seq):
+        """Acks everything up to `seq` without waiting. At most one Ack is in
+        flight; when it is answered, the newest position asked for meanwhile
+        is sent, so the last one is always acked. A failed Ack is not sent
+        again: the event stream fails too, and the host replays after the
+        last ack that arrived."""
+        with self._ack_lock:
+            if seq <= self._ack_wanted:
+                return
+            self._ack_wanted = seq
+            if self._ack_in_flight:
+                return
+            self._ack_in_flight = True
+        self._send_ack()
+
+    def _send_ack(self):
+        with self._ack_lock:
+            seq, session_id = self._ack_wanted, self.session_id
+        req = session_pb.AckRequest(session_id=session_id, seq=seq)
+        future = self.session.Ack.future(req, metadata=self._metadata, timeout=10)
+        future.add_done_callback(lambda done: self._ack_done(done, seq))
+
+    def _ack_done(self, future, seq):
+        """On grpcio's thread: sends the newest position if it moved."""
+        error = future.exception() if not future.cancelled() else None
+        if error is not None and error.code() not in (
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.UNAVAILABLE,
+        ):
+            log("WARN", f"ack of seq {seq} failed: {error.code().name}: {error.details()}")
+        with self._ack_lock:
+            more = error is None and self._ack_wanted > seq
+            self._ack_in_flight = more
+        if more:
+            self._send_ack()
 
     def lookup_x25519(self, node):
         """The peer's X25519 key (32 bytes), or None when unknown."""
@@ -518,7 +563,7 @@ def run(sidecar):
                         return 0
                     last = seq
                     sigterm.check()
-                host.ack(last)
+                host.ack_soon(last)
             log("WARN", "the host closed the event stream")
         except _Terminated:
             return _terminated(host, sidecar, sigterm, last)

@@ -123,5 +123,97 @@ class CheckPayloadTests(unittest.TestCase):
         self.assertEqual(seen, [None, None])
 
 
+
+class FakeAckCall:
+    """An Ack in flight that the test answers."""
+
+    def __init__(self, seq):
+        self.seq = seq
+        self.callbacks = []
+        self.error = None
+
+    def add_done_callback(self, callback):
+        self.callbacks.append(callback)
+
+    def cancelled(self):
+        return False
+
+    def exception(self):
+        return self.error
+
+    def answer(self, error=None):
+        self.error = error
+        for callback in self.callbacks:
+            callback(self)
+
+
+class FakeSession:
+    """The PluginSession stub: records Acks sent, answers Register."""
+
+    def __init__(self):
+        self.sent = []
+        self.Ack = mock.Mock()
+        self.Ack.future = self._ack
+
+    def _ack(self, req, metadata, timeout):
+        self.sent.append(FakeAckCall(req.seq))
+        return self.sent[-1]
+
+    def Register(self, req, metadata, timeout):  # noqa: N802 - the stub's name
+        return mock.Mock(session_id="s2")
+
+
+class AckFailed(Exception):
+    def code(self):
+        return pim_sidecar.grpc.StatusCode.INVALID_ARGUMENT
+
+    def details(self):
+        return "bad seq"
+
+
+class AckSoonTests(unittest.TestCase):
+    def setUp(self):
+        self.host = pim_sidecar.Host("/nonexistent.sock", "t")
+        self.addCleanup(self.host.channel.close)
+        self.session = FakeSession()
+        self.host.session = self.session
+        logs = mock.patch.object(pim_sidecar, "log")
+        self.log = logs.start()
+        self.addCleanup(logs.stop)
+
+    def sent(self):
+        return [call.seq for call in self.session.sent]
+
+    def test_one_ack_in_flight_then_the_newest_position(self):
+        self.host.ack_soon(5)
+        self.host.ack_soon(6)
+        self.host.ack_soon(9)
+        self.assertEqual(self.sent(), [5], "no second Ack while one is in flight")
+        self.session.sent[0].answer()
+        self.assertEqual(self.sent(), [5, 9], "the newest, not each one")
+        self.session.sent[1].answer()
+        self.host.ack_soon(9)
+        self.host.ack_soon(3)
+        self.assertEqual(self.sent(), [5, 9], "nothing new to ack")
+        self.host.ack_soon(10)
+        self.assertEqual(self.sent(), [5, 9, 10])
+
+    def test_a_new_registration_acks_from_the_start_again(self):
+        self.host.ack_soon(9)
+        self.session.sent[0].answer()
+        self.host.register("p", ["p.k"])
+        self.host.ack_soon(3)
+        self.assertEqual(self.sent(), [9, 3])
+
+    def test_a_failed_ack_is_logged_and_the_next_position_is_sent(self):
+        self.host.ack_soon(5)
+        self.host.ack_soon(7)
+        self.session.sent[0].answer(AckFailed())
+        self.assertEqual(self.sent(), [5], "a failed Ack is not followed at once")
+        self.assertIn("ack of seq 5 failed: INVALID_ARGUMENT", self.log.call_args[0][1])
+        self.host.ack_soon(8)
+        self.assertEqual(self.sent(), [5, 8])
+
+
 if __name__ == "__main__":
     unittest.main()
