@@ -278,10 +278,14 @@ impl EventQueue {
     /// inbox (which is locked only for a swap of buffers).
     fn lock(&self) -> MutexGuard<'_, State> {
         let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let st = &mut *guard;
+        self.take_in(&mut guard);
+        guard
+    }
+
+    /// Moves the inbox's events to the stream side.
+    fn take_in(&self, st: &mut State) {
         swap_in(st, &mut self.lock_inbox());
         st.events.extend(st.spare.drain(..));
-        guard
     }
 
     /// Whether an event of `size` bytes does not fit without making room.
@@ -356,7 +360,19 @@ impl EventQueue {
             let seq = event.seq;
             inbox.events.push(event);
             self.newest.store(seq, Ordering::Release);
+            let spill = inbox.events.len() >= INBOX_SPILL;
             drop(inbox);
+            if spill {
+                // The stream side has not taken the inbox in for a while (a
+                // stalled sidecar, or one far behind): move its events over
+                // if nobody holds that side, so that the inbox and its spare
+                // buffer do not each grow to the whole backlog. Never waits.
+                match self.state.try_lock() {
+                    Ok(mut st) => self.take_in(&mut st),
+                    Err(std::sync::TryLockError::Poisoned(e)) => self.take_in(&mut e.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => {}
+                }
+            }
             self.announce(caught_up);
             return Pushed { seq, dropped: 0 };
         }
@@ -611,6 +627,10 @@ const TRIM_PER_HOLD: usize = 64;
 /// Room for events the queue keeps however empty it gets.
 const MIN_KEPT_CAPACITY: usize = 1024;
 
+/// Events in the inbox after which a push moves them to the stream side
+/// when it can do so without waiting.
+const INBOX_SPILL: usize = 1024;
+
 /// Sets its flag to false when dropped.
 struct ClearOnDrop<'a>(&'a AtomicBool);
 
@@ -686,6 +706,25 @@ mod tests {
         assert!(st.spare.capacity() <= MIN_KEPT_CAPACITY);
         drop(st);
         assert!(q.lock_inbox().events.capacity() <= MIN_KEPT_CAPACITY);
+    }
+
+    /// With nobody reading, the inbox does not hold the backlog: pushes move
+    /// it to the stream side, so the queue's bookkeeping is one copy of it.
+    #[test]
+    fn an_unread_queue_keeps_its_inbox_small() {
+        let q = EventQueue::new(QueueLimits::default());
+        for i in 0..20_000u32 {
+            q.push(payload((i % 256) as u8, 8));
+        }
+        let inbox = q.lock_inbox().events.capacity();
+        assert!(inbox <= 2 * INBOX_SPILL, "inbox room {inbox}");
+        let st = q.lock();
+        assert_eq!(st.events.len(), 20_000);
+        assert!(
+            st.spare.capacity() <= 2 * INBOX_SPILL,
+            "spare room {}",
+            st.spare.capacity()
+        );
     }
 
     #[test]
