@@ -224,8 +224,9 @@ const FORGET_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// still caught up (a burst has drained, nothing new came), forgets every
 /// acked event and gives the queue's room and the allocator's free pages
 /// back. Not at once: while a producer keeps pushing, a long clean-up would
-/// hold the queue's lock against the daemon's `handle_payload` (its p99 grew
-/// tenfold); pushes and acks trim a few events each meanwhile.
+/// hold the queue's stream-side lock against the Events stream and Acks
+/// (and, when pushes shared that lock, made `handle_payload`'s p99 grow
+/// tenfold); batches and acks forget a few events each meanwhile.
 fn forget_later(host: &std::sync::Arc<super::Host>) {
     if host
         .forget_scheduled
