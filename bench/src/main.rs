@@ -1243,13 +1243,11 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// `pim-bench memory`: in a fresh process, fills the queue of a stalled
-/// sidecar past its bound and prints `rss <baseline KiB> <peak KiB> <bound KiB>`.
-/// `pim-bench memory <bound MiB> [plugins]`: `plugins` stalled sidecars
-/// (1 by default), each queue bounded at `bound` MiB; with more than one,
-/// they share a [`pim_plugin_bridge::QueueBudget`] of `bound` MiB. Pushes 3x
-/// the bound to each, round robin; prints the RSS before and at its peak,
-/// and what should bound the growth (KiB).
+/// `pim-bench memory <bound MiB> [plugins]`: in a fresh process, `plugins`
+/// stalled sidecars (1 by default), each queue bounded at `bound` MiB; with
+/// more than one, they share a [`pim_plugin_bridge::QueueBudget`] of
+/// `bound` MiB. Pushes 3x the bound to each, round robin, and prints
+/// `rss <baseline KiB> <peak KiB> <bound KiB>`.
 async fn memory_probe(bound_mib: usize, plugins: usize) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("pim-bench-mem-")

@@ -279,9 +279,14 @@ impl EventQueue {
     /// The stream side, with every event pushed so far taken in from the
     /// inbox (which this locks only for a swap of buffers).
     fn lock(&self) -> MutexGuard<'_, State> {
-        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.lock_state();
         self.take_in(&mut guard);
         guard
+    }
+
+    /// The stream side as it is (the inbox not taken in).
+    fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Moves the inbox's events to the stream side.
@@ -381,8 +386,8 @@ impl EventQueue {
         drop(inbox);
         // Making room: forget acked events first, then drop the oldest
         // payloads, with both locks held (in their order) so that no other
-        // push comes between.
-        let mut guard = self.lock();
+        // push comes between; the inbox is taken in under them.
+        let mut guard = self.lock_state();
         let st = &mut *guard;
         let mut inbox = self.lock_inbox();
         swap_in(st, &mut inbox);

@@ -181,15 +181,17 @@ class Host:
         future.add_done_callback(lambda done: self._ack_done(done, seq))
 
     def _ack_done(self, future, seq):
-        """On grpcio's thread: sends the newest position if it moved."""
-        error = future.exception() if not future.cancelled() else None
+        """On grpcio's thread: sends the newest position if it moved. After a
+        cancelled Ack (the channel was closed) nothing more is sent."""
+        cancelled = future.cancelled()
+        error = None if cancelled else future.exception()
         if error is not None and error.code() not in (
             grpc.StatusCode.CANCELLED,
             grpc.StatusCode.UNAVAILABLE,
         ):
             log("WARN", f"ack of seq {seq} failed: {error.code().name}: {error.details()}")
         with self._ack_lock:
-            more = error is None and self._ack_wanted > seq
+            more = not cancelled and error is None and self._ack_wanted > seq
             self._ack_in_flight = more
         if more:
             self._send_ack()
@@ -449,14 +451,14 @@ def _handle(sidecar, src, kind, body, seq, instance):
     logged. The first call is the fast path: no loop, no sleep."""
     global _current
     _current = (seq, instance)
-    retry = False
     try:
-        sidecar.handle_payload(src, kind, body)
-    except Retry:
-        retry = True  # retried below, outside this handler of the exception
-    except Exception as e:  # noqa: BLE001 - the event still counts as handled
-        log("WARN", f"handle_payload failed on seq {seq}: {e}")
-    try:
+        retry = False
+        try:
+            sidecar.handle_payload(src, kind, body)
+        except Retry:
+            retry = True  # retried below, outside this handler of the exception
+        except Exception as e:  # noqa: BLE001 - the event still counts as handled
+            log("WARN", f"handle_payload failed on seq {seq}: {e}")
         if retry:
             _retry(sidecar, src, kind, body, seq)
     finally:

@@ -131,18 +131,20 @@ class FakeAckCall:
         self.seq = seq
         self.callbacks = []
         self.error = None
+        self.was_cancelled = False
 
     def add_done_callback(self, callback):
         self.callbacks.append(callback)
 
     def cancelled(self):
-        return False
+        return self.was_cancelled
 
     def exception(self):
         return self.error
 
-    def answer(self, error=None):
+    def answer(self, error=None, cancelled=False):
         self.error = error
+        self.was_cancelled = cancelled
         for callback in self.callbacks:
             callback(self)
 
@@ -213,6 +215,13 @@ class AckSoonTests(unittest.TestCase):
         self.assertIn("ack of seq 5 failed: INVALID_ARGUMENT", self.log.call_args[0][1])
         self.host.ack_soon(8)
         self.assertEqual(self.sent(), [5, 8])
+
+    def test_after_a_cancelled_ack_nothing_more_is_sent(self):
+        self.host.ack_soon(5)
+        self.host.ack_soon(7)
+        self.session.sent[0].answer(cancelled=True)  # the channel was closed
+        self.assertEqual(self.sent(), [5])
+        self.log.assert_not_called()
 
 
 if __name__ == "__main__":
