@@ -33,7 +33,8 @@ def median_p99(samples):
 class Bench(pim_sidecar.Sidecar):
     def __init__(self, name):
         self.name = name
-        self.payload_kinds = (f"{name}.data", f"{name}.cmd")
+        self.cmd_kind = f"{name}.cmd"
+        self.payload_kinds = (f"{name}.data", self.cmd_kind)
         self.count = 0
 
     def start(self, host, data_dir, granted):
@@ -60,7 +61,7 @@ class Bench(pim_sidecar.Sidecar):
         return "rtt %d %d %d %d" % (*median_p99(ours), *median_p99(floor))
 
     def handle_payload(self, src, kind, body):
-        if kind == self.payload_kinds[0]:
+        if kind != self.cmd_kind:
             self.count += 1
             return
         words = body.decode("utf-8", "replace").split(" ")

@@ -20,7 +20,7 @@ fn scripts() -> PathBuf {
 
 pub(crate) async fn python(report: &mut Report, scale: Scale, dir: &Path) -> anyhow::Result<()> {
     let smoke = scale.spawns < 10;
-    let (n, rtts) = if smoke { (500, 100) } else { (20_000, 2_000) };
+    let (n, rtts) = if smoke { (500, 100) } else { (100_000, 2_000) };
     println!("\n# the Python sidecar (examples/python, grpcio) beside raw grpcio in the same run, 64 B payloads");
     let python =
         tokio::task::spawn_blocking(|| pim_sidecar_examples::python_or_skip("the python phase"))

@@ -3,8 +3,8 @@
 Subclass `Sidecar`, then `sys.exit(run(MySidecar()))`. `run` reads the
 PIM_PLUGIN_* environment, connects to the plugin socket (with the
 `localhost` authority), registers, delivers events in order to your
-handlers, acks them (without waiting: one Ack in flight at a time, the
-newest position next), drops duplicates after a reconnect, and returns 0 on
+handlers, acks them (from a thread of its own, at most every 10 ms: the
+delivery loop never waits for an Ack), drops duplicates after a reconnect, and returns 0 on
 Shutdown (78 when the host refuses the registration, 1 when the host is
 gone for good). On SIGTERM it finishes the event in hand, acks, calls
 `shutdown` and returns 0. `Host` wraps every host RPC.
@@ -33,6 +33,10 @@ KEY_BYTES = 32
 MAX_KIND_BYTES = 255
 MAX_BODY_BYTES = 65535
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Least time between two Acks sent by `Host.ack_soon`: one Ack covers every
+# event before it, and an Ack per batch cost a busy sidecar a third of its
+# CPU (docs/BENCHMARKS.md). 10 ms bounds what a crash replays.
+ACK_INTERVAL = 0.010
 
 
 def _generate_stubs():
@@ -122,10 +126,12 @@ class Host:
         self.peers = peers_grpc.PeerDirectoryStub(self.channel)
         self.control = control_grpc.ControlSenderStub(self.channel)
         self.identity = identity_grpc.IdentitySecretsStub(self.channel)
-        # `ack_soon`: the newest position to ack, and whether an Ack is in flight.
-        self._ack_lock = threading.Lock()
+        # `ack_soon`: the newest position asked for, the newest one sent,
+        # and the thread that sends them.
+        self._ack_cond = threading.Condition()
         self._ack_wanted = 0
-        self._ack_in_flight = False
+        self._ack_sent = 0
+        self._ack_thread = None
 
     def set_token(self, token):
         self._metadata = [("authorization", f"Bearer {token}")]
@@ -143,9 +149,10 @@ class Host:
             metadata=self._metadata,
             timeout=10,
         )
-        with self._ack_lock:
+        with self._ack_cond:
             self.session_id = resp.session_id
-            self._ack_wanted = 0  # a new host instance numbers its events from 1
+            # A new host instance numbers its events from 1.
+            self._ack_wanted = self._ack_sent = 0
         return resp
 
     def events(self):
@@ -159,42 +166,44 @@ class Host:
         return self.session.Ack(req, metadata=self._metadata, timeout=10).acked_seq
 
     def ack_soon(self, seq):
-        """Acks everything up to `seq` without waiting. At most one Ack is in
-        flight; when it is answered, the newest position asked for meanwhile
-        is sent, so the last one is always acked. A failed Ack is not sent
-        again: the event stream fails too, and the host replays after the
-        last ack that arrived."""
-        with self._ack_lock:
+        """Acks everything up to `seq` without waiting. A thread of the
+        module sends the newest position asked for, one Ack at a time and at
+        most one per ACK_INTERVAL, so the last one is always acked. A failed
+        Ack is logged and not sent again (the next position is): the event
+        stream fails too, and the host replays after the last ack that
+        arrived."""
+        with self._ack_cond:
             if seq <= self._ack_wanted:
                 return
             self._ack_wanted = seq
-            if self._ack_in_flight:
-                return
-            self._ack_in_flight = True
-        self._send_ack()
+            if self._ack_thread is None:
+                self._ack_thread = threading.Thread(
+                    target=self._send_acks, name="pim-sidecar-ack", daemon=True
+                )
+                self._ack_thread.start()
+            self._ack_cond.notify()
 
-    def _send_ack(self):
-        with self._ack_lock:
-            seq, session_id = self._ack_wanted, self.session_id
-        req = session_pb.AckRequest(session_id=session_id, seq=seq)
-        future = self.session.Ack.future(req, metadata=self._metadata, timeout=10)
-        future.add_done_callback(lambda done: self._ack_done(done, seq))
-
-    def _ack_done(self, future, seq):
-        """On grpcio's thread: sends the newest position if it moved. After a
-        cancelled Ack (the channel was closed) nothing more is sent."""
-        cancelled = future.cancelled()
-        error = None if cancelled else future.exception()
-        if error is not None and error.code() not in (
-            grpc.StatusCode.CANCELLED,
-            grpc.StatusCode.UNAVAILABLE,
-        ):
-            log("WARN", f"ack of seq {seq} failed: {error.code().name}: {error.details()}")
-        with self._ack_lock:
-            more = not cancelled and error is None and self._ack_wanted > seq
-            self._ack_in_flight = more
-        if more:
-            self._send_ack()
+    def _send_acks(self):
+        """The ack thread: until the channel is closed."""
+        while True:
+            with self._ack_cond:
+                while self._ack_wanted <= self._ack_sent:
+                    self._ack_cond.wait()
+                seq, session_id = self._ack_wanted, self.session_id
+                self._ack_sent = seq
+            req = session_pb.AckRequest(session_id=session_id, seq=seq)
+            try:
+                self.session.Ack(req, metadata=self._metadata, timeout=10)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.CANCELLED:
+                    return  # the channel was closed
+                # UNAVAILABLE: the stream fails too; after a new Register the
+                # old session's Ack fails as stale. Neither needs a line.
+                if e.code() != grpc.StatusCode.UNAVAILABLE and session_id == self.session_id:
+                    log("WARN", f"ack of seq {seq} failed: {e.code().name}: {e.details()}")
+            except ValueError:
+                return  # grpcio: the channel was closed before the call
+            time.sleep(ACK_INTERVAL)
 
     def lookup_x25519(self, node):
         """The peer's X25519 key (32 bytes), or None when unknown."""
@@ -246,12 +255,15 @@ class Retry(Exception):
 
 RETRIES = 5
 
-_current = None
+_current_seq = None
+_current_instance = None
 
 
 def current_event():
     """The event a handler is running for, as (seq, host_instance); None outside a handler."""
-    return _current
+    if _current_seq is None:
+        return None
+    return (_current_seq, _current_instance)
 
 
 class Sidecar:
@@ -381,16 +393,6 @@ def _register(host, sidecar, token_file, give_up_after, takeover=False):
             delay = min(delay * 2, 2.0)
 
 
-def _payload_ok(src, kind, body):
-    """Whether a payload keeps the wire's limits (the per-payload check)."""
-    return (
-        len(src) == NODE_ID_BYTES
-        and 0 < len(kind) <= MAX_KIND_BYTES
-        and len(body) <= MAX_BODY_BYTES
-        and kind.isascii()
-    )
-
-
 def _check_payload(seq, src, kind, body):
     """Raises ValueError, naming the field, for a payload the wire forbids."""
     if len(src) != NODE_ID_BYTES:
@@ -446,23 +448,83 @@ def _terminated(host, sidecar, sigterm, last):
     return 0
 
 
-def _handle(sidecar, src, kind, body, seq, instance):
-    """One payload: a Retry hands it back (bounded); any other failure is
-    logged. The first call is the fast path: no loop, no sleep."""
-    global _current
-    _current = (seq, instance)
-    try:
-        retry = False
+class _Delivery:
+    """Hands a stream's events to the sidecar in order, dropping duplicates:
+    the per-event path, kept to a few attribute reads and one call per
+    payload (a kind is checked once, then looked up in a set)."""
+
+    def __init__(self, sidecar, sigterm, instance, last):
+        self.sidecar = sidecar
+        self.sigterm = sigterm
+        self.instance = instance
+        self.last = last
+        self.duplicates = 0
+        self._kinds_ok = set()
+
+    def batch(self, events):
+        """Delivers `events`; returns the seq of a Shutdown event (not yet
+        handled: the caller shuts down) or None. SIGTERM in a batch is acted
+        on after the event in hand (`_Terminated`); a payload the wire
+        forbids raises ValueError naming the field."""
+        global _current_seq, _current_instance
+        sidecar = self.sidecar
+        handle = sidecar.handle_payload
+        sigterm = self.sigterm
+        kinds_ok = self._kinds_ok
+        last = self.last
+        _current_instance = self.instance
+        sigterm.in_handler = True  # SIGTERM waits for the event in hand
         try:
-            sidecar.handle_payload(src, kind, body)
-        except Retry:
-            retry = True  # retried below, outside this handler of the exception
-        except Exception as e:  # noqa: BLE001 - the event still counts as handled
-            log("WARN", f"handle_payload failed on seq {seq}: {e}")
-        if retry:
-            _retry(sidecar, src, kind, body, seq)
-    finally:
-        _current = None
+            for ev in events:
+                seq = ev.seq
+                if seq <= last:
+                    self.duplicates += 1
+                    continue
+                p = ev.payload
+                kind = p.kind
+                if kind not in kinds_ok:
+                    which = ev.WhichOneof("event")
+                    if which == "shutdown":
+                        return seq
+                    if which != "payload":
+                        if which == "peer_forgotten":
+                            _current_seq = seq
+                            try:
+                                sidecar.on_peer_forgotten(ev.peer_forgotten.node)
+                            except Exception as e:  # noqa: BLE001 - the event still counts as handled
+                                log("WARN", f"on_peer_forgotten failed on seq {seq}: {e}")
+                        last = seq  # an event of a newer protocol: nothing to do
+                        if sigterm.requested:
+                            raise _Terminated()
+                        continue
+                    if not (0 < len(kind) <= MAX_KIND_BYTES and kind.isascii()):
+                        _check_payload(seq, p.src, kind, p.body)  # names the field
+                    if len(kinds_ok) < 64:
+                        kinds_ok.add(kind)
+                src, body = p.src, p.body
+                if len(src) != NODE_ID_BYTES or len(body) > MAX_BODY_BYTES:
+                    _check_payload(seq, src, kind, body)  # names the field
+                _current_seq = seq
+                # The first call is the fast path: no loop, no sleep. A
+                # Retry is retried outside this exception's handler, so that
+                # the handler called again does not see it as its context.
+                retry = False
+                try:
+                    handle(src, kind, body)
+                except Retry:
+                    retry = True
+                except Exception as e:  # noqa: BLE001 - the event still counts as handled
+                    log("WARN", f"handle_payload failed on seq {seq}: {e}")
+                if retry:
+                    _retry(sidecar, src, kind, body, seq)
+                last = seq
+                if sigterm.requested:
+                    raise _Terminated()
+            return None
+        finally:
+            self.last = last
+            sigterm.in_handler = False
+            _current_seq = None
 
 
 def _retry(sidecar, src, kind, body, seq):
@@ -478,15 +540,6 @@ def _retry(sidecar, src, kind, body, seq):
         except Exception as e:  # noqa: BLE001 - the event still counts as handled
             log("WARN", f"handle_payload failed on seq {seq}: {e}")
             return
-
-
-def _forgotten(sidecar, node, seq, instance):
-    global _current
-    _current = (seq, instance)
-    try:
-        sidecar.on_peer_forgotten(node)
-    finally:
-        _current = None
 
 
 def _skip_applied(host, sidecar, instance, last):
@@ -524,51 +577,29 @@ def run(sidecar):
     except Exception as e:  # noqa: BLE001 - report and exit non-zero
         log("ERROR", f"start failed: {e}")
         return 1
-    instance, last, duplicates = resp.host_instance, resp.acked_seq, 0
-    last = _skip_applied(host, sidecar, instance, last)
+    delivery = _Delivery(sidecar, sigterm, resp.host_instance, resp.acked_seq)
+    delivery.last = _skip_applied(host, sidecar, delivery.instance, delivery.last)
     if sigterm.requested:
-        return _terminated(host, sidecar, sigterm, last)
+        return _terminated(host, sidecar, sigterm, delivery.last)
     while True:
         try:
             for batch in host.events():
-                for ev in batch.events:
-                    seq = ev.seq
-                    if seq <= last:
-                        duplicates += 1
-                        continue
-                    which = ev.WhichOneof("event")
-                    if which == "payload":
-                        # Inline rather than `with sigterm.handling()`: this
-                        # runs for every payload.
-                        p = ev.payload
-                        src, kind, body = p.src, p.kind, p.body
-                        if not _payload_ok(src, kind, body):
-                            _check_payload(seq, src, kind, body)  # names the field
-                            raise ValueError(f"event {seq}: invalid payload")
-                        sigterm.in_handler = True
-                        try:
-                            _handle(sidecar, src, kind, body, seq, instance)
-                        finally:
-                            sigterm.in_handler = False
-                    elif which == "peer_forgotten":
-                        with sigterm.handling():
-                            _forgotten(sidecar, ev.peer_forgotten.node, ev.seq, instance)
-                    elif which == "shutdown":
-                        with sigterm.handling():
-                            sidecar.shutdown()
-                        try:
-                            host.ack(ev.seq)
-                        except grpc.RpcError:
-                            pass  # the daemon may be gone already; the clean-up is done
-                        log("INFO", f"shut down by the host, duplicates={duplicates}")
-                        host.channel.close()
-                        return 0
-                    last = seq
-                    sigterm.check()
-                host.ack_soon(last)
+                shutdown = delivery.batch(batch.events)
+                sigterm.check()  # one that came as the batch ended
+                if shutdown is not None:
+                    with sigterm.handling():
+                        sidecar.shutdown()
+                    try:
+                        host.ack(shutdown)
+                    except grpc.RpcError:
+                        pass  # the daemon may be gone already; the clean-up is done
+                    log("INFO", f"shut down by the host, duplicates={delivery.duplicates}")
+                    host.channel.close()
+                    return 0
+                host.ack_soon(delivery.last)
             log("WARN", "the host closed the event stream")
         except _Terminated:
-            return _terminated(host, sidecar, sigterm, last)
+            return _terminated(host, sidecar, sigterm, delivery.last)
         except grpc.RpcError as e:
             if _superseded(e):
                 log("WARN", "another client took this plugin's session over: stopping")
@@ -580,15 +611,15 @@ def run(sidecar):
         try:
             resp = _register(host, sidecar, token_file, give_up_after)
         except _Terminated:
-            return _terminated(host, sidecar, sigterm, last)
+            return _terminated(host, sidecar, sigterm, delivery.last)
         except Refused as e:
             log("ERROR", f"refused by the host's configuration: {e}")
             return EXIT_REFUSED
         except RuntimeError as e:
             log("ERROR", str(e))
             return 1
-        if resp.host_instance != instance:
+        if resp.host_instance != delivery.instance:
             log("INFO", "the host restarted: its sequence numbers start over")
-            instance, last = resp.host_instance, resp.acked_seq
-        last = _skip_applied(host, sidecar, instance, last)
+            delivery.instance, delivery.last = resp.host_instance, resp.acked_seq
+        delivery.last = _skip_applied(host, sidecar, delivery.instance, delivery.last)
         log("INFO", f"registered again acked={resp.acked_seq}")

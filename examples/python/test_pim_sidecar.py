@@ -1,10 +1,15 @@
-"""Unit tests of the module's event handling that need no host: the retry
-of a handler that raises Retry, payload checks, and that a failing handler
-does not stop delivery. Run by tests/python.rs (`python -m unittest`)."""
+"""Unit tests of the module's parts that need no host: the delivery loop
+(order, duplicates, the retry of a handler that raises Retry, a failing
+handler that does not stop delivery, SIGTERM within a batch, the wire's
+limits) and the ack thread. Run by tests/python.rs (`python -m unittest`)."""
 
 import sys
+import threading
 import unittest
+from types import SimpleNamespace
 from unittest import mock
+
+import grpc
 
 import pim_sidecar
 
@@ -30,7 +35,18 @@ class Flaky(pim_sidecar.Sidecar):
             raise self.error
 
 
-class HandleTests(unittest.TestCase):
+def payload(seq, kind="flaky.data", body=b"x", src=SRC):
+    pb = pim_sidecar.session_pb
+    return pb.Event(seq=seq, payload=pb.Payload(src=src, kind=kind, body=body))
+
+
+def delivery(sidecar, last=0):
+    """A `_Delivery` with a SIGTERM flag the test sets (no signal handler)."""
+    sigterm = SimpleNamespace(requested=False, in_handler=False)
+    return pim_sidecar._Delivery(sidecar, sigterm, "host-1", last)
+
+
+class DeliveryTests(unittest.TestCase):
     def setUp(self):
         self.sleeps = []
         patcher = mock.patch.object(pim_sidecar.time, "sleep", self.sleeps.append)
@@ -42,14 +58,17 @@ class HandleTests(unittest.TestCase):
 
     def test_a_handler_that_takes_the_payload_is_called_once_without_sleeping(self):
         s = Flaky(0)
-        pim_sidecar._handle(s, SRC, "flaky.data", b"x", 7, "host-1")
+        d = delivery(s)
+        self.assertIsNone(d.batch([payload(7)]))
         self.assertEqual(s.calls, [(SRC, "flaky.data", b"x", (7, "host-1"))])
         self.assertEqual(self.sleeps, [])
+        self.assertEqual(d.last, 7)
         self.assertIsNone(pim_sidecar.current_event())
+        self.assertFalse(d.sigterm.in_handler)
 
     def test_retry_calls_again_after_50_ms_doubling(self):
         s = Flaky(2)
-        pim_sidecar._handle(s, SRC, "flaky.data", b"x", 7, "host-1")
+        delivery(s).batch([payload(7)])
         self.assertEqual(len(s.calls), 3)
         self.assertEqual(self.sleeps, [0.05, 0.1])
         self.assertTrue(all(c[3] == (7, "host-1") for c in s.calls))
@@ -57,57 +76,31 @@ class HandleTests(unittest.TestCase):
 
     def test_retry_gives_up_after_retries_more_calls_and_logs_an_error(self):
         s = Flaky(100)
-        pim_sidecar._handle(s, SRC, "flaky.data", b"x", 9, "host-1")
+        d = delivery(s)
+        d.batch([payload(9)])
         self.assertEqual(len(s.calls), pim_sidecar.RETRIES + 1)
         self.assertEqual(self.sleeps, [0.05 * 2**i for i in range(pim_sidecar.RETRIES)])
         level, message = self.log.call_args.args
         self.assertEqual(level, "ERROR")
         self.assertIn("seq 9", message)
+        self.assertEqual(d.last, 9, "it counts as handled")
 
     def test_a_failure_after_a_retry_is_logged_and_not_retried(self):
         s = Flaky(1, error=RuntimeError("broken"))
-        pim_sidecar._handle(s, SRC, "flaky.data", b"x", 3, "host-1")
+        delivery(s).batch([payload(3)])
         self.assertEqual(len(s.calls), 2)
         self.assertEqual(self.log.call_args.args[0], "WARN")
         self.assertIn("broken", self.log.call_args.args[1])
 
-    def test_a_failing_handler_is_logged_and_counts_as_handled(self):
+    def test_a_failing_handler_is_logged_and_the_next_event_is_delivered(self):
         s = Flaky(0, error=ValueError("bad body"))
-        pim_sidecar._handle(s, SRC, "flaky.data", b"x", 4, "host-1")
-        self.assertEqual(len(s.calls), 1)
+        d = delivery(s)
+        d.batch([payload(4), payload(5, body=b"y")])
+        self.assertEqual([c[2:] for c in s.calls], [(b"x", (4, "host-1")), (b"y", (5, "host-1"))])
         self.assertEqual(self.sleeps, [])
         self.assertEqual(self.log.call_args.args[0], "WARN")
+        self.assertEqual(d.last, 5)
         self.assertIsNone(pim_sidecar.current_event())
-
-
-class CheckPayloadTests(unittest.TestCase):
-    def test_each_wire_limit_names_its_field(self):
-        cases = [
-            ((bytes(15), "a.b", b""), "payload.src"),
-            ((SRC, "", b""), "payload.kind"),
-            ((SRC, "k" * 256, b""), "payload.kind"),
-            ((SRC, "ké", b""), "payload.kind"),
-            ((SRC, "a.b", bytes(65536)), "payload.body"),
-        ]
-        for (src, kind, body), field in cases:
-            with self.assertRaisesRegex(ValueError, field):
-                pim_sidecar._check_payload(5, src, kind, body)
-
-    def test_a_payload_at_the_limits_passes(self):
-        pim_sidecar._check_payload(5, SRC, "k" * 255, bytes(65535))
-        self.assertTrue(pim_sidecar._payload_ok(SRC, "k" * 255, bytes(65535)))
-
-    def test_the_quick_check_refuses_what_the_named_check_refuses(self):
-        for src, kind, body in [
-            (bytes(15), "a.b", b""),
-            (SRC, "", b""),
-            (SRC, "k" * 256, b""),
-            (SRC, "ké", b""),
-            (SRC, "a.b", bytes(65536)),
-        ]:
-            self.assertFalse(pim_sidecar._payload_ok(src, kind, body))
-            with self.assertRaises(ValueError):
-                pim_sidecar._check_payload(5, src, kind, body)
 
     def test_a_handler_retried_does_not_see_the_first_retry_as_its_context(self):
         seen = []
@@ -117,57 +110,144 @@ class CheckPayloadTests(unittest.TestCase):
                 seen.append(sys.exc_info()[0])
                 super().handle_payload(src, kind, body)
 
-        s = Look(1)
-        with mock.patch.object(pim_sidecar.time, "sleep"):
-            pim_sidecar._handle(s, SRC, "flaky.data", b"x", 7, "host-1")
+        delivery(Look(1)).batch([payload(7)])
         self.assertEqual(seen, [None, None])
 
+    def test_duplicates_are_counted_and_not_delivered(self):
+        s = Flaky(0)
+        d = delivery(s, last=5)
+        d.batch([payload(4), payload(5), payload(6)])
+        d.batch([payload(6)])
+        self.assertEqual([c[3][0] for c in s.calls], [6])
+        self.assertEqual(d.duplicates, 3)
+        self.assertEqual(d.last, 6)
+
+    def test_peer_forgotten_and_shutdown(self):
+        pb = pim_sidecar.session_pb
+        forgotten = []
+
+        class Watcher(Flaky):
+            def on_peer_forgotten(self, node):
+                forgotten.append((node, pim_sidecar.current_event()))
+
+        s = Watcher(0)
+        d = delivery(s)
+        node = bytes(range(16))
+        events = [
+            payload(1),
+            pb.Event(seq=2, peer_forgotten=pb.PeerForgotten(node=node)),
+            pb.Event(seq=3, shutdown=pb.Shutdown()),
+            payload(4),
+        ]
+        self.assertEqual(d.batch(events), 3, "a Shutdown is handed back to run()")
+        self.assertEqual(forgotten, [(node, (2, "host-1"))])
+        self.assertEqual(len(s.calls), 1, "nothing after the Shutdown")
+        self.assertEqual(d.last, 2)
+
+    def test_sigterm_in_a_batch_stops_after_the_event_in_hand(self):
+        d = None
+
+        class Stopped(Flaky):
+            def handle_payload(self, src, kind, body):
+                super().handle_payload(src, kind, body)
+                self.in_handler = d.sigterm.in_handler
+                d.sigterm.requested = True  # as the signal handler sets it
+
+        s = Stopped(0)
+        d = delivery(s)
+        with self.assertRaises(pim_sidecar._Terminated):
+            d.batch([payload(1), payload(2)])
+        self.assertTrue(s.in_handler, "SIGTERM waits while a handler runs")
+        self.assertEqual(len(s.calls), 1)
+        self.assertEqual(d.last, 1, "the event in hand counts as handled, the next does not")
+        self.assertFalse(d.sigterm.in_handler)
+        self.assertIsNone(pim_sidecar.current_event())
+
+
+class CheckPayloadTests(unittest.TestCase):
+    CASES = [
+        ((bytes(15), "a.b", b""), "payload.src"),
+        ((SRC, "", b""), "payload.kind"),
+        ((SRC, "k" * 256, b""), "payload.kind"),
+        ((SRC, "ké", b""), "payload.kind"),
+        ((SRC, "a.b", bytes(65536)), "payload.body"),
+    ]
+
+    def test_each_wire_limit_names_its_field(self):
+        for (src, kind, body), field in self.CASES:
+            with self.assertRaisesRegex(ValueError, field):
+                pim_sidecar._check_payload(5, src, kind, body)
+
+    def test_a_payload_at_the_limits_passes(self):
+        pim_sidecar._check_payload(5, SRC, "k" * 255, bytes(65535))
+        s = Flaky(0)
+        delivery(s).batch([payload(1, kind="k" * 255, body=bytes(65535))])
+        self.assertEqual(len(s.calls), 1)
+
+    def test_delivery_refuses_what_the_wire_forbids_even_for_a_kind_seen_before(self):
+        for (src, kind, body), field in self.CASES:
+            s = Flaky(0)
+            d = delivery(s)
+            ok = payload(1, kind=kind if kind.isascii() and 0 < len(kind) < 256 else "a.b")
+            bad = payload(2, kind=kind, body=body, src=src)
+            with self.assertRaisesRegex(ValueError, f"event 2: {field}"):
+                d.batch([ok, bad])
+            self.assertEqual(len(s.calls), 1, f"{field}: the bad payload reached the handler")
+            self.assertEqual(d.last, 1)
 
 
 class FakeAckCall:
-    """An Ack in flight that the test answers."""
+    """An Ack the ack thread is waiting on, until the test answers it."""
 
     def __init__(self, seq):
         self.seq = seq
-        self.callbacks = []
         self.error = None
-        self.was_cancelled = False
+        self.answered = threading.Event()
 
-    def add_done_callback(self, callback):
-        self.callbacks.append(callback)
-
-    def cancelled(self):
-        return self.was_cancelled
-
-    def exception(self):
-        return self.error
-
-    def answer(self, error=None, cancelled=False):
+    def answer(self, error=None):
         self.error = error
-        self.was_cancelled = cancelled
-        for callback in self.callbacks:
-            callback(self)
+        self.answered.set()
 
 
 class FakeSession:
-    """The PluginSession stub: records Acks sent, answers Register."""
+    """The PluginSession stub: records the Acks the ack thread sends (each
+    waits for the test's answer) and answers Register."""
 
     def __init__(self):
         self.sent = []
-        self.Ack = mock.Mock()
-        self.Ack.future = self._ack
+        self.changed = threading.Condition()
 
-    def _ack(self, req, metadata, timeout):
-        self.sent.append(FakeAckCall(req.seq))
-        return self.sent[-1]
+    def Ack(self, req, metadata, timeout):  # noqa: N802 - the stub's name
+        call = FakeAckCall(req.seq)
+        with self.changed:
+            self.sent.append(call)
+            self.changed.notify_all()
+        if not call.answered.wait(10):
+            raise AssertionError(f"the test never answered the Ack of {req.seq}")
+        if call.error:
+            raise call.error
+        return mock.Mock(acked_seq=req.seq)
 
     def Register(self, req, metadata, timeout):  # noqa: N802 - the stub's name
         return mock.Mock(session_id="s2")
 
+    def wait_sent(self, n):
+        """Waits until the ack thread has sent `n` Acks; returns their seqs."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: len(self.sent) >= n, timeout=10):
+                raise AssertionError(f"{len(self.sent)} Acks sent, not {n}: {self.seqs()}")
+            return self.seqs()
 
-class AckFailed(Exception):
+    def seqs(self):
+        return [call.seq for call in self.sent]
+
+
+class AckFailed(grpc.RpcError):
+    def __init__(self, code=grpc.StatusCode.INVALID_ARGUMENT):
+        self._code = code
+
     def code(self):
-        return pim_sidecar.grpc.StatusCode.INVALID_ARGUMENT
+        return self._code
 
     def details(self):
         return "bad seq"
@@ -182,45 +262,52 @@ class AckSoonTests(unittest.TestCase):
         logs = mock.patch.object(pim_sidecar, "log")
         self.log = logs.start()
         self.addCleanup(logs.stop)
+        self.sleeps = []
+        sleeps = mock.patch.object(pim_sidecar.time, "sleep", self.sleeps.append)
+        sleeps.start()
+        self.addCleanup(sleeps.stop)
+        # A thread left waiting for an answer ends with the test.
+        self.addCleanup(lambda: [call.answer() for call in self.session.sent])
 
-    def sent(self):
-        return [call.seq for call in self.session.sent]
-
-    def test_one_ack_in_flight_then_the_newest_position(self):
+    def test_one_ack_at_a_time_then_the_newest_position(self):
         self.host.ack_soon(5)
+        self.assertEqual(self.session.wait_sent(1), [5])
         self.host.ack_soon(6)
         self.host.ack_soon(9)
-        self.assertEqual(self.sent(), [5], "no second Ack while one is in flight")
         self.session.sent[0].answer()
-        self.assertEqual(self.sent(), [5, 9], "the newest, not each one")
+        self.assertEqual(self.session.wait_sent(2), [5, 9], "the newest, not each one")
         self.session.sent[1].answer()
         self.host.ack_soon(9)
         self.host.ack_soon(3)
-        self.assertEqual(self.sent(), [5, 9], "nothing new to ack")
         self.host.ack_soon(10)
-        self.assertEqual(self.sent(), [5, 9, 10])
+        self.assertEqual(self.session.wait_sent(3), [5, 9, 10], "nothing new in 9 and 3")
+        self.assertEqual(self.sleeps, [pim_sidecar.ACK_INTERVAL] * 2, "ACK_INTERVAL after each Ack")
+        self.log.assert_not_called()
 
     def test_a_new_registration_acks_from_the_start_again(self):
         self.host.ack_soon(9)
+        self.session.wait_sent(1)
         self.session.sent[0].answer()
         self.host.register("p", ["p.k"])
         self.host.ack_soon(3)
-        self.assertEqual(self.sent(), [9, 3])
+        self.assertEqual(self.session.wait_sent(2), [9, 3])
 
-    def test_a_failed_ack_is_logged_and_the_next_position_is_sent(self):
+    def test_a_failed_ack_is_logged_not_sent_again_and_the_next_position_is_sent(self):
         self.host.ack_soon(5)
-        self.host.ack_soon(7)
+        self.session.wait_sent(1)
         self.session.sent[0].answer(AckFailed())
-        self.assertEqual(self.sent(), [5], "a failed Ack is not followed at once")
-        self.assertIn("ack of seq 5 failed: INVALID_ARGUMENT", self.log.call_args[0][1])
         self.host.ack_soon(8)
-        self.assertEqual(self.sent(), [5, 8])
+        self.assertEqual(self.session.wait_sent(2), [5, 8])
+        self.assertIn("ack of seq 5 failed: INVALID_ARGUMENT", self.log.call_args[0][1])
 
     def test_after_a_cancelled_ack_nothing_more_is_sent(self):
         self.host.ack_soon(5)
+        self.session.wait_sent(1)
+        self.session.sent[0].answer(AckFailed(grpc.StatusCode.CANCELLED))  # the channel was closed
+        self.host._ack_thread.join(10)
+        self.assertFalse(self.host._ack_thread.is_alive(), "the ack thread ends")
         self.host.ack_soon(7)
-        self.session.sent[0].answer(cancelled=True)  # the channel was closed
-        self.assertEqual(self.sent(), [5])
+        self.assertEqual(self.session.seqs(), [5])
         self.log.assert_not_called()
 
 
