@@ -524,3 +524,90 @@ async fn a_hostile_sidecar_allocating_past_its_limit_is_killed_and_restarted() {
     eventually("the restart", || host.plugin().stats().restarts >= 1).await;
     host.shutdown().await;
 }
+
+/// Fields of `/proc/<pid>/stat` after the command: (pgrp, session, tty_nr).
+fn stat_ids(pid: u32) -> (i64, i64, i64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<i64> = after
+        .split_whitespace()
+        .skip(1)
+        .take(5)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (f[1], f[2], f[3])
+}
+
+/// A daemon with a controlling terminal (a pseudo-terminal here) spawns a
+/// sidecar: the sidecar has none (no terminal to inject input into), has
+/// a process group of its own (a Ctrl-C reaches the daemon only), and stays
+/// in the daemon's session, so that where the kernel's autogroup is on it
+/// shares the daemon's scheduling group instead of weighing as much as the
+/// whole daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_leaves_the_daemons_terminal_and_keeps_its_session() {
+    init_logging();
+    let dir = temp_dir();
+    // SAFETY: posix_openpt returns a new descriptor or -1; grantpt,
+    // unlockpt and ptsname_r act on that descriptor and the buffer given.
+    let (master, slave) = unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(
+            master >= 0,
+            "posix_openpt: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::grantpt(master), 0);
+        assert_eq!(libc::unlockpt(master), 0);
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(libc::ptsname_r(master, name.as_mut_ptr(), name.len()), 0);
+        let master = <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(master);
+        (master, std::ffi::CStr::from_ptr(name.as_ptr()).to_owned())
+    };
+    let mut cmd = tokio::process::Command::new(test_host_bin());
+    cmd.arg("--dir")
+        .arg(dir.path())
+        .args(["--name", "tty", "--spawn"])
+        .arg(probe_bin());
+    // SAFETY: between fork and exec the closure makes only system calls
+    // (setsid, open, ioctl, close) on a path built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = libc::open(slave.as_ptr(), libc::O_RDWR);
+            if fd < 0 || libc::ioctl(fd, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let mut daemon = ChildProcess::spawn("test-host", cmd);
+    let ready = daemon.wait_line("ready", |l| l.starts_with("ready ")).await;
+    let sidecar: u32 = ready["ready ".len()..].parse().unwrap();
+    let (_, daemon_session, daemon_tty) = stat_ids(daemon.pid());
+    assert_ne!(daemon_tty, 0, "the daemon has the pseudo-terminal");
+    let (pgrp, session, tty) = stat_ids(sidecar);
+    println!(
+        "figure: daemon session {daemon_session} tty {daemon_tty}; sidecar {sidecar}: \
+         pgrp {pgrp} session {session} tty {tty}"
+    );
+    assert_eq!(tty, 0, "the sidecar kept the daemon's controlling terminal");
+    assert_eq!(pgrp, i64::from(sidecar), "a process group of its own");
+    assert_eq!(session, daemon_session, "the daemon's session");
+    let autogroup = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/autogroup")).ok();
+    if let Some(group) = autogroup(daemon.pid()) {
+        let group = group.split_whitespace().next().map(str::to_owned);
+        let theirs =
+            autogroup(sidecar).and_then(|g| g.split_whitespace().next().map(str::to_owned));
+        assert_eq!(theirs, group, "the daemon's autogroup");
+    }
+    daemon.kill().await;
+    drop(master);
+    eventually("the sidecar to die with its daemon", || {
+        !process_exists(sidecar)
+    })
+    .await;
+}
