@@ -110,8 +110,10 @@ pub(crate) fn serve(path: &Path) -> anyhow::Result<Floor> {
         opened: Mutex::new(Some(opened_tx)),
         acked: Mutex::new(Some(acked_tx)),
     };
-    // The same runtime flavour as the host's socket server: a thread of its
-    // own with a single-threaded runtime.
+    // A thread of its own with a single-threaded runtime: the simplest
+    // server, as a floor should be. (The host's plugins share a
+    // work-stealing runtime, which wakes a second worker for each wake from
+    // outside it: docs/BENCHMARKS.md.)
     let listener = std::os::unix::net::UnixListener::bind(path)?;
     listener.set_nonblocking(true)?;
     std::thread::spawn(move || {
