@@ -539,11 +539,13 @@ fn stat_ids(pid: u32) -> (i64, i64, i64) {
 }
 
 /// A daemon with a controlling terminal (a pseudo-terminal here) spawns a
-/// sidecar: the sidecar has a session of its own and no controlling
-/// terminal (none to inject input into with `TIOCSTI`), and its own
-/// process group (a Ctrl-C reaches the daemon only).
+/// sidecar: the sidecar has none (no terminal to inject input into), has
+/// a process group of its own (a Ctrl-C reaches the daemon only), and stays
+/// in the daemon's session, so that where the kernel's autogroup is on it
+/// shares the daemon's scheduling group instead of weighing as much as the
+/// whole daemon.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sidecar_has_a_session_of_its_own_without_the_daemons_terminal() {
+async fn a_sidecar_leaves_the_daemons_terminal_and_keeps_its_session() {
     init_logging();
     let dir = temp_dir();
     // SAFETY: posix_openpt returns a new descriptor or -1; grantpt,
@@ -594,8 +596,14 @@ async fn a_sidecar_has_a_session_of_its_own_without_the_daemons_terminal() {
     );
     assert_eq!(tty, 0, "the sidecar kept the daemon's controlling terminal");
     assert_eq!(pgrp, i64::from(sidecar), "a process group of its own");
-    assert_eq!(session, i64::from(sidecar), "a session of its own");
-    assert_ne!(session, daemon_session);
+    assert_eq!(session, daemon_session, "the daemon's session");
+    let autogroup = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/autogroup")).ok();
+    if let Some(group) = autogroup(daemon.pid()) {
+        let group = group.split_whitespace().next().map(str::to_owned);
+        let theirs =
+            autogroup(sidecar).and_then(|g| g.split_whitespace().next().map(str::to_owned));
+        assert_eq!(theirs, group, "the daemon's autogroup");
+    }
     daemon.kill().await;
     drop(master);
     eventually("the sidecar to die with its daemon", || {

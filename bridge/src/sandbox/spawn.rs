@@ -41,7 +41,7 @@ const STAGES: &[&str] = &[
     "installing the seccomp filter",
     "asking for the parent-death signal",
     "exec",
-    "starting a session",
+    "taking a process group and leaving the terminal",
     "marking descriptors close-on-exec",
 ];
 const WATCHDOG: u32 = 1;
@@ -336,13 +336,24 @@ unsafe fn apply(p: &Prepared) -> Result<(), (u32, i32)> {
             crate::watchdog::start_in_child(w, me, p.privileged.then_some(p.last_cap))
                 .map_err(|e| (WATCHDOG, e))?;
         }
-        // A session of its own: its own process group (a terminal's Ctrl-C
-        // reaches the daemon, which then stops the sidecar in order), and
-        // no controlling terminal to inject input into. (Where the kernel's
-        // autogroup is on, it is a scheduling group of its own too; staying
-        // in the daemon's session was measured, docs/BENCHMARKS.md: busy
-        // sidecars shared more evenly, light load cost more.)
-        check(SESSION, libc::setsid())?;
+        // A process group of its own (a terminal's Ctrl-C reaches the
+        // daemon, which then stops the sidecar in order) and no
+        // controlling terminal to inject input into, but the daemon's
+        // session: where the kernel's autogroup is on, a session of its own
+        // would be a scheduling group of its own, weighed as much as the
+        // whole daemon, and busy sidecars would share the CPUs less evenly
+        // (docs/BENCHMARKS.md). Not the session leader, it gives the
+        // terminal up alone: nobody else is signalled.
+        check(SESSION, libc::setpgid(0, 0))?;
+        let tty = libc::open(
+            c"/dev/tty".as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if tty >= 0 {
+            let given_up = libc::ioctl(tty, libc::TIOCNOTTY);
+            libc::close(tty);
+            check(SESSION, given_up)?;
+        }
         check(STDIO, libc::dup2(p.stdin.as_raw_fd(), 0))?;
         check(STDIO, libc::dup2(p.stdout.1.as_raw_fd(), 1))?;
         check(STDIO, libc::dup2(p.stderr.1.as_raw_fd(), 2))?;
