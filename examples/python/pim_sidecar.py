@@ -3,9 +3,10 @@
 Subclass `Sidecar`, then `sys.exit(run(MySidecar()))`. `run` reads the
 PIM_PLUGIN_* environment, connects to the plugin socket (with the
 `localhost` authority), registers, delivers events in order to your
-handlers, acks them (from a thread of its own, at most every 10 ms: the
-delivery loop never waits for an Ack), drops duplicates after a reconnect, and returns 0 on
-Shutdown (78 when the host refuses the registration, 1 when the host is
+handlers (one that raises is logged and its event counts as handled;
+`Retry` hands the payload back, bounded), acks them (from a thread of its
+own, at most every 10 ms: the delivery loop never waits for an Ack), drops
+duplicates after a reconnect, and returns 0 on Shutdown (78 when the host refuses the registration, 1 when the host is
 gone for good). On SIGTERM it finishes the event in hand, acks, calls
 `shutdown` and returns 0. `Host` wraps every host RPC.
 
@@ -127,11 +128,21 @@ class Host:
         self.control = control_grpc.ControlSenderStub(self.channel)
         self.identity = identity_grpc.IdentitySecretsStub(self.channel)
         # `ack_soon`: the newest position asked for, the newest one sent,
-        # and the thread that sends them.
+        # the thread that sends them, and its pause between Acks (which
+        # `close` cuts short).
         self._ack_cond = threading.Condition()
         self._ack_wanted = 0
         self._ack_sent = 0
         self._ack_thread = None
+        self._closed = threading.Event()
+        self._pause = self._closed.wait
+
+    def close(self):
+        """Ends the ack thread and closes the channel."""
+        self._closed.set()
+        with self._ack_cond:
+            self._ack_cond.notify()
+        self.channel.close()
 
     def set_token(self, token):
         self._metadata = [("authorization", f"Bearer {token}")]
@@ -168,10 +179,10 @@ class Host:
     def ack_soon(self, seq):
         """Acks everything up to `seq` without waiting. A thread of the
         module sends the newest position asked for, one Ack at a time and at
-        most one per ACK_INTERVAL, so the last one is always acked. A failed
-        Ack is logged and not sent again (the next position is): the event
-        stream fails too, and the host replays after the last ack that
-        arrived."""
+        most one per ACK_INTERVAL. An Ack that fails is logged; one that
+        timed out is sent again (the last position must reach the host),
+        any other is not (the event stream fails too, and the host replays
+        after the last ack that arrived): the next position is sent."""
         with self._ack_cond:
             if seq <= self._ack_wanted:
                 return
@@ -184,26 +195,32 @@ class Host:
             self._ack_cond.notify()
 
     def _send_acks(self):
-        """The ack thread: until the channel is closed."""
-        while True:
+        """The ack thread: until `close`."""
+        while not self._closed.is_set():
             with self._ack_cond:
-                while self._ack_wanted <= self._ack_sent:
+                while self._ack_wanted <= self._ack_sent and not self._closed.is_set():
                     self._ack_cond.wait()
-                seq, session_id = self._ack_wanted, self.session_id
+                if self._closed.is_set():
+                    return
+                seq, session_id, before = self._ack_wanted, self.session_id, self._ack_sent
                 self._ack_sent = seq
-            req = session_pb.AckRequest(session_id=session_id, seq=seq)
             try:
+                req = session_pb.AckRequest(session_id=session_id, seq=seq)
                 self.session.Ack(req, metadata=self._metadata, timeout=10)
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.CANCELLED:
-                    return  # the channel was closed
-                # UNAVAILABLE: the stream fails too; after a new Register the
-                # old session's Ack fails as stale. Neither needs a line.
-                if e.code() != grpc.StatusCode.UNAVAILABLE and session_id == self.session_id:
-                    log("WARN", f"ack of seq {seq} failed: {e.code().name}: {e.details()}")
             except ValueError:
-                return  # grpcio: the channel was closed before the call
-            time.sleep(ACK_INTERVAL)
+                return  # grpcio: the channel is closed
+            except Exception as e:  # noqa: BLE001 - the thread must go on
+                code = e.code() if isinstance(e, grpc.RpcError) else None
+                with self._ack_cond:
+                    stale = session_id != self.session_id
+                    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not stale:
+                        self._ack_sent = min(self._ack_sent, before)  # again
+                # Once closed, or UNAVAILABLE (the stream fails too), or
+                # after a new Register (the old session's Ack is stale): no line.
+                if not (self._closed.is_set() or stale or code == grpc.StatusCode.UNAVAILABLE):
+                    what = f"{code.name}: {e.details()}" if code else repr(e)
+                    log("WARN", f"ack of seq {seq} failed: {what}")
+            self._pause(ACK_INTERVAL)
 
     def lookup_x25519(self, node):
         """The peer's X25519 key (32 bytes), or None when unknown."""
@@ -444,7 +461,7 @@ def _terminated(host, sidecar, sigterm, last):
     except grpc.RpcError:
         pass  # delivered again to the next process
     sidecar.shutdown()
-    host.channel.close()
+    host.close()
     return 0
 
 
@@ -522,9 +539,10 @@ class _Delivery:
                     raise _Terminated()
             return None
         finally:
+            # The flag last: a SIGTERM from here on finds all else done.
             self.last = last
-            sigterm.in_handler = False
             _current_seq = None
+            sigterm.in_handler = False
 
 
 def _retry(sidecar, src, kind, body, seq):
@@ -578,7 +596,8 @@ def run(sidecar):
         log("ERROR", f"start failed: {e}")
         return 1
     delivery = _Delivery(sidecar, sigterm, resp.host_instance, resp.acked_seq)
-    delivery.last = _skip_applied(host, sidecar, delivery.instance, delivery.last)
+    with sigterm.handling():
+        delivery.last = _skip_applied(host, sidecar, delivery.instance, delivery.last)
     if sigterm.requested:
         return _terminated(host, sidecar, sigterm, delivery.last)
     while True:
@@ -587,14 +606,14 @@ def run(sidecar):
                 shutdown = delivery.batch(batch.events)
                 sigterm.check()  # one that came as the batch ended
                 if shutdown is not None:
-                    with sigterm.handling():
-                        sidecar.shutdown()
+                    sigterm.in_handler = True  # from here on a SIGTERM changes nothing
+                    sidecar.shutdown()
                     try:
                         host.ack(shutdown)
                     except grpc.RpcError:
                         pass  # the daemon may be gone already; the clean-up is done
                     log("INFO", f"shut down by the host, duplicates={delivery.duplicates}")
-                    host.channel.close()
+                    host.close()
                     return 0
                 host.ack_soon(delivery.last)
             log("WARN", "the host closed the event stream")
@@ -603,9 +622,9 @@ def run(sidecar):
         except grpc.RpcError as e:
             if _superseded(e):
                 log("WARN", "another client took this plugin's session over: stopping")
-                with sigterm.handling():
-                    sidecar.shutdown()
-                host.channel.close()
+                sigterm.in_handler = True  # from here on a SIGTERM changes nothing
+                sidecar.shutdown()
+                host.close()
                 return 0
             log("WARN", f"event stream lost: {e.code().name}")
         try:
@@ -621,5 +640,8 @@ def run(sidecar):
         if resp.host_instance != delivery.instance:
             log("INFO", "the host restarted: its sequence numbers start over")
             delivery.instance, delivery.last = resp.host_instance, resp.acked_seq
-        delivery.last = _skip_applied(host, sidecar, delivery.instance, delivery.last)
+        with sigterm.handling():
+            delivery.last = _skip_applied(host, sidecar, delivery.instance, delivery.last)
+        if sigterm.requested:
+            return _terminated(host, sidecar, sigterm, delivery.last)
         log("INFO", f"registered again acked={resp.acked_seq}")

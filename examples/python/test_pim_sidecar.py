@@ -144,6 +144,22 @@ class DeliveryTests(unittest.TestCase):
         self.assertEqual(len(s.calls), 1, "nothing after the Shutdown")
         self.assertEqual(d.last, 2)
 
+    def test_a_failing_on_peer_forgotten_is_logged_and_counts_as_handled(self):
+        pb = pim_sidecar.session_pb
+
+        class Broken(Flaky):
+            def on_peer_forgotten(self, node):
+                raise RuntimeError("no such peer here")
+
+        s = Broken(0)
+        d = delivery(s)
+        d.batch([pb.Event(seq=1, peer_forgotten=pb.PeerForgotten(node=bytes(16))), payload(2)])
+        self.assertEqual(self.log.call_args.args[0], "WARN")
+        self.assertIn("on_peer_forgotten failed on seq 1", self.log.call_args.args[1])
+        self.assertEqual(len(s.calls), 1, "the next event is delivered")
+        self.assertEqual(d.last, 2)
+        self.assertIsNone(pim_sidecar.current_event())
+
     def test_sigterm_in_a_batch_stops_after_the_event_in_hand(self):
         d = None
 
@@ -256,18 +272,23 @@ class AckFailed(grpc.RpcError):
 class AckSoonTests(unittest.TestCase):
     def setUp(self):
         self.host = pim_sidecar.Host("/nonexistent.sock", "t")
-        self.addCleanup(self.host.channel.close)
         self.session = FakeSession()
         self.host.session = self.session
         logs = mock.patch.object(pim_sidecar, "log")
         self.log = logs.start()
         self.addCleanup(logs.stop)
-        self.sleeps = []
-        sleeps = mock.patch.object(pim_sidecar.time, "sleep", self.sleeps.append)
-        sleeps.start()
-        self.addCleanup(sleeps.stop)
-        # A thread left waiting for an answer ends with the test.
-        self.addCleanup(lambda: [call.answer() for call in self.session.sent])
+        self.pauses = []
+        self.host._pause = self.pauses.append  # this host's own pause, not time.sleep
+        self.addCleanup(self.stop_thread)
+
+    def stop_thread(self):
+        """Ends the ack thread: close, then answer what it waits on."""
+        self.host.close()
+        for call in self.session.sent:
+            call.answer()
+        if self.host._ack_thread is not None:
+            self.host._ack_thread.join(10)
+            self.assertFalse(self.host._ack_thread.is_alive(), "the ack thread outlived close()")
 
     def test_one_ack_at_a_time_then_the_newest_position(self):
         self.host.ack_soon(5)
@@ -281,7 +302,7 @@ class AckSoonTests(unittest.TestCase):
         self.host.ack_soon(3)
         self.host.ack_soon(10)
         self.assertEqual(self.session.wait_sent(3), [5, 9, 10], "nothing new in 9 and 3")
-        self.assertEqual(self.sleeps, [pim_sidecar.ACK_INTERVAL] * 2, "ACK_INTERVAL after each Ack")
+        self.assertEqual(self.pauses, [pim_sidecar.ACK_INTERVAL] * 2, "ACK_INTERVAL after each Ack")
         self.log.assert_not_called()
 
     def test_a_new_registration_acks_from_the_start_again(self):
@@ -300,10 +321,25 @@ class AckSoonTests(unittest.TestCase):
         self.assertEqual(self.session.wait_sent(2), [5, 8])
         self.assertIn("ack of seq 5 failed: INVALID_ARGUMENT", self.log.call_args[0][1])
 
-    def test_after_a_cancelled_ack_nothing_more_is_sent(self):
+    def test_an_ack_that_timed_out_is_sent_again(self):
         self.host.ack_soon(5)
         self.session.wait_sent(1)
-        self.session.sent[0].answer(AckFailed(grpc.StatusCode.CANCELLED))  # the channel was closed
+        self.session.sent[0].answer(AckFailed(grpc.StatusCode.DEADLINE_EXCEEDED))
+        self.assertEqual(self.session.wait_sent(2), [5, 5], "the last position must arrive")
+        self.assertIn("ack of seq 5 failed: DEADLINE_EXCEEDED", self.log.call_args[0][1])
+
+    def test_a_cancelled_ack_does_not_end_the_thread(self):
+        self.host.ack_soon(5)
+        self.session.wait_sent(1)
+        self.session.sent[0].answer(AckFailed(grpc.StatusCode.CANCELLED))
+        self.host.ack_soon(7)
+        self.assertEqual(self.session.wait_sent(2), [5, 7])
+
+    def test_after_close_nothing_more_is_sent(self):
+        self.host.ack_soon(5)
+        self.session.wait_sent(1)
+        self.host.close()
+        self.session.sent[0].answer(AckFailed(grpc.StatusCode.CANCELLED))  # the channel closed
         self.host._ack_thread.join(10)
         self.assertFalse(self.host._ack_thread.is_alive(), "the ack thread ends")
         self.host.ack_soon(7)

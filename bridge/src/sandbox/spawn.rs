@@ -344,15 +344,25 @@ unsafe fn apply(p: &Prepared) -> Result<(), (u32, i32)> {
         // whole daemon, and busy sidecars would share the CPUs less evenly
         // (docs/BENCHMARKS.md). Not the session leader, it gives the
         // terminal up alone: nobody else is signalled.
-        check(SESSION, libc::setpgid(0, 0))?;
+        // Only ENXIO means "no controlling terminal"; any other failure to
+        // open it (no descriptors left, exclusive mode, a minimal /dev)
+        // cannot rule one out, so the sidecar then starts a session of its
+        // own as before, which surely has none. O_NONBLOCK: opening a
+        // serial line must not wait for its carrier.
         let tty = libc::open(
             c"/dev/tty".as_ptr(),
-            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK,
         );
         if tty >= 0 {
+            let grouped = libc::setpgid(0, 0);
             let given_up = libc::ioctl(tty, libc::TIOCNOTTY);
             libc::close(tty);
+            check(SESSION, grouped)?;
             check(SESSION, given_up)?;
+        } else if errno() == libc::ENXIO {
+            check(SESSION, libc::setpgid(0, 0))?;
+        } else {
+            check(SESSION, libc::setsid())?;
         }
         check(STDIO, libc::dup2(p.stdin.as_raw_fd(), 0))?;
         check(STDIO, libc::dup2(p.stdout.1.as_raw_fd(), 1))?;
