@@ -210,7 +210,7 @@ class Host:
             except ValueError:
                 return  # grpcio: the channel is closed
             except Exception as e:  # noqa: BLE001 - the thread must go on
-                code = e.code() if isinstance(e, grpc.RpcError) else None
+                code = e.code() if callable(getattr(e, "code", None)) else None
                 with self._ack_cond:
                     stale = session_id != self.session_id
                     if code == grpc.StatusCode.DEADLINE_EXCEEDED and not stale:
@@ -218,7 +218,7 @@ class Host:
                 # Once closed, or UNAVAILABLE (the stream fails too), or
                 # after a new Register (the old session's Ack is stale): no line.
                 if not (self._closed.is_set() or stale or code == grpc.StatusCode.UNAVAILABLE):
-                    what = f"{code.name}: {e.details()}" if code else repr(e)
+                    what = f"{code.name}: {e.details()}" if code is not None else repr(e)
                     log("WARN", f"ack of seq {seq} failed: {what}")
             self._pause(ACK_INTERVAL)
 
