@@ -344,6 +344,7 @@ unsafe fn apply(p: &Prepared) -> Result<(), (u32, i32)> {
         // whole daemon, and busy sidecars would share the CPUs less evenly
         // (docs/BENCHMARKS.md). Not the session leader, it gives the
         // terminal up alone: nobody else is signalled.
+        //
         // Only ENXIO means "no controlling terminal"; any other failure to
         // open it (no descriptors left, exclusive mode, a minimal /dev)
         // cannot rule one out, so the sidecar then starts a session of its
