@@ -20,6 +20,7 @@
 
 mod config;
 mod conn;
+mod doorbell;
 mod end;
 pub mod file;
 mod host;

@@ -15,6 +15,8 @@ use pim_plugin_proto::convert::{PluginEvent, SequencedEvent};
 use pim_plugin_proto::pb;
 use tokio::sync::Notify;
 
+use crate::doorbell::{Doorbell, Listener};
+
 use crate::config::QueueLimits;
 
 /// Bytes charged per queued event on top of its body and kind, for the
@@ -179,7 +181,8 @@ pub(crate) struct EventQueue {
     /// or an event arrived at a caught-up queue), in ns since `created`.
     last_progress: AtomicU64,
     created: Instant,
-    notify: Notify,
+    /// Wakes the waiting Events stream.
+    bell: Doorbell,
     /// Woken when an event arrives at a queue with nothing pending (the
     /// stuck check sleeps on it while the sidecar is all caught up).
     pending: Notify,
@@ -256,7 +259,7 @@ impl EventQueue {
             released_events: AtomicU64::new(0),
             last_progress: AtomicU64::new(0),
             created: Instant::now(),
-            notify: Notify::new(),
+            bell: Doorbell::default(),
             pending: Notify::new(),
             pending_waiter: AtomicBool::new(false),
             acked: AtomicU64::new(0),
@@ -348,7 +351,7 @@ impl EventQueue {
     /// Wakes the stream, and the stuck check if it waits for a first
     /// pending event.
     fn announce(&self, was_caught_up: bool) {
-        self.notify.notify_one();
+        self.bell.ring_if_armed();
         // SeqCst, paired with `until_pending`: either this sees its flag, or
         // its check under the lock sees this event.
         if was_caught_up && self.pending_waiter.load(Ordering::SeqCst) {
@@ -531,22 +534,28 @@ impl EventQueue {
     /// lock: during a burst the next event is usually there by then, and
     /// the producer's `push` then finds no parked task to wake (a wake of a
     /// parked runtime thread is a syscall on the daemon's hot path).
-    pub(crate) async fn wait_after(&self, cursor: u64) {
+    pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener) {
         for _ in 0..SPINS_BEFORE_PARKING {
             if self.newest.load(Ordering::Acquire) > cursor {
                 return;
             }
             tokio::task::yield_now().await;
         }
-        let notified = self.notify.notified();
-        if self.newest.load(Ordering::Acquire) <= cursor {
-            notified.await;
-        }
+        listener
+            .wait(&self.bell, || self.newest.load(Ordering::Acquire) > cursor)
+            .await;
+    }
+
+    /// What a stream waits with in [`wait_after`](Self::wait_after),
+    /// registered with the runtime it is called on. Fails only when no
+    /// descriptor can be opened.
+    pub(crate) fn listener(&self) -> std::io::Result<Listener> {
+        self.bell.listener()
     }
 
     /// Wakes a waiting stream (for example, so it notices it was superseded).
     pub(crate) fn wake(&self) {
-        self.notify.notify_one();
+        self.bell.ring();
     }
 
     /// The sequence number of the newest event, 0 when none was pushed.

@@ -122,6 +122,11 @@ impl PluginSession for HostServices {
         let host = self.0.clone();
         let session_id = req.into_inner().session_id;
         host.check_session(&session_id)?;
+        let listener = host.queue.listener().map_err(|e| {
+            Status::resource_exhausted(format!(
+                "the host could not open a wake-up descriptor for this Events stream ({e}); try again"
+            ))
+        })?;
         let (superseded, interrupted) = {
             let mut slot = host.sessions();
             let session = slot
@@ -169,7 +174,7 @@ impl PluginSession for HostServices {
                     continue;
                 }
                 tokio::select! {
-                    () = host.queue.wait_after(cursor) => {}
+                    () = host.queue.wait_after(cursor, &listener) => {}
                     () = interrupted.cancelled() => {
                         let _ = tx.try_send(Err(Status::unavailable("the host ended this Events stream; register again")));
                         break;

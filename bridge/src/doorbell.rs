@@ -1,0 +1,183 @@
+//! How a push wakes the Events stream: an eventfd that the push rings and
+//! the stream waits on through its runtime's I/O driver.
+//!
+//! Why not a `tokio::sync::Notify`: a waker called from outside a
+//! work-stealing runtime (the daemon's thread, in `handle_payload`) puts the
+//! task in the runtime's shared queue and unparks a worker; that worker,
+//! the last one searching for work when it finds the task, unparks another,
+//! which finds nothing and parks again. Two thread wake-ups per event at
+//! light load, the second on the CPU the sidecar needs next. An I/O event
+//! wakes only the worker that polls the driver, and the task it wakes runs
+//! there (docs/BENCHMARKS.md, "The stream's wake-up").
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// The producers' side: rung after an event is published, when a waiting
+/// stream armed it.
+#[derive(Debug, Default)]
+pub(crate) struct Doorbell {
+    /// The eventfd, opened by the first listener.
+    fd: OnceLock<File>,
+    /// Set by a stream about to wait; cleared by the ring that wakes it.
+    armed: AtomicBool,
+}
+
+impl Doorbell {
+    /// Rings if a stream armed the bell since the last ring. Call after the
+    /// event it announces is visible to the stream's check.
+    pub(crate) fn ring_if_armed(&self) {
+        // Pairs with the fence in `Listener::wait`: either this sees the
+        // flag, or the stream's check after its fence sees the event.
+        fence(Ordering::SeqCst);
+        if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::Relaxed) {
+            self.ring();
+        }
+    }
+
+    /// Rings, armed or not (to make a waiting stream look again).
+    pub(crate) fn ring(&self) {
+        if let Some(mut fd) = self.fd.get() {
+            // A write of 1 fails only when the counter is one short of
+            // 2^64, which draining on every wake-up never lets it reach.
+            let _ = fd.write(&1u64.to_ne_bytes());
+        }
+    }
+
+    /// A listener for one stream, registered with the I/O driver of the
+    /// runtime it is called on. Fails when no descriptor can be opened.
+    pub(crate) fn listener(&self) -> std::io::Result<Listener> {
+        let fd = match self.fd.get() {
+            Some(fd) => fd,
+            None => {
+                // Two streams opening at once may both open one; either
+                // will do, and the other is closed.
+                let _ = self.fd.set(eventfd()?);
+                self.fd
+                    .get()
+                    .expect("set just above, by this call or another")
+            }
+        };
+        // Each listener polls its own duplicate: each gets its own readiness,
+        // so one that drains the counter does not hide a ring from another.
+        let own = fd.try_clone()?;
+        // Deprecated since tokio 1.54 for types that do not own their
+        // descriptor; a `File` owns it and keeps it open, the same one,
+        // until the `AsyncFd` drops it. (Its replacement does not exist in
+        // the tokio that the real daemon's lockfile pins.)
+        #[allow(deprecated)]
+        let fd = AsyncFd::with_interest(own, Interest::READABLE)?;
+        Ok(Listener { fd })
+    }
+}
+
+/// One stream's side of a [`Doorbell`].
+#[derive(Debug)]
+pub(crate) struct Listener {
+    fd: AsyncFd<File>,
+}
+
+impl Listener {
+    /// Waits until `ready()` holds or `bell` rings. May return spuriously.
+    pub(crate) async fn wait(&self, bell: &Doorbell, ready: impl Fn() -> bool) {
+        bell.armed.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `ring_if_armed`.
+        fence(Ordering::SeqCst);
+        if ready() {
+            // Left armed: at worst the next push rings once for nothing.
+            return;
+        }
+        match self.fd.readable().await {
+            Ok(mut guard) => {
+                // Drained, so the counter never nears its limit; empty
+                // (`WouldBlock`) when another listener drained it first.
+                let _ = guard.get_inner().read(&mut [0; 8]);
+                guard.clear_ready();
+            }
+            // Only when the runtime is shutting down, which ends the
+            // stream's task too.
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// A non-blocking, close-on-exec eventfd with a count of 0.
+fn eventfd() -> std::io::Result<File> {
+    // SAFETY: eventfd takes no pointers; the flags are valid for it.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened by eventfd and is owned by nothing else.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ring_from_another_thread_wakes_the_waiting_stream() {
+        let bell = Arc::new(Doorbell::default());
+        let newest = Arc::new(AtomicU64::new(0));
+        let listener = bell.listener().expect("an eventfd");
+        for n in 1..=200u64 {
+            let (b, seen) = (bell.clone(), newest.clone());
+            let producer = std::thread::spawn(move || {
+                seen.store(n, Ordering::Release);
+                b.ring_if_armed();
+            });
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while newest.load(Ordering::Acquire) < n {
+                    listener
+                        .wait(&bell, || newest.load(Ordering::Acquire) >= n)
+                        .await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("push {n} never woke the stream"));
+            producer.join().expect("the producer thread");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_listener_hears_one_ring() {
+        let bell = Doorbell::default();
+        let (a, b) = (
+            bell.listener().expect("an eventfd"),
+            bell.listener().expect("an eventfd"),
+        );
+        let both = async {
+            tokio::join!(a.wait(&bell, || false), b.wait(&bell, || false));
+        };
+        tokio::pin!(both);
+        // Polled once: both are armed and waiting before the ring.
+        let done =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(both.as_mut().poll(cx).is_ready()))
+                .await;
+        assert!(!done, "a listener returned before any ring");
+        bell.ring_if_armed();
+        tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("one ring wakes both listeners");
+    }
+
+    #[test]
+    fn ringing_before_any_listener_is_a_no_op() {
+        let bell = Doorbell::default();
+        bell.ring();
+        bell.ring_if_armed();
+        assert!(bell.fd.get().is_none());
+    }
+}
