@@ -8,10 +8,11 @@
 //! which finds nothing and parks again. Two thread wake-ups per event at
 //! light load, the second on the CPU the sidecar needs next. An I/O event
 //! wakes only the worker that polls the driver, and the task it wakes runs
-//! there (docs/BENCHMARKS.md, "The stream's wake-up").
+//! there (docs/BENCHMARKS.md, "The stream's wake-up, and where the Python
+//! gap is").
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -36,7 +37,9 @@ impl Doorbell {
         // Pairs with the fence in `Listener::wait`: either this sees the
         // flag, or the stream's check after its fence sees the event.
         fence(Ordering::SeqCst);
-        if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::Relaxed) {
+        // Acquire: a flag set by a listener comes with the descriptor it
+        // opened.
+        if self.armed.load(Ordering::Relaxed) && self.armed.swap(false, Ordering::Acquire) {
             self.ring();
         }
     }
@@ -44,8 +47,10 @@ impl Doorbell {
     /// Rings, armed or not (to make a waiting stream look again).
     pub(crate) fn ring(&self) {
         if let Some(mut fd) = self.fd.get() {
-            // A write of 1 fails only when the counter is one short of
-            // 2^64, which draining on every wake-up never lets it reach.
+            // Every write is an edge for every registration, whatever the
+            // count (which nobody reads: see `Listener::wait`). A write of
+            // 1 would fail only at a count one short of 2^64, more writes
+            // than a daemon makes.
             let _ = fd.write(&1u64.to_ne_bytes());
         }
     }
@@ -64,13 +69,14 @@ impl Doorbell {
                     .expect("set just above, by this call or another")
             }
         };
-        // Each listener polls its own duplicate: each gets its own readiness,
-        // so one that drains the counter does not hide a ring from another.
+        // Each listener registers its own duplicate (one descriptor cannot
+        // be registered twice with one epoll instance).
         let own = fd.try_clone()?;
-        // Deprecated since tokio 1.54 for types that do not own their
-        // descriptor; a `File` owns it and keeps it open, the same one,
-        // until the `AsyncFd` drops it. (Its replacement does not exist in
-        // the tokio that the real daemon's lockfile pins.)
+        // Deprecated in recent tokio releases because any `AsRawFd` could
+        // be passed (I/O safety); a `File` owns its descriptor and keeps
+        // it open, the same one, until the `AsyncFd` drops it. The
+        // replacement, `register_with_interest`, does not exist in the
+        // tokio that the real daemon's lockfile pins.
         #[allow(deprecated)]
         let fd = AsyncFd::with_interest(own, Interest::READABLE)?;
         Ok(Listener { fd })
@@ -86,7 +92,7 @@ pub(crate) struct Listener {
 impl Listener {
     /// Waits until `ready()` holds or `bell` rings. May return spuriously.
     pub(crate) async fn wait(&self, bell: &Doorbell, ready: impl Fn() -> bool) {
-        bell.armed.store(true, Ordering::Relaxed);
+        bell.armed.store(true, Ordering::Release);
         // Pairs with the fence in `ring_if_armed`.
         fence(Ordering::SeqCst);
         if ready() {
@@ -94,12 +100,13 @@ impl Listener {
             return;
         }
         match self.fd.readable().await {
-            Ok(mut guard) => {
-                // Drained, so the counter never nears its limit; empty
-                // (`WouldBlock`) when another listener drained it first.
-                let _ = guard.get_inner().read(&mut [0; 8]);
-                guard.clear_ready();
-            }
+            // The count is never read: with the descriptors registered
+            // edge-triggered, each write reports every registration once
+            // (a count drained by one listener before the driver collects
+            // the events would hide the ring from the others). Clearing
+            // the readiness waits for the next write; one that came since
+            // this readiness was seen is kept.
+            Ok(mut guard) => guard.clear_ready(),
             // Only when the runtime is shutting down, which ends the
             // stream's task too.
             Err(_) => std::future::pending().await,
@@ -126,6 +133,11 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// Polls `f` once; whether it finished.
+    async fn poll_once<F: Future + ?Sized>(mut f: std::pin::Pin<&mut F>) -> bool {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).is_ready())).await
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_ring_from_another_thread_wakes_the_waiting_stream() {
@@ -163,14 +175,45 @@ mod tests {
         };
         tokio::pin!(both);
         // Polled once: both are armed and waiting before the ring.
-        let done =
-            std::future::poll_fn(|cx| std::task::Poll::Ready(both.as_mut().poll(cx).is_ready()))
-                .await;
-        assert!(!done, "a listener returned before any ring");
+        assert!(
+            !poll_once(both.as_mut()).await,
+            "a listener returned before any ring"
+        );
         bell.ring_if_armed();
         tokio::time::timeout(Duration::from_secs(10), both)
             .await
             .expect("one ring wakes both listeners");
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_wakes_late_hides_no_ring_from_another() {
+        let bell = Doorbell::default();
+        let (a, b) = (
+            bell.listener().expect("an eventfd"),
+            bell.listener().expect("an eventfd"),
+        );
+        // A waits; its wake-up comes but it is not run yet.
+        let a_waits = a.wait(&bell, || false);
+        tokio::pin!(a_waits);
+        assert!(!poll_once(a_waits.as_mut()).await);
+        let b_waits = b.wait(&bell, || false);
+        tokio::pin!(b_waits);
+        assert!(!poll_once(b_waits.as_mut()).await);
+        bell.ring_if_armed();
+        tokio::time::timeout(Duration::from_secs(10), b_waits)
+            .await
+            .expect("the ring wakes B");
+        // B waits again, a second ring; then A runs its first wake-up.
+        let b_again = b.wait(&bell, || false);
+        tokio::pin!(b_again);
+        assert!(!poll_once(b_again.as_mut()).await);
+        bell.ring_if_armed();
+        tokio::time::timeout(Duration::from_secs(10), a_waits)
+            .await
+            .expect("A was woken by the first ring");
+        tokio::time::timeout(Duration::from_secs(10), b_again)
+            .await
+            .expect("the second ring still wakes B");
     }
 
     #[test]
