@@ -15,9 +15,8 @@ use pim_plugin_proto::convert::{PluginEvent, SequencedEvent};
 use pim_plugin_proto::pb;
 use tokio::sync::Notify;
 
-use crate::doorbell::{Doorbell, Listener};
-
 use crate::config::QueueLimits;
+use crate::doorbell::{Doorbell, Listener};
 
 /// Bytes charged per queued event on top of its body and kind, for the
 /// queue's own bookkeeping.
