@@ -134,6 +134,19 @@ mod tests {
 
     use super::*;
 
+    /// Two listeners of `bell`.
+    fn two_listeners(bell: &Doorbell) -> (Listener, Listener) {
+        let open = || bell.listener().expect("an eventfd");
+        (open(), open())
+    }
+
+    /// Awaits `f` for at most 10 s; `what` names it when it does not end.
+    async fn within(f: impl Future<Output = ()>, what: &str) {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not within 10 s"));
+    }
+
     /// Polls `f` once; whether it finished.
     async fn poll_once<F: Future + ?Sized>(mut f: std::pin::Pin<&mut F>) -> bool {
         std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).is_ready())).await
@@ -166,10 +179,7 @@ mod tests {
     #[tokio::test]
     async fn every_listener_hears_one_ring() {
         let bell = Doorbell::default();
-        let (a, b) = (
-            bell.listener().expect("an eventfd"),
-            bell.listener().expect("an eventfd"),
-        );
+        let (a, b) = two_listeners(&bell);
         let both = async {
             tokio::join!(a.wait(&bell, || false), b.wait(&bell, || false));
         };
@@ -180,18 +190,13 @@ mod tests {
             "a listener returned before any ring"
         );
         bell.ring_if_armed();
-        tokio::time::timeout(Duration::from_secs(10), both)
-            .await
-            .expect("one ring wakes both listeners");
+        within(both, "one ring wakes both listeners").await;
     }
 
     #[tokio::test]
     async fn a_listener_that_wakes_late_hides_no_ring_from_another() {
         let bell = Doorbell::default();
-        let (a, b) = (
-            bell.listener().expect("an eventfd"),
-            bell.listener().expect("an eventfd"),
-        );
+        let (a, b) = two_listeners(&bell);
         // A waits; its wake-up comes but it is not run yet.
         let a_waits = a.wait(&bell, || false);
         tokio::pin!(a_waits);
@@ -200,20 +205,14 @@ mod tests {
         tokio::pin!(b_waits);
         assert!(!poll_once(b_waits.as_mut()).await);
         bell.ring_if_armed();
-        tokio::time::timeout(Duration::from_secs(10), b_waits)
-            .await
-            .expect("the ring wakes B");
+        within(b_waits, "the ring wakes B").await;
         // B waits again, a second ring; then A runs its first wake-up.
         let b_again = b.wait(&bell, || false);
         tokio::pin!(b_again);
         assert!(!poll_once(b_again.as_mut()).await);
         bell.ring_if_armed();
-        tokio::time::timeout(Duration::from_secs(10), a_waits)
-            .await
-            .expect("A was woken by the first ring");
-        tokio::time::timeout(Duration::from_secs(10), b_again)
-            .await
-            .expect("the second ring still wakes B");
+        within(a_waits, "A was woken by the first ring").await;
+        within(b_again, "the second ring still wakes B").await;
     }
 
     #[test]

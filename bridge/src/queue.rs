@@ -531,8 +531,8 @@ impl EventQueue {
     ///
     /// It first yields to the runtime a few times, checking without the
     /// lock: during a burst the next event is usually there by then, and
-    /// the producer's `push` then finds no parked task to wake (a wake of a
-    /// parked runtime thread is a syscall on the daemon's hot path).
+    /// the producer's `push` then finds the doorbell unarmed (a ring is a
+    /// `write` on the daemon's hot path).
     pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener) {
         for _ in 0..SPINS_BEFORE_PARKING {
             if self.newest.load(Ordering::Acquire) > cursor {

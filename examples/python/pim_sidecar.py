@@ -6,8 +6,8 @@ PIM_PLUGIN_* environment, connects to the plugin socket (with the
 handlers (one that raises is logged and its event counts as handled;
 `Retry` hands the payload back, bounded), acks them (from a thread of its
 own, at most every 10 ms: the delivery loop never waits for an Ack), drops
-duplicates after a reconnect, and returns 0 on Shutdown (78 when the host refuses the registration, 1 when the host is
-gone for good). On SIGTERM it finishes the event in hand, acks, calls
+duplicates after a reconnect, and returns 0 on Shutdown (78 when the host
+refuses the registration, 1 when the host is gone for good). On SIGTERM it finishes the event in hand, acks, calls
 `shutdown` and returns 0. `Host` wraps every host RPC.
 
 The gRPC stubs are generated from ../../proto by grpcio-tools into `gen/`

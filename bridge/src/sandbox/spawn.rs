@@ -296,7 +296,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `Prepared` of `start`, alive and unchanged until
     // this process execs or exits; the daemon's thread that owns it is
     // suspended (CLONE_VFORK). Everything below is a system call on data of
-    // `Prepared` or of this stack.
+    // `Prepared`, of this stack or a static path (`/dev/tty`), or a read of
+    // errno: nothing allocates or takes a lock.
     unsafe {
         let p = &*arg.cast::<Prepared>();
         let stage = match apply(p) {
