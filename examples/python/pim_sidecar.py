@@ -272,15 +272,26 @@ class Retry(Exception):
 
 RETRIES = 5
 
-_current_seq = None
-_current_instance = None
+class _Current:
+    """The event a handler runs for (an attribute store per event, cheaper
+    than a module global's)."""
+
+    __slots__ = ("seq", "instance")
+
+    def __init__(self):
+        self.seq = None
+        self.instance = None
+
+
+_current = _Current()
 
 
 def current_event():
     """The event a handler is running for, as (seq, host_instance); None outside a handler."""
-    if _current_seq is None:
+    seq = _current.seq
+    if seq is None:
         return None
-    return (_current_seq, _current_instance)
+    return (seq, _current.instance)
 
 
 class Sidecar:
@@ -467,8 +478,9 @@ def _terminated(host, sidecar, sigterm, last):
 
 class _Delivery:
     """Hands a stream's events to the sidecar in order, dropping duplicates:
-    the per-event path, kept to a few attribute reads and one call per
-    payload (a kind is checked once, then looked up in a set)."""
+    the per-event path, kept to a few attribute reads, one test and one
+    call per payload (a kind is checked once, then compared with the last
+    payload's or looked up in a set)."""
 
     def __init__(self, sidecar, sigterm, instance, last):
         self.sidecar = sidecar
@@ -483,29 +495,43 @@ class _Delivery:
         handled: the caller shuts down) or None. SIGTERM in a batch is acted
         on after the event in hand (`_Terminated`); a payload the wire
         forbids raises ValueError naming the field."""
-        global _current_seq, _current_instance
+        current = _current
         sidecar = self.sidecar
         handle = sidecar.handle_payload
         sigterm = self.sigterm
         kinds_ok = self._kinds_ok
+        node_id_bytes, max_body_bytes = NODE_ID_BYTES, MAX_BODY_BYTES
         last = self.last
-        _current_instance = self.instance
+        known = None  # the kind of the last payload handled
+        current.instance = self.instance
         sigterm.in_handler = True  # SIGTERM waits for the event in hand
         try:
             for ev in events:
                 seq = ev.seq
-                if seq <= last:
-                    self.duplicates += 1
-                    continue
                 p = ev.payload
                 kind = p.kind
-                if kind not in kinds_ok:
+                src = p.src
+                body = p.body
+                # One test on the common path: a new payload of the last
+                # payload's kind (a string compare) or one seen before (a set
+                # lookup), its fields within the wire's limits. Anything else
+                # (a duplicate, another event, a new kind, a bad field) is
+                # sorted out inside.
+                if (
+                    seq <= last
+                    or (kind != known and kind not in kinds_ok)
+                    or len(src) != node_id_bytes
+                    or len(body) > max_body_bytes
+                ):
+                    if seq <= last:
+                        self.duplicates += 1
+                        continue
                     which = ev.WhichOneof("event")
                     if which == "shutdown":
                         return seq
                     if which != "payload":
                         if which == "peer_forgotten":
-                            _current_seq = seq
+                            current.seq = seq
                             try:
                                 sidecar.on_peer_forgotten(ev.peer_forgotten.node)
                             except Exception as e:  # noqa: BLE001 - the event still counts as handled
@@ -514,24 +540,26 @@ class _Delivery:
                         if sigterm.requested:
                             raise _Terminated()
                         continue
-                    if not (0 < len(kind) <= MAX_KIND_BYTES and kind.isascii()):
-                        _check_payload(seq, p.src, kind, p.body)  # names the field
-                    if len(kinds_ok) < 64:
-                        kinds_ok.add(kind)
-                src, body = p.src, p.body
-                if len(src) != NODE_ID_BYTES or len(body) > MAX_BODY_BYTES:
                     _check_payload(seq, src, kind, body)  # names the field
-                _current_seq = seq
-                # The first call is the fast path: no loop, no sleep. A
-                # Retry is retried outside this exception's handler, so that
-                # the handler called again does not see it as its context.
-                retry = False
+                    if len(kinds_ok) < 64:
+                        kinds_ok.add(kind)  # a new kind, checked once
+                known = kind
+                current.seq = seq
                 try:
                     handle(src, kind, body)
                 except Retry:
                     retry = True
                 except Exception as e:  # noqa: BLE001 - the event still counts as handled
+                    retry = False
                     log("WARN", f"handle_payload failed on seq {seq}: {e}")
+                else:
+                    last = seq
+                    if sigterm.requested:
+                        raise _Terminated()
+                    continue
+                # A Retry is retried outside the exception's handler, so
+                # that the handler called again does not see it as its
+                # context.
                 if retry:
                     _retry(sidecar, src, kind, body, seq)
                 last = seq
@@ -541,7 +569,7 @@ class _Delivery:
         finally:
             # The flag last: a SIGTERM from here on finds all else done.
             self.last = last
-            _current_seq = None
+            current.seq = None
             sigterm.in_handler = False
 
 

@@ -211,6 +211,14 @@ class CheckPayloadTests(unittest.TestCase):
             self.assertEqual(len(s.calls), 1, f"{field}: the bad payload reached the handler")
             self.assertEqual(d.last, 1)
 
+    def test_every_kind_reaches_the_handler_as_sent_alternating_or_many(self):
+        kinds = ["a.b", "c.d", "a.b", "a.b", "c.d"] + [f"k.{i}" for i in range(70)] + ["k.3"]
+        s = Flaky(0)
+        d = delivery(s)
+        d.batch([payload(seq, kind=kind) for seq, kind in enumerate(kinds, 1)])
+        self.assertEqual([c[1] for c in s.calls], kinds)
+        self.assertEqual([c[3][0] for c in s.calls], list(range(1, len(kinds) + 1)))
+
 
 class FakeAckCall:
     """An Ack the ack thread is waiting on, until the test answers it."""
