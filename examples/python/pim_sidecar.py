@@ -480,7 +480,8 @@ class _Delivery:
     """Hands a stream's events to the sidecar in order, dropping duplicates:
     the per-event path, kept to a few attribute reads, one test and one
     call per payload (a kind is checked once, then compared with the last
-    payload's or looked up in a set)."""
+    payload's or looked up in a set of up to 64; a kind beyond those is
+    checked again whenever it follows another)."""
 
     def __init__(self, sidecar, sigterm, instance, last):
         self.sidecar = sidecar
@@ -502,7 +503,7 @@ class _Delivery:
         kinds_ok = self._kinds_ok
         node_id_bytes, max_body_bytes = NODE_ID_BYTES, MAX_BODY_BYTES
         last = self.last
-        known = None  # the kind of the last payload handled
+        known = None  # the kind of this batch's last payload, checked already
         current.instance = self.instance
         sigterm.in_handler = True  # SIGTERM waits for the event in hand
         try:

@@ -218,6 +218,7 @@ class CheckPayloadTests(unittest.TestCase):
         d.batch([payload(seq, kind=kind) for seq, kind in enumerate(kinds, 1)])
         self.assertEqual([c[1] for c in s.calls], kinds)
         self.assertEqual([c[3][0] for c in s.calls], list(range(1, len(kinds) + 1)))
+        self.assertEqual(len(d._kinds_ok), 64)
 
 
 class FakeAckCall:
