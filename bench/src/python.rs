@@ -106,30 +106,17 @@ pub(crate) async fn python(report: &mut Report, scale: Scale, dir: &Path) -> any
 /// Runs `bench/python/loop_cost.py` for `rounds` rounds: the fastest round's
 /// ns per event of the module's loop and of the counting loop.
 async fn loop_cost(python: &Path, rounds: u32) -> anyhow::Result<(u64, u64)> {
-    let script = scripts().join("loop_cost.py");
-    let run = tokio::process::Command::new(python)
-        .arg(&script)
-        .arg(rounds.to_string())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .map_err(|_| anyhow::anyhow!("{} did not finish within 120 s", script.display()))?
-        .map_err(|e| anyhow::anyhow!("running {}: {e}", script.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(
-        out.status.success(),
-        "{} failed ({}): {stdout}{}",
-        script.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout.trim();
-    let f = crate::stats::numbers(line);
-    anyhow::ensure!(
-        line.starts_with("loop ") && f.len() == 4,
-        "unexpected output of {}: {stdout}",
-        script.display()
-    );
+    let mut command = tokio::process::Command::new(python);
+    command
+        .arg(scripts().join("loop_cost.py"))
+        .arg(rounds.to_string());
+    let line = tokio::time::timeout(
+        Duration::from_secs(120),
+        crate::stats::probe_line(command, "loop ", "bench/python/loop_cost.py"),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("bench/python/loop_cost.py did not finish within 120 s"))??;
+    let f = crate::stats::numbers(&line);
+    anyhow::ensure!(f.len() == 4, "unexpected output of loop_cost.py: {line}");
     Ok((f[0], f[1]))
 }

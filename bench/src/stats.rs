@@ -30,9 +30,9 @@ pub(crate) fn numbers(line: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Runs `pim-bench <args>` as a fresh process (a probe) and returns the
-/// line of its output that starts with `prefix`; the error names `what`
-/// and carries all it printed.
+/// Runs `command` (a probe: a fresh `pim-bench <args>`, or a script) and
+/// returns the line of its output that starts with `prefix`; the error
+/// names `what` and carries all it printed.
 pub(crate) async fn probe_line(
     mut command: tokio::process::Command,
     prefix: &str,
