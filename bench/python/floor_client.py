@@ -3,7 +3,12 @@ n events from a plain tonic Events stream (`pim-bench`'s floor server at
 <socket>), only counting them (each one's seq, src, kind and body are read), then acks once so
 the server sees the end.
 
-    floor_client.py <socket> <n>
+    floor_client.py <socket> <n> [single-threaded | default]
+
+`single-threaded` (the default) reads the stream on the calling thread, with
+grpcio's SingleThreadedUnaryStream channel option, as the module does: the
+floor. `default` reads it as a plain grpcio client does, each message
+handed over from grpcio's own thread.
 
 It uses the stubs examples/python/pim_sidecar.py generates, and nothing
 else of that module.
@@ -30,12 +35,19 @@ def count(events):
     return seen
 
 
-def main(socket_path, n):
+MODES = {"single-threaded": [("SingleThreadedUnaryStream", 1)], "default": []}
+
+
+def main(socket_path, n, mode="single-threaded"):
+    if mode not in MODES:
+        print(f"floor client: mode {mode!r} is not one of {', '.join(MODES)}", file=sys.stderr)
+        return 2
     channel = grpc.insecure_channel(
         f"unix:{socket_path}",
         options=[
             ("grpc.default_authority", "localhost"),
             ("grpc.max_receive_message_length", pim_sidecar.MAX_MESSAGE_BYTES),
+            *MODES[mode],
         ],
     )
     session = pim_sidecar.session_grpc.PluginSessionStub(channel)
@@ -53,4 +65,4 @@ def main(socket_path, n):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2])))
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4]))

@@ -467,13 +467,15 @@ fn event(seq: u64, body: &Bytes) -> pb::Event {
 async fn raw_stream_floor(dir: &Path, size: usize, n: u64, run: usize) -> anyhow::Result<f64> {
     let mut client = tokio::process::Command::new(std::env::current_exe()?);
     client.arg("floor-client");
-    raw_stream_floor_with(client, 1, dir, size, n, run).await
+    raw_stream_floor_with(client, &[], 1, dir, size, n, run).await
 }
 
-/// [`raw_stream_floor`] with another client, which gets the socket and the
-/// count as its last two arguments, and `batch` payloads per message.
+/// [`raw_stream_floor`] with another client, which gets the socket, the
+/// count and then `client_args` as its last arguments, and `batch`
+/// payloads per message.
 async fn raw_stream_floor_with(
     mut client: tokio::process::Command,
+    client_args: &[&str],
     batch: u64,
     dir: &Path,
     size: usize,
@@ -485,6 +487,7 @@ async fn raw_stream_floor_with(
     let mut client = client
         .arg(&sock)
         .arg(n.to_string())
+        .args(client_args)
         .kill_on_drop(true)
         .spawn()?;
     tokio::time::timeout(Duration::from_secs(30), floor.opened).await??;

@@ -7,8 +7,11 @@ handlers (one that raises is logged and its event counts as handled;
 `Retry` hands the payload back, bounded), acks them (from a thread of its
 own, at most every 10 ms: the delivery loop never waits for an Ack), drops
 duplicates after a reconnect, and returns 0 on Shutdown (78 when the host
-refuses the registration, 1 when the host is gone for good). On SIGTERM it finishes the event in hand, acks, calls
-`shutdown` and returns 0. `Host` wraps every host RPC.
+refuses the registration, 1 when the host is gone for good). On SIGTERM it
+finishes the event in hand, acks, calls `shutdown` and returns 0 (while it
+waits for events, within 200 ms). `Host` wraps every host RPC; its server
+streams (`events`, `watch`) are read on the thread that iterates them, so
+iterate each on one thread.
 
 The gRPC stubs are generated from ../../proto by grpcio-tools into `gen/`
 next to this file on first import (or when a .proto is newer).
@@ -121,6 +124,13 @@ class Host:
                 # tonic refuses a socket path as :authority; grpcio sends one by default.
                 ("grpc.default_authority", "localhost"),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # grpc.experimental.ChannelOptions.SingleThreadedUnaryStream:
+                # a server stream (Events, Watch) is read on the thread that
+                # iterates it, not handed over from grpcio's own thread one
+                # message at a time (that handover left the delivery loop
+                # idle a third of the time). Such a stream is iterated by
+                # one thread, and a signal waits up to 200 ms while it waits.
+                ("SingleThreadedUnaryStream", 1),
             ],
         )
         self.session = session_grpc.PluginSessionStub(self.channel)
