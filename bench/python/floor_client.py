@@ -10,8 +10,8 @@ grpcio's SingleThreadedUnaryStream channel option, as the module does: the
 floor. `default` reads it as a plain grpcio client does, each message
 handed over from grpcio's own thread.
 
-It uses the stubs examples/python/pim_sidecar.py generates, and nothing
-else of that module.
+It uses the stubs examples/python/pim_sidecar.py generates and that
+module's channel options, nothing else of it.
 """
 
 import sys
@@ -35,7 +35,7 @@ def count(events):
     return seen
 
 
-MODES = {"single-threaded": [("SingleThreadedUnaryStream", 1)], "default": []}
+MODES = {"single-threaded": [pim_sidecar.READ_ON_CALLING_THREAD], "default": []}
 
 
 def main(socket_path, n, mode="single-threaded"):
@@ -44,11 +44,7 @@ def main(socket_path, n, mode="single-threaded"):
         return 2
     channel = grpc.insecure_channel(
         f"unix:{socket_path}",
-        options=[
-            ("grpc.default_authority", "localhost"),
-            ("grpc.max_receive_message_length", pim_sidecar.MAX_MESSAGE_BYTES),
-            *MODES[mode],
-        ],
+        options=[*pim_sidecar.CHANNEL_OPTIONS, *MODES[mode]],
     )
     session = pim_sidecar.session_grpc.PluginSessionStub(channel)
     seen = 0

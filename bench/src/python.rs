@@ -43,7 +43,7 @@ pub(crate) async fn python(report: &mut Report, scale: Scale, dir: &Path) -> any
     config.sandbox.read_paths = pim_sidecar_examples::python_read_paths(&python, &[scripts()])?;
     let mut host = start_host(config, dir).await?;
 
-    // Median of five runs each, interleaved (a run is about a third of a
+    // Median of five runs each, in turn (a run is about a third of a
     // second, and the machine's speed varies by a third within that). The
     // floor's messages carry as many events as the host's batches (256):
     // what is compared is the work per event, the module's against a loop
@@ -53,10 +53,11 @@ pub(crate) async fn python(report: &mut Report, scale: Scale, dir: &Path) -> any
     // shown beside it.
     let (mut floors, mut plains, mut ourss) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..5 {
-        for (mode, rates) in [("single-threaded", &mut floors), ("default", &mut plains)] {
+        let modes = [("single-threaded", &mut floors), ("default", &mut plains)];
+        for (i, (mode, rates)) in modes.into_iter().enumerate() {
             let mut client = tokio::process::Command::new(&python);
             client.arg(scripts().join("floor_client.py"));
-            let run = 900 + 2 * run + usize::from(mode == "default");
+            let run = 900 + 2 * run + i;
             rates.push(raw_stream_floor_with(client, &[mode], 256, dir, 64, n, run).await?);
         }
         ourss.push(our_throughput(&host, 64, n).await);

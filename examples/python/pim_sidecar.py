@@ -41,6 +41,19 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # event before it, and an Ack per batch cost a busy sidecar a third of its
 # CPU (docs/BENCHMARKS.md). 10 ms bounds what a crash replays.
 ACK_INTERVAL = 0.010
+# The channel's options: tonic refuses a socket path as :authority, which
+# grpcio sends by default; the host's largest message.
+CHANNEL_OPTIONS = (
+    ("grpc.default_authority", "localhost"),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+# grpc.experimental.ChannelOptions.SingleThreadedUnaryStream: a server
+# stream (Events, Watch) is read on the thread that iterates it, instead of
+# each message being handed over from a thread of grpcio's own (two thread
+# wake-ups per message; docs/BENCHMARKS.md). Such a stream is iterated by
+# one thread, and a signal that comes while it waits is handled within
+# 200 ms (grpcio wakes the waiting thread that often).
+READ_ON_CALLING_THREAD = ("SingleThreadedUnaryStream", 1)
 
 
 def _generate_stubs():
@@ -120,18 +133,7 @@ class Host:
         self.session_id = ""
         self.channel = grpc.insecure_channel(
             f"unix:{socket_path}",
-            options=[
-                # tonic refuses a socket path as :authority; grpcio sends one by default.
-                ("grpc.default_authority", "localhost"),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                # grpc.experimental.ChannelOptions.SingleThreadedUnaryStream:
-                # a server stream (Events, Watch) is read on the thread that
-                # iterates it, not handed over from grpcio's own thread one
-                # message at a time (that handover left the delivery loop
-                # idle a third of the time). Such a stream is iterated by
-                # one thread, and a signal waits up to 200 ms while it waits.
-                ("SingleThreadedUnaryStream", 1),
-            ],
+            options=[*CHANNEL_OPTIONS, READ_ON_CALLING_THREAD],
         )
         self.session = session_grpc.PluginSessionStub(self.channel)
         self.peers = peers_grpc.PeerDirectoryStub(self.channel)
@@ -177,6 +179,10 @@ class Host:
         return resp
 
     def events(self):
+        """The Events stream: iterate it on one thread (it is read on the
+        thread that iterates it). While it runs, the call's `result()`,
+        `exception()` and `traceback()` raise grpc.experimental.UsageError
+        instead of waiting; `cancel()` may come from any thread."""
         return self.session.Events(
             session_pb.EventsRequest(session_id=self.session_id), metadata=self._metadata
         )
@@ -245,7 +251,8 @@ class Host:
         return resp.name if resp.HasField("name") else None
 
     def watch(self):
-        """Yields ("seen", node, x25519, name, via), ("forgotten", node) or ("lagged", n)."""
+        """Yields ("seen", node, x25519, name, via), ("forgotten", node) or
+        ("lagged", n); iterate it on one thread, as `events`."""
         req = peers_pb.WatchRequest(session_id=self.session_id)
         for msg in self.peers.Watch(req, metadata=self._metadata):
             which = msg.WhichOneof("event")
