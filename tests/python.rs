@@ -2,7 +2,8 @@
 //! (examples/node, @grpc/grpc-js) spawned through the bridge exactly like
 //! the Rust echo, and checked for the same behaviour: the echo exchange,
 //! in-order delivery with crash resume, clean shutdown, a clear refusal,
-//! and the conformance kit.
+//! and the conformance kit; and the Python module's Watch stream followed
+//! on a thread of its own.
 
 mod support;
 
@@ -301,6 +302,71 @@ async fn the_python_echo_stops_cleanly_when_restarted() {
     init_logging();
     let Some(python) = python().await else { return };
     restart_stops_cleanly_on_sigterm(Echo::Python(python)).await;
+}
+
+/// The Python module's server streams are each read on the thread that
+/// iterates them: a sidecar following `Host.watch()` on a thread of its
+/// own sees a peer learnt and forgotten while its main thread goes on
+/// delivering events (tests/python/watch_sidecar.py).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_module_watches_peers_on_a_thread_of_its_own() {
+    init_logging();
+    let Some(python) = python().await else { return };
+    let dir = temp_dir();
+    let scripts = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/python"));
+    let mut config = SidecarConfig::spawn(
+        "watch",
+        ["watch.ping"],
+        dir.path().join("sock"),
+        CommandSpec::new(&python).arg(scripts.join("watch_sidecar.py")),
+    );
+    config.stuck_timeout = None;
+    config.sandbox.read_paths =
+        pim_sidecar_examples::python_read_paths(&python, &[scripts]).expect("python's prefixes");
+    let host = FakeHost::start(config, dir.path()).await.unwrap();
+    host.ports()
+        .wait_until(WAIT, |calls| {
+            calls.contains(&PortCall::Subscribe).then_some(())
+        })
+        .await
+        .unwrap();
+    let alice = node(1);
+    let sent_to_alice = |calls: &[PortCall], want: &str| {
+        calls.iter().find_map(|c| match c {
+            PortCall::SendDirect {
+                peer,
+                frame: ControlFrame::PluginPayload { kind, body },
+            } if *peer == alice && kind == want => Some(String::from_utf8_lossy(body).into_owned()),
+            _ => None,
+        })
+    };
+    host.ports().add_peer(alice, [1; 32], "alice");
+    let seen = host
+        .ports()
+        .wait_until(WAIT, |calls| sent_to_alice(calls, "watch.seen"))
+        .await
+        .unwrap();
+    assert_eq!(seen, "alice");
+    host.inject_payload(alice, "watch.ping", "still delivering")
+        .await;
+    let pong = host
+        .ports()
+        .wait_until(WAIT, |calls| sent_to_alice(calls, "watch.pong"))
+        .await
+        .unwrap();
+    assert_eq!(pong, "still delivering");
+    host.ports().forget_peer(alice);
+    host.ports()
+        .wait_until(WAIT, |calls| sent_to_alice(calls, "watch.forgotten"))
+        .await
+        .unwrap();
+    let pid = host.plugin().pid().unwrap();
+    host.shutdown().await;
+    assert!(!process_exists(pid));
+    assert_eq!(
+        host.plugin().stats().last_exit.as_deref(),
+        Some("exit status 0")
+    );
 }
 
 /// The Python module keeps the takeover rule: taken over, it stops (exit 0,
