@@ -331,35 +331,30 @@ async fn the_python_module_watches_peers_on_a_thread_of_its_own() {
         .await
         .unwrap();
     let alice = node(1);
-    let sent_to_alice = |calls: &[PortCall], want: &str| {
-        calls.iter().find_map(|c| match c {
-            PortCall::SendDirect {
-                peer,
-                frame: ControlFrame::PluginPayload { kind, body },
-            } if *peer == alice && kind == want => Some(String::from_utf8_lossy(body).into_owned()),
-            _ => None,
+    // The body of the first payload of kind `want` sent direct to alice.
+    let sent_to_alice = |want: &'static str| {
+        host.ports().wait_until(WAIT, move |calls| {
+            calls.iter().find_map(|c| match c {
+                PortCall::SendDirect {
+                    peer,
+                    frame: ControlFrame::PluginPayload { kind, body },
+                } if *peer == alice && kind == want => {
+                    Some(String::from_utf8_lossy(body).into_owned())
+                }
+                _ => None,
+            })
         })
     };
     host.ports().add_peer(alice, [1; 32], "alice");
-    let seen = host
-        .ports()
-        .wait_until(WAIT, |calls| sent_to_alice(calls, "watch.seen"))
-        .await
-        .unwrap();
-    assert_eq!(seen, "alice");
+    assert_eq!(sent_to_alice("watch.seen").await.unwrap(), "alice");
     host.inject_payload(alice, "watch.ping", "still delivering")
         .await;
-    let pong = host
-        .ports()
-        .wait_until(WAIT, |calls| sent_to_alice(calls, "watch.pong"))
-        .await
-        .unwrap();
-    assert_eq!(pong, "still delivering");
+    assert_eq!(
+        sent_to_alice("watch.pong").await.unwrap(),
+        "still delivering"
+    );
     host.ports().forget_peer(alice);
-    host.ports()
-        .wait_until(WAIT, |calls| sent_to_alice(calls, "watch.forgotten"))
-        .await
-        .unwrap();
+    sent_to_alice("watch.forgotten").await.unwrap();
     let pid = host.plugin().pid().unwrap();
     host.shutdown().await;
     assert!(!process_exists(pid));
