@@ -5,7 +5,9 @@ PIM_PLUGIN_* environment, connects to the plugin socket (with the
 `localhost` authority), registers, delivers events in order to your
 handlers (one that raises is logged and its event counts as handled;
 `Retry` hands the payload back, bounded), acks them (from a thread of its
-own, at most every 10 ms: the delivery loop never waits for an Ack), drops
+own, at most every 10 ms: the delivery loop never waits for an Ack; while
+full batches keep coming, each quarter of the host's queue bounds or
+within a second: `_AckPacing`), drops
 duplicates after a reconnect, and returns 0 on Shutdown (78 when the host
 refuses the registration, 1 when the host is gone for good). On SIGTERM it
 finishes the event in hand, acks, calls `shutdown` and returns 0 (while it
@@ -41,6 +43,17 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # event before it, and an Ack per batch cost a busy sidecar a third of its
 # CPU (docs/BENCHMARKS.md). 10 ms bounds what a crash replays.
 ACK_INTERVAL = 0.010
+# The host's batches hold up to this many events (and up to 1 MiB of
+# bodies): a batch this full means more events were ready, a smaller one
+# that the stream has caught up.
+FULL_BATCH_EVENTS = 256
+# While full batches keep coming (a burst), the delivery loop acks once the
+# events or bytes it handled since its last Ack reach this fraction of the
+# host's queue bounds (Register's `limits`), and otherwise within ACK_LATER:
+# an Ack in flight during a burst costs the loop about a tenth of its
+# throughput (docs/BENCHMARKS.md, "Acks during a burst").
+ACK_SHARE_OF_QUEUE = 1 / 4
+ACK_LATER = 1.0
 # The channel's options: tonic refuses a socket path as :authority, which
 # grpcio sends by default; the host's largest message.
 CHANNEL_OPTIONS = (
@@ -136,15 +149,26 @@ class Host:
             options=[*CHANNEL_OPTIONS, READ_ON_CALLING_THREAD],
         )
         self.session = session_grpc.PluginSessionStub(self.channel)
+        # Events through a deserializer that notes each batch's size on the
+        # wire (`batch_bytes`), for the delivery loop's acks.
+        self._events = self.channel.unary_stream(
+            "/pim.plugin.v1.PluginSession/Events",
+            request_serializer=session_pb.EventsRequest.SerializeToString,
+            response_deserializer=self._parse_batch,
+        )
+        self.batch_bytes = 0
         self.peers = peers_grpc.PeerDirectoryStub(self.channel)
         self.control = control_grpc.ControlSenderStub(self.channel)
         self.identity = identity_grpc.IdentitySecretsStub(self.channel)
         # `ack_soon`: the newest position asked for, the newest one sent,
         # the thread that sends them, and its pause between Acks (which
-        # `close` cuts short).
+        # `close` cuts short); `ack_later`: the newest position that may
+        # wait, and until when.
         self._ack_cond = threading.Condition()
         self._ack_wanted = 0
         self._ack_sent = 0
+        self._ack_later = 0
+        self._ack_later_at = 0.0
         self._ack_thread = None
         self._closed = threading.Event()
         self._pause = self._closed.wait
@@ -175,7 +199,7 @@ class Host:
         with self._ack_cond:
             self.session_id = resp.session_id
             # A new host instance numbers its events from 1.
-            self._ack_wanted = self._ack_sent = 0
+            self._ack_wanted = self._ack_sent = self._ack_later = 0
         return resp
 
     def events(self):
@@ -183,9 +207,13 @@ class Host:
         thread that iterates it). While it runs, the call's `result()`,
         `exception()` and `traceback()` raise grpc.experimental.UsageError
         instead of waiting; `cancel()` may come from any thread."""
-        return self.session.Events(
+        return self._events(
             session_pb.EventsRequest(session_id=self.session_id), metadata=self._metadata
         )
+
+    def _parse_batch(self, raw):
+        self.batch_bytes = len(raw)
+        return session_pb.EventsResponse.FromString(raw)
 
     def ack(self, seq):
         """Acks everything up to `seq` and waits for the answer: the acked position."""
@@ -203,22 +231,46 @@ class Host:
             if seq <= self._ack_wanted:
                 return
             self._ack_wanted = seq
-            if self._ack_thread is None:
-                self._ack_thread = threading.Thread(
-                    target=self._send_acks, name="pim-sidecar-ack", daemon=True
-                )
-                self._ack_thread.start()
-            self._ack_cond.notify()
+            self._wake_ack_thread()
+
+    def ack_later(self, seq):
+        """Acks everything up to `seq` within ACK_LATER, or with the next
+        `ack_soon`, whichever comes first; the ack thread is woken once per
+        such wait, not for each call."""
+        with self._ack_cond:
+            if seq <= max(self._ack_wanted, self._ack_later):
+                return
+            waiting = self._ack_later > self._ack_sent
+            self._ack_later = seq
+            if not waiting:
+                self._ack_later_at = time.monotonic() + ACK_LATER
+                self._wake_ack_thread()
+
+    def _wake_ack_thread(self):
+        """Starts the ack thread or wakes it; called holding `_ack_cond`."""
+        if self._ack_thread is None:
+            self._ack_thread = threading.Thread(
+                target=self._send_acks, name="pim-sidecar-ack", daemon=True
+            )
+            self._ack_thread.start()
+        self._ack_cond.notify()
 
     def _send_acks(self):
         """The ack thread: until `close`."""
         while not self._closed.is_set():
             with self._ack_cond:
                 while self._ack_wanted <= self._ack_sent and not self._closed.is_set():
-                    self._ack_cond.wait()
+                    if self._ack_later <= self._ack_sent:
+                        self._ack_cond.wait()
+                        continue
+                    wait = self._ack_later_at - time.monotonic()
+                    if wait <= 0:
+                        break  # the position that could wait is due
+                    self._ack_cond.wait(wait)
                 if self._closed.is_set():
                     return
-                seq, session_id, before = self._ack_wanted, self.session_id, self._ack_sent
+                seq = max(self._ack_wanted, self._ack_later)
+                session_id, before = self.session_id, self._ack_sent
                 self._ack_sent = seq
             try:
                 req = session_pb.AckRequest(session_id=session_id, seq=seq)
@@ -591,6 +643,34 @@ class _Delivery:
             sigterm.in_handler = False
 
 
+class _AckPacing:
+    """When the delivery loop acks. After a batch smaller than a full one
+    (the stream caught up), or once the events or bytes handled since the
+    last such Ack reach ACK_SHARE_OF_QUEUE of the host's queue bounds: at
+    once, through `Host.ack_soon` (which sends at most one Ack per
+    ACK_INTERVAL). Otherwise, while full batches keep coming: within
+    ACK_LATER, through `Host.ack_later`. Bounds of 0 (not announced) make
+    every batch ack at once."""
+
+    def __init__(self, host, limits):
+        self.host = host
+        self.max_events = max(FULL_BATCH_EVENTS, int(limits.max_queued_events * ACK_SHARE_OF_QUEUE))
+        self.max_bytes = max(1, int(limits.max_queued_bytes * ACK_SHARE_OF_QUEUE))
+        self.events = 0
+        self.bytes = 0
+
+    def after(self, events, size, last):
+        """After a batch of `events` events, `size` bytes on the wire,
+        handled up to `last`."""
+        self.events += events
+        self.bytes += size
+        if events < FULL_BATCH_EVENTS or self.events >= self.max_events or self.bytes >= self.max_bytes:
+            self.events = self.bytes = 0
+            self.host.ack_soon(last)
+        else:
+            self.host.ack_later(last)
+
+
 def _retry(sidecar, src, kind, body, seq):
     """After a Retry: at most RETRIES more calls, 50 ms doubling between them."""
     for attempt in range(RETRIES):
@@ -642,6 +722,7 @@ def run(sidecar):
         log("ERROR", f"start failed: {e}")
         return 1
     delivery = _Delivery(sidecar, sigterm, resp.host_instance, resp.acked_seq)
+    acks = _AckPacing(host, resp.limits)
     with sigterm.handling():
         delivery.last = _skip_applied(host, sidecar, delivery.instance, delivery.last)
     if sigterm.requested:
@@ -649,7 +730,8 @@ def run(sidecar):
     while True:
         try:
             for batch in host.events():
-                shutdown = delivery.batch(batch.events)
+                events = batch.events
+                shutdown = delivery.batch(events)
                 sigterm.check()  # one that came as the batch ended
                 if shutdown is not None:
                     sigterm.in_handler = True  # from here on a SIGTERM changes nothing
@@ -661,7 +743,7 @@ def run(sidecar):
                     log("INFO", f"shut down by the host, duplicates={delivery.duplicates}")
                     host.close()
                     return 0
-                host.ack_soon(delivery.last)
+                acks.after(len(events), host.batch_bytes, delivery.last)
             log("WARN", "the host closed the event stream")
         except _Terminated:
             return _terminated(host, sidecar, sigterm, delivery.last)
@@ -686,6 +768,7 @@ def run(sidecar):
         if resp.host_instance != delivery.instance:
             log("INFO", "the host restarted: its sequence numbers start over")
             delivery.instance, delivery.last = resp.host_instance, resp.acked_seq
+        acks = _AckPacing(host, resp.limits)
         with sigterm.handling():
             delivery.last = _skip_applied(host, sidecar, delivery.instance, delivery.last)
         if sigterm.requested:

@@ -355,6 +355,88 @@ class AckSoonTests(unittest.TestCase):
         self.assertEqual(self.session.seqs(), [5])
         self.log.assert_not_called()
 
+    def test_ack_later_waits_then_sends_the_newest_position_once(self):
+        with mock.patch.object(pim_sidecar, "ACK_LATER", 0.3):
+            self.host.ack_later(5)
+            self.host.ack_later(9)
+            self.host.ack_later(7)
+            self.assertEqual(self.session.seqs(), [], "nothing before ACK_LATER")
+            self.assertEqual(self.session.wait_sent(1), [9])
+        self.session.sent[0].answer()
+        self.host.ack_soon(9)
+        self.host.close()
+        self.host._ack_thread.join(10)
+        self.assertEqual(self.session.seqs(), [9], "9 was sent already")
+
+    def test_ack_soon_takes_the_waiting_position_along(self):
+        with mock.patch.object(pim_sidecar, "ACK_LATER", 60):
+            self.host.ack_later(5)
+            self.host.ack_soon(3)
+            self.assertEqual(self.session.wait_sent(1), [5], "the newest handled position")
+            self.session.sent[0].answer()
+            self.host.ack_later(12)
+            self.host.ack_soon(14)
+            self.assertEqual(self.session.wait_sent(2), [5, 14])
+            self.session.sent[1].answer()
+        self.host.close()
+        self.host._ack_thread.join(10)
+        self.assertEqual(self.session.seqs(), [5, 14], "nothing was left waiting")
+
+    def test_a_new_registration_drops_the_waiting_position(self):
+        with mock.patch.object(pim_sidecar, "ACK_LATER", 0.2):
+            self.host.ack_later(9)
+            self.host.register("p", ["p.k"])
+            self.host.ack_later(2)
+            self.assertEqual(self.session.wait_sent(1), [2], "a new instance numbers from 1")
+
+
+class FakeAckHost:
+    """Records which of `ack_soon` and `ack_later` the pacing calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def ack_soon(self, seq):
+        self.calls.append(("soon", seq))
+
+    def ack_later(self, seq):
+        self.calls.append(("later", seq))
+
+
+class AckPacingTests(unittest.TestCase):
+    FULL = pim_sidecar.FULL_BATCH_EVENTS
+
+    def pacing(self, max_events, max_bytes):
+        host = FakeAckHost()
+        limits = SimpleNamespace(max_queued_events=max_events, max_queued_bytes=max_bytes)
+        return host, pim_sidecar._AckPacing(host, limits)
+
+    def test_a_caught_up_stream_acks_at_once(self):
+        host, acks = self.pacing(65536, 64 << 20)
+        acks.after(1, 40, 1)
+        acks.after(self.FULL - 1, 9000, self.FULL)
+        self.assertEqual(host.calls, [("soon", 1), ("soon", self.FULL)])
+
+    def test_full_batches_ack_later_until_a_share_of_the_queue_in_events(self):
+        host, acks = self.pacing(16 * self.FULL, 64 << 20)  # a quarter: 4 batches
+        for i in range(1, 9):
+            acks.after(self.FULL, 100, i * self.FULL)
+        whens = [when for when, _ in host.calls]
+        self.assertEqual(whens, ["later"] * 3 + ["soon"] + ["later"] * 3 + ["soon"])
+        self.assertEqual(host.calls[3], ("soon", 4 * self.FULL))
+
+    def test_full_batches_ack_at_once_when_a_share_of_the_queue_in_bytes_is_reached(self):
+        host, acks = self.pacing(1 << 30, 4 << 20)  # a quarter: 1 MiB
+        acks.after(self.FULL, 600 << 10, self.FULL)
+        acks.after(self.FULL, 600 << 10, 2 * self.FULL)
+        self.assertEqual(host.calls, [("later", self.FULL), ("soon", 2 * self.FULL)])
+
+    def test_bounds_not_announced_ack_every_batch_at_once(self):
+        host, acks = self.pacing(0, 0)
+        acks.after(self.FULL, 100, self.FULL)
+        acks.after(self.FULL, 100, 2 * self.FULL)
+        self.assertEqual(host.calls, [("soon", self.FULL), ("soon", 2 * self.FULL)])
+
 
 if __name__ == "__main__":
     unittest.main()
