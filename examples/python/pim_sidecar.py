@@ -150,7 +150,9 @@ class Host:
         )
         self.session = session_grpc.PluginSessionStub(self.channel)
         # Events through a deserializer that notes each batch's size on the
-        # wire (`batch_bytes`), for the delivery loop's acks.
+        # wire (`batch_bytes`), for the delivery loop's acks. The stream is
+        # read on the iterating thread, so the size noted is that of the
+        # batch just returned.
         self._events = self.channel.unary_stream(
             "/pim.plugin.v1.PluginSession/Events",
             request_serializer=session_pb.EventsRequest.SerializeToString,
