@@ -1,7 +1,8 @@
 //! Docs that cannot drift: every README block marked
 //! `<!-- file: PATH -->` is that file of the repository, verbatim (the
 //! template plugin crate, which the suite builds and tests outside the
-//! workspace through `tests/outside.sh`).
+//! workspace through `tests/outside.sh`); docs/PROTOCOL.md states the
+//! host's batch bounds.
 
 use std::path::Path;
 
@@ -58,4 +59,19 @@ fn the_readme_shows_the_template_files_verbatim() {
             "README's block for {path} differs from the file; copy the file into the README"
         );
     }
+}
+
+#[test]
+fn the_protocol_states_the_hosts_batch_bounds() {
+    use pim_sidecar::proto::limits::{MAX_BATCH_BYTES, MAX_BATCH_EVENTS};
+    let protocol = std::fs::read_to_string(root().join("docs/PROTOCOL.md")).unwrap();
+    let words = protocol.split_whitespace().collect::<Vec<_>>().join(" ");
+    let sentence = format!(
+        "A batch holds up to {MAX_BATCH_EVENTS} events and up to {} MiB of payload bodies",
+        MAX_BATCH_BYTES / (1024 * 1024)
+    );
+    assert!(
+        words.contains(&sentence),
+        "docs/PROTOCOL.md (Events) should say \"{sentence}\""
+    );
 }

@@ -2,8 +2,8 @@
 //! (examples/node, @grpc/grpc-js) spawned through the bridge exactly like
 //! the Rust echo, and checked for the same behaviour: the echo exchange,
 //! in-order delivery with crash resume, clean shutdown, a clear refusal,
-//! and the conformance kit; and the Python module's Watch stream followed
-//! on a thread of its own.
+//! and the conformance kit; the Python module's Watch stream followed on a
+//! thread of its own, and its constants compared with the host's.
 
 mod support;
 
@@ -510,6 +510,50 @@ async fn the_node_echo_passes_the_conformance_kit() {
     let Some(node) = node_js() else { return };
     let script = node_dir().join("echo_sidecar.js");
     passes_the_kit("Node.js", node_read_paths(), &[node, script]).await;
+}
+
+/// The Python module repeats the host's wire limits, protocol version and
+/// batch size as constants of its own (its pacing of Acks takes a batch of
+/// fewer than `FULL_BATCH_EVENTS` for a caught-up stream): each must equal
+/// the host's.
+#[tokio::test]
+async fn the_python_modules_constants_are_the_hosts() {
+    use pim_sidecar::proto::{limits, EXIT_REFUSED, PROTOCOL_VERSION};
+    let Some(python) = python().await else { return };
+    let names = [
+        ("PROTOCOL_VERSION", u64::from(PROTOCOL_VERSION)),
+        ("EXIT_REFUSED", u64::from(EXIT_REFUSED)),
+        ("NODE_ID_BYTES", limits::NODE_ID_BYTES as u64),
+        ("KEY_BYTES", limits::KEY_BYTES as u64),
+        ("MAX_KIND_BYTES", limits::MAX_KIND_BYTES as u64),
+        ("MAX_BODY_BYTES", limits::MAX_BODY_BYTES as u64),
+        ("MAX_MESSAGE_BYTES", limits::MAX_MESSAGE_BYTES as u64),
+        ("FULL_BATCH_EVENTS", limits::MAX_BATCH_EVENTS as u64),
+    ];
+    let script = format!(
+        "import sys; sys.path.insert(0, {dir:?}); import pim_sidecar as m\n\
+         for name in {list:?}: print(name, getattr(m, name))",
+        dir = python_dir().display().to_string(),
+        list = names.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+    );
+    let (ok, stdout, stderr) = run_tool(&python, &["-c".into(), script]).await;
+    assert!(
+        ok,
+        "reading the module's constants failed:\n{stdout}\n{stderr}"
+    );
+    let found: Vec<(String, String)> = stdout
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+    let expected: Vec<(String, String)> = names
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), value.to_string()))
+        .collect();
+    assert_eq!(
+        found, expected,
+        "the module's constants (left) against the host's (right)"
+    );
 }
 
 #[tokio::test]

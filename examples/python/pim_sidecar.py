@@ -45,7 +45,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 ACK_INTERVAL = 0.010
 # The host's batches hold up to this many events (and up to 1 MiB of
 # bodies): a batch this full means more events were ready, a smaller one
-# that the stream has caught up.
+# that the stream has caught up. The host's MAX_BATCH_EVENTS; these
+# constants are compared with the host's by tests/python.rs.
 FULL_BATCH_EVENTS = 256
 # While full batches keep coming (a burst), the delivery loop acks once the
 # events or bytes it handled since its last Ack reach this fraction of the

@@ -25,3 +25,6 @@ pub const MAX_SESSION_ID_BYTES: usize = 64;
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest total body bytes the host puts in one `EventsResponse` batch.
 pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Most events the host puts in one `EventsResponse` batch. A batch holding
+/// fewer (and under [`MAX_BATCH_BYTES`] of bodies) means no more were ready.
+pub const MAX_BATCH_EVENTS: usize = 256;

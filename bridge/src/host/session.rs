@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::pin::Pin;
 
-use pim_plugin_proto::limits::{MAX_BATCH_BYTES, MAX_MESSAGE_BYTES};
+use pim_plugin_proto::limits::{MAX_BATCH_BYTES, MAX_BATCH_EVENTS, MAX_MESSAGE_BYTES};
 use pim_plugin_proto::pb::plugin_session_server::PluginSession;
 use pim_plugin_proto::{convert, limits, pb, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
@@ -12,9 +12,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{HostServices, Session};
-
-/// Most events in one `EventsResponse`.
-const MAX_BATCH_EVENTS: usize = 256;
 
 /// A fresh, unguessable session id.
 fn new_session_id() -> String {
