@@ -100,8 +100,27 @@ pub(crate) struct Floor {
     pub(crate) acked: oneshot::Receiver<u64>,
 }
 
-/// Serves the floor services on `path` until the process ends.
+/// How a floor server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavor {
+    /// A thread of its own with a single-threaded runtime: the simplest
+    /// server, as a floor should be.
+    OneThread,
+    /// A work-stealing runtime with as many workers as the host's socket
+    /// server has (one per CPU, at most 4): what that kind of runtime
+    /// costs a plain tonic stream, shown beside the floor.
+    WorkStealing,
+}
+
+/// Serves the floor services on `path` until the process ends, on a
+/// thread of its own with a single-threaded runtime.
 pub(crate) fn serve(path: &Path) -> anyhow::Result<Floor> {
+    serve_on(path, Flavor::OneThread)
+}
+
+/// Serves the floor services on `path` until the process ends, on a
+/// runtime of `flavor`.
+pub(crate) fn serve_on(path: &Path, flavor: Flavor) -> anyhow::Result<Floor> {
     let (feed, rx) = mpsc::channel(1024);
     let (opened_tx, opened) = oneshot::channel();
     let (acked_tx, acked) = oneshot::channel();
@@ -110,25 +129,35 @@ pub(crate) fn serve(path: &Path) -> anyhow::Result<Floor> {
         opened: Mutex::new(Some(opened_tx)),
         acked: Mutex::new(Some(acked_tx)),
     };
-    // A thread of its own with a single-threaded runtime: the simplest
-    // server, as a floor should be. (The host's plugins share a
-    // work-stealing runtime, which wakes a second worker for each wake from
-    // outside it: docs/BENCHMARKS.md.)
+    // (The host's plugins share a work-stealing runtime, which wakes a
+    // second worker for each wake from outside it: docs/BENCHMARKS.md.)
+    let runtime = match flavor {
+        Flavor::OneThread => tokio::runtime::Builder::new_current_thread(),
+        Flavor::WorkStealing => {
+            // The host's rule (bridge/src/server.rs): a worker per CPU, at most 4.
+            let workers = std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(4);
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(workers);
+            builder
+        }
+    }
+    .enable_all()
+    .build()?;
     let listener = std::os::unix::net::UnixListener::bind(path)?;
     listener.set_nonblocking(true)?;
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime for the floor server");
         runtime.block_on(async move {
             let listener = tokio::net::UnixListener::from_std(listener).expect("the floor socket");
             let router = tonic::transport::Server::builder()
                 .add_service(PluginSessionServer::new(session))
                 .add_service(PeerDirectoryServer::new(FloorPeers));
-            let _ = router
-                .serve_with_incoming(UnixListenerStream::new(listener))
-                .await;
+            // On the work-stealing runtime the server runs on a worker, as
+            // the host's does (block_on's own thread is not one).
+            let served =
+                tokio::spawn(router.serve_with_incoming(UnixListenerStream::new(listener)));
+            let _ = served.await;
         });
     });
     Ok(Floor {
