@@ -61,14 +61,22 @@ fn the_readme_shows_the_template_files_verbatim() {
     }
 }
 
+/// docs/PROTOCOL.md's Events section states the host's batch bounds (a
+/// client may take a smaller batch for a caught-up stream).
 #[test]
 fn the_protocol_states_the_hosts_batch_bounds() {
     use pim_sidecar::proto::limits::{MAX_BATCH_BYTES, MAX_BATCH_EVENTS};
+    const MIB: usize = 1024 * 1024;
+    assert_eq!(
+        MAX_BATCH_BYTES % MIB,
+        0,
+        "MAX_BATCH_BYTES is no longer whole MiB: state it in bytes in docs/PROTOCOL.md and here"
+    );
     let protocol = std::fs::read_to_string(root().join("docs/PROTOCOL.md")).unwrap();
     let words = protocol.split_whitespace().collect::<Vec<_>>().join(" ");
     let sentence = format!(
         "A batch holds up to {MAX_BATCH_EVENTS} events and up to {} MiB of payload bodies",
-        MAX_BATCH_BYTES / (1024 * 1024)
+        MAX_BATCH_BYTES / MIB
     );
     assert!(
         words.contains(&sentence),

@@ -520,7 +520,7 @@ async fn the_node_echo_passes_the_conformance_kit() {
 async fn the_python_modules_constants_are_the_hosts() {
     use pim_sidecar::proto::{limits, EXIT_REFUSED, PROTOCOL_VERSION};
     let Some(python) = python().await else { return };
-    let names = [
+    let constants = [
         ("PROTOCOL_VERSION", u64::from(PROTOCOL_VERSION)),
         ("EXIT_REFUSED", u64::from(EXIT_REFUSED)),
         ("NODE_ID_BYTES", limits::NODE_ID_BYTES as u64),
@@ -534,7 +534,7 @@ async fn the_python_modules_constants_are_the_hosts() {
         "import sys; sys.path.insert(0, {dir:?}); import pim_sidecar as m\n\
          for name in {list:?}: print(name, getattr(m, name))",
         dir = python_dir().display().to_string(),
-        list = names.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+        list = constants.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
     );
     let (ok, stdout, stderr) = run_tool(&python, &["-c".into(), script]).await;
     assert!(
@@ -546,7 +546,7 @@ async fn the_python_modules_constants_are_the_hosts() {
         .filter_map(|line| line.split_once(' '))
         .map(|(name, value)| (name.to_owned(), value.to_owned()))
         .collect();
-    let expected: Vec<(String, String)> = names
+    let expected: Vec<(String, String)> = constants
         .iter()
         .map(|(name, value)| ((*name).to_owned(), value.to_string()))
         .collect();

@@ -107,8 +107,10 @@ pub(crate) enum Flavor {
     /// server, as a floor should be.
     OneThread,
     /// A work-stealing runtime with as many workers as the host's socket
-    /// server has (one per CPU, at most 4): what that kind of runtime
-    /// costs a plain tonic stream, shown beside the floor.
+    /// server has (one per CPU, at most
+    /// [`MAX_SERVER_THREADS`](pim_plugin_bridge::MAX_SERVER_THREADS)): what
+    /// that kind of runtime costs a plain tonic stream, shown beside the
+    /// floor.
     WorkStealing,
 }
 
@@ -129,15 +131,19 @@ pub(crate) fn serve_on(path: &Path, flavor: Flavor) -> anyhow::Result<Floor> {
         opened: Mutex::new(Some(opened_tx)),
         acked: Mutex::new(Some(acked_tx)),
     };
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
     // (The host's plugins share a work-stealing runtime, which wakes a
     // second worker for each wake from outside it: docs/BENCHMARKS.md.)
+    // Built last, so that no early return drops it inside the caller's
+    // runtime.
     let runtime = match flavor {
         Flavor::OneThread => tokio::runtime::Builder::new_current_thread(),
         Flavor::WorkStealing => {
-            // The host's rule (bridge/src/server.rs): a worker per CPU, at most 4.
+            // The host's rule: a worker per CPU, at most MAX_SERVER_THREADS.
             let workers = std::thread::available_parallelism()
                 .map_or(1, usize::from)
-                .min(4);
+                .min(pim_plugin_bridge::MAX_SERVER_THREADS);
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.worker_threads(workers);
             builder
@@ -145,8 +151,6 @@ pub(crate) fn serve_on(path: &Path, flavor: Flavor) -> anyhow::Result<Floor> {
     }
     .enable_all()
     .build()?;
-    let listener = std::os::unix::net::UnixListener::bind(path)?;
-    listener.set_nonblocking(true)?;
     std::thread::spawn(move || {
         runtime.block_on(async move {
             let listener = tokio::net::UnixListener::from_std(listener).expect("the floor socket");

@@ -45,7 +45,8 @@ pub(crate) async fn python(report: &mut Report, scale: Scale, dir: &Path) -> any
 
     // Median of five runs each, in turn (a run is about a third of a
     // second, and the machine's speed varies by a third within that). The
-    // floor's messages carry as many events as the host's batches (256):
+    // floor's messages carry as many events as the host's batches
+    // (MAX_BATCH_EVENTS, 256):
     // what is compared is the work per event, the module's against a loop
     // that only counts. The floor reads its stream on the calling thread
     // as the module does (grpcio's SingleThreadedUnaryStream); a plain
@@ -58,7 +59,8 @@ pub(crate) async fn python(report: &mut Report, scale: Scale, dir: &Path) -> any
             let mut client = tokio::process::Command::new(&python);
             client.arg(scripts().join("floor_client.py"));
             let run = 900 + 2 * run + i;
-            rates.push(raw_stream_floor_with(client, &[mode], 256, dir, 64, n, run).await?);
+            let batch = pim_sidecar::proto::limits::MAX_BATCH_EVENTS as u64;
+            rates.push(raw_stream_floor_with(client, &[mode], batch, dir, 64, n, run).await?);
         }
         ourss.push(our_throughput(&host, 64, n).await);
     }

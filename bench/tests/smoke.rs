@@ -48,7 +48,7 @@ fn the_benchmark_runs_end_to_end_in_smoke_mode() {
         "stalled, sharing a queue budget",
         "the sidecar logging each payload at INFO",
         "raw tonic stream at 1,000/s (floor)",
-        "the same on a work-stealing runtime like the host's",
+        "the same, work-stealing like the host's",
         "median vs the raw stream work-stealing",
         "half a raw Unix-socket ping-pong",
         "latency at light load, 1,000/s  median vs half ping-pong",

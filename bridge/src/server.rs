@@ -173,5 +173,7 @@ fn server_runtime() -> std::io::Result<tokio::runtime::Handle> {
         .map_err(|e| std::io::Error::other(format!("starting the socket-server runtime: {e}")))
 }
 
-/// Most socket-server threads a daemon runs.
-const MAX_SERVER_THREADS: usize = 4;
+/// Most socket-server threads a daemon runs: its plugins' sockets are
+/// served by one worker per CPU, up to this many, whatever the number of
+/// plugins.
+pub const MAX_SERVER_THREADS: usize = 4;
