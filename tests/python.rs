@@ -3,7 +3,7 @@
 //! the Rust echo, and checked for the same behaviour: the echo exchange,
 //! in-order delivery with crash resume, clean shutdown, a clear refusal,
 //! and the conformance kit; the Python module's Watch stream followed on a
-//! thread of its own, and its constants compared with the host's.
+//! thread of its own; and both modules' constants compared with the host's.
 
 mod support;
 
@@ -512,6 +512,34 @@ async fn the_node_echo_passes_the_conformance_kit() {
     passes_the_kit("Node.js", node_read_paths(), &[node, script]).await;
 }
 
+/// Runs `script` with `program` (it prints `NAME value` for each of
+/// `constants`, in order) and checks that each value is the host's.
+async fn constants_match(
+    program: &std::path::Path,
+    args: Vec<String>,
+    module: &str,
+    constants: &[(&str, u64)],
+) {
+    let (ok, stdout, stderr) = run_tool(program, &args).await;
+    assert!(
+        ok,
+        "reading {module}'s constants failed:\n{stdout}\n{stderr}"
+    );
+    let found: Vec<(String, String)> = stdout
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
+    let expected: Vec<(String, String)> = constants
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), value.to_string()))
+        .collect();
+    assert_eq!(
+        found, expected,
+        "{module}'s constants (left) against the host's (right)"
+    );
+}
+
 /// The Python module repeats the host's wire limits, protocol version and
 /// batch size as constants of its own (its pacing of Acks takes a batch of
 /// fewer than `FULL_BATCH_EVENTS` for a caught-up stream): each must equal
@@ -536,24 +564,29 @@ async fn the_python_modules_constants_are_the_hosts() {
         dir = python_dir().display().to_string(),
         list = constants.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
     );
-    let (ok, stdout, stderr) = run_tool(&python, &["-c".into(), script]).await;
-    assert!(
-        ok,
-        "reading the module's constants failed:\n{stdout}\n{stderr}"
+    let args = vec!["-c".into(), script];
+    constants_match(&python, args, "examples/python/pim_sidecar.py", &constants).await;
+}
+
+/// The Node.js module's protocol version, refusal exit code and message
+/// bound are the host's.
+#[tokio::test]
+async fn the_node_modules_constants_are_the_hosts() {
+    use pim_sidecar::proto::{limits, EXIT_REFUSED, PROTOCOL_VERSION};
+    let Some(node) = node_js() else { return };
+    let constants = [
+        ("PROTOCOL_VERSION", u64::from(PROTOCOL_VERSION)),
+        ("EXIT_REFUSED", u64::from(EXIT_REFUSED)),
+        ("MAX_MESSAGE_BYTES", limits::MAX_MESSAGE_BYTES as u64),
+    ];
+    let script = format!(
+        "const m = require({module:?});\n\
+         for (const name of {list:?}) console.log(name, String(m[name]));",
+        module = node_dir().join("pim_sidecar.js").display().to_string(),
+        list = constants.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
     );
-    let found: Vec<(String, String)> = stdout
-        .lines()
-        .filter_map(|line| line.split_once(' '))
-        .map(|(name, value)| (name.to_owned(), value.to_owned()))
-        .collect();
-    let expected: Vec<(String, String)> = constants
-        .iter()
-        .map(|(name, value)| ((*name).to_owned(), value.to_string()))
-        .collect();
-    assert_eq!(
-        found, expected,
-        "the module's constants (left) against the host's (right)"
-    );
+    let args = vec!["-e".into(), script];
+    constants_match(&node, args, "examples/node/pim_sidecar.js", &constants).await;
 }
 
 #[tokio::test]

@@ -822,6 +822,7 @@ module.exports = {
   SDK_VERSION,
   EXIT_REFUSED,
   EXIT_HOST_GONE,
+  MAX_MESSAGE_BYTES,
   // for tests
   readConfig,
   Refused,
