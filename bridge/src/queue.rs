@@ -529,12 +529,15 @@ impl EventQueue {
     /// Waits until an event after `cursor` may be there. Returns at once if
     /// one is; may return spuriously.
     ///
-    /// It first yields to the runtime a few times, checking without the
-    /// lock: during a burst the next event is usually there by then, and
-    /// the producer's `push` then finds the doorbell unarmed (a ring is a
-    /// `write` on the daemon's hot path).
-    pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener) {
-        for _ in 0..SPINS_BEFORE_PARKING {
+    /// With `spin`, it first yields to the runtime a few times, checking
+    /// without the lock: during a burst the next event is usually there by
+    /// then, and the producer's `push` then finds the doorbell unarmed (a
+    /// ring is a `write` on the daemon's hot path). At light load the
+    /// spins find nothing and cost the runtime's workers a zero-timeout
+    /// `epoll_wait` each and their sleep: a stream spins only while its
+    /// waits are short (see [`Spin`]).
+    pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener, spin: bool) {
+        for _ in 0..if spin { SPINS_BEFORE_PARKING } else { 0 } {
             if self.newest.load(Ordering::Acquire) > cursor {
                 return;
             }
@@ -632,6 +635,43 @@ fn swap_in(st: &mut State, inbox: &mut Inbox) {
 
 /// Times a caught-up stream yields before it parks (see `wait_after`).
 const SPINS_BEFORE_PARKING: usize = 16;
+
+/// Whether a caught-up stream spins before it parks: only while its last
+/// wait was shorter than [`Spin::SHORT_WAIT`], as in a burst, where the
+/// next event comes within microseconds. A stream that waited longer (at
+/// light load, a payload a millisecond) parks at once: its spins would
+/// find nothing, and cost a quarter of the host's and sidecar's CPU per
+/// delivery (`pim-bench at 64 1000 2`, docs/BENCHMARKS.md).
+#[derive(Debug, Default)]
+pub(crate) struct Spin {
+    /// When the wait in progress began.
+    began: Option<Instant>,
+    /// Whether the last wait was short.
+    short: bool,
+}
+
+impl Spin {
+    /// The longest wait after which the next one spins.
+    const SHORT_WAIT: Duration = Duration::from_micros(50);
+
+    /// Starts a wait; whether it spins.
+    pub(crate) fn begin(&mut self) -> bool {
+        self.began = Some(Instant::now());
+        self.short
+    }
+
+    /// Ends the wait that [`begin`](Self::begin) started.
+    pub(crate) fn end(&mut self) {
+        if let Some(began) = self.began.take() {
+            self.waited(began.elapsed());
+        }
+    }
+
+    /// Records how long the last wait took.
+    fn waited(&mut self, waited: Duration) {
+        self.short = waited < Self::SHORT_WAIT;
+    }
+}
 
 /// Acked events forgotten per ack, and per batch beyond the batch's own
 /// count: enough to keep up, few enough to keep every lock hold short.
@@ -970,6 +1010,57 @@ mod tests {
             }
             q.forget_acked();
             assert_eq!(q.stats().bytes, 0);
+        }
+    }
+
+    #[test]
+    fn a_stream_spins_only_after_a_short_wait() {
+        let mut spin = Spin::default();
+        assert!(!spin.begin(), "a new stream parks at once");
+        spin.waited(Spin::SHORT_WAIT / 5);
+        assert!(spin.begin(), "after a short wait (a burst) it spins");
+        spin.waited(Spin::SHORT_WAIT * 20);
+        assert!(
+            !spin.begin(),
+            "after a long wait (light load) it parks at once"
+        );
+    }
+
+    /// A caught-up stream sleeps until the next push, whether it spins
+    /// first or parks at once, and does not wait when an event is there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caught_up_stream_sleeps_until_the_next_push() {
+        let q = std::sync::Arc::new(EventQueue::new(QueueLimits::default()));
+        let listener = q.listener().expect("an eventfd");
+        for spin in [false, true] {
+            let cursor = q.last_seq();
+            let pusher = {
+                let q = std::sync::Arc::clone(&q);
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(50));
+                    q.push(payload(1, 8));
+                })
+            };
+            let mut waits = 0;
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while q.last_seq() == cursor {
+                    q.wait_after(cursor, &listener, spin).await;
+                    waits += 1;
+                }
+            })
+            .await
+            .expect("woken by the push within 10 s");
+            pusher.join().unwrap();
+            // A wait may return spuriously (a ring left from an earlier
+            // push), not over and over: a stream that polled instead of
+            // sleeping would have looped thousands of times in 50 ms.
+            assert!(waits <= 3, "spin {spin}: {waits} waits for one push");
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                q.wait_after(cursor, &listener, spin),
+            )
+            .await
+            .expect("an event after the cursor is there: no wait");
         }
     }
 

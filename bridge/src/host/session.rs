@@ -143,6 +143,7 @@ impl PluginSession for HostServices {
         let stopping = host.stopping.clone();
         tokio::spawn(async move {
             let mut cursor = host.queue.open_stream();
+            let mut spin = crate::queue::Spin::default();
             tracing::debug!(plugin = host.name, after = cursor, "events stream opened");
             loop {
                 let mut batch = host
@@ -170,8 +171,9 @@ impl PluginSession for HostServices {
                     }
                     continue;
                 }
+                let spins = spin.begin();
                 tokio::select! {
-                    () = host.queue.wait_after(cursor, &listener) => {}
+                    () = host.queue.wait_after(cursor, &listener, spins) => spin.end(),
                     () = interrupted.cancelled() => {
                         let _ = tx.try_send(Err(Status::unavailable("the host ended this Events stream; register again")));
                         break;
