@@ -44,6 +44,12 @@ impl Doorbell {
         }
     }
 
+    /// Whether a stream armed the bell and no ring has cleared it since.
+    #[cfg(test)]
+    pub(crate) fn is_armed(&self) -> bool {
+        self.armed.load(Ordering::Acquire)
+    }
+
     /// Rings, armed or not (to make a waiting stream look again).
     pub(crate) fn ring(&self) {
         if let Some(mut fd) = self.fd.get() {
@@ -126,7 +132,7 @@ fn eventfd() -> std::io::Result<File> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::future::Future;
     use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
@@ -148,7 +154,7 @@ mod tests {
     }
 
     /// Polls `f` once; whether it finished.
-    async fn poll_once<F: Future + ?Sized>(mut f: std::pin::Pin<&mut F>) -> bool {
+    pub(crate) async fn poll_once<F: Future + ?Sized>(mut f: std::pin::Pin<&mut F>) -> bool {
         std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).is_ready())).await
     }
 

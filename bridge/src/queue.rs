@@ -526,26 +526,32 @@ impl EventQueue {
         pim_plugin_proto::convert::events_to_wire(&picked)
     }
 
-    /// Waits until an event after `cursor` may be there. Returns at once if
-    /// one is; may return spuriously.
+    /// Waits until an event after `cursor` may be there; may return
+    /// spuriously. Returns `true` when it found one without parking (at
+    /// once, or while spinning), `false` after a park.
     ///
     /// With `spin`, it first yields to the runtime a few times, checking
     /// without the lock: during a burst the next event is usually there by
     /// then, and the producer's `push` then finds the doorbell unarmed (a
     /// ring is a `write` on the daemon's hot path). At light load the
-    /// spins find nothing and cost the runtime's workers a zero-timeout
-    /// `epoll_wait` each and their sleep: a stream spins only while its
-    /// waits are short (see [`Spin`]).
-    pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener, spin: bool) {
-        for _ in 0..if spin { SPINS_BEFORE_PARKING } else { 0 } {
+    /// spins find nothing, and each that leaves its worker idle costs a
+    /// zero-timeout `epoll_wait` and keeps the worker awake: a stream
+    /// spins only as [`Spin`] says.
+    pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener, spin: bool) -> bool {
+        let spins = if spin { SPINS_BEFORE_PARKING } else { 0 };
+        for _ in 0..spins {
             if self.newest.load(Ordering::Acquire) > cursor {
-                return;
+                return true;
             }
             tokio::task::yield_now().await;
+        }
+        if self.newest.load(Ordering::Acquire) > cursor {
+            return true;
         }
         listener
             .wait(&self.bell, || self.newest.load(Ordering::Acquire) > cursor)
             .await;
+        false
     }
 
     /// What a stream waits with in [`wait_after`](Self::wait_after),
@@ -633,43 +639,44 @@ fn swap_in(st: &mut State, inbox: &mut Inbox) {
     }
 }
 
-/// Times a caught-up stream yields before it parks (see `wait_after`).
+/// Times a caught-up stream that spins (see [`Spin`]) yields before it
+/// parks.
 const SPINS_BEFORE_PARKING: usize = 16;
 
-/// Whether a caught-up stream spins before it parks: only while its last
-/// wait was shorter than [`Spin::SHORT_WAIT`], as in a burst, where the
-/// next event comes within microseconds. A stream that waited longer (at
-/// light load, a payload a millisecond) parks at once: its spins would
-/// find nothing, and cost a quarter of the host's and sidecar's CPU per
-/// delivery (`pim-bench at 64 1000 2`, docs/BENCHMARKS.md).
+/// Whether a caught-up stream spins before it parks. A new stream parks at
+/// once, and so does one whose last wait parked and took
+/// [`Spin::SHORT_WAIT`] or longer (at light load, one payload per
+/// millisecond): its spins would find nothing, and cost about a quarter of
+/// the host's and the sidecar's CPU per delivery at 1,000/s (docs/BENCHMARKS.md,
+/// "A caught-up stream parks at once at light load"). One whose last wait
+/// found its event without parking, or was woken sooner than that, as in
+/// a burst, spins first.
 #[derive(Debug, Default)]
 pub(crate) struct Spin {
-    /// When the wait in progress began.
-    began: Option<Instant>,
-    /// Whether the last wait was short.
-    short: bool,
+    /// Whether the next wait spins.
+    next: bool,
 }
 
 impl Spin {
-    /// The longest wait after which the next one spins.
-    const SHORT_WAIT: Duration = Duration::from_micros(50);
+    /// A wait that parked and was woken sooner than this makes the next
+    /// one spin.
+    const SHORT_WAIT: Duration = Duration::from_micros(200);
 
-    /// Starts a wait; whether it spins.
-    pub(crate) fn begin(&mut self) -> bool {
-        self.began = Some(Instant::now());
-        self.short
+    /// Starts a wait: whether it spins, and when it began. Reading the
+    /// clock is a vDSO call (a system call on a virtual machine without a
+    /// stable TSC), twice per wait, not per event.
+    pub(crate) fn begin(&self) -> (bool, Instant) {
+        (self.next, Instant::now())
     }
 
-    /// Ends the wait that [`begin`](Self::begin) started.
-    pub(crate) fn end(&mut self) {
-        if let Some(began) = self.began.take() {
-            self.waited(began.elapsed());
-        }
+    /// Ends the wait begun at `began`; `found` is what
+    /// [`EventQueue::wait_after`] returned.
+    pub(crate) fn end(&mut self, began: Instant, found: bool) {
+        self.waited(began.elapsed(), found);
     }
 
-    /// Records how long the last wait took.
-    fn waited(&mut self, waited: Duration) {
-        self.short = waited < Self::SHORT_WAIT;
+    fn waited(&mut self, waited: Duration, found: bool) {
+        self.next = found || waited < Self::SHORT_WAIT;
     }
 }
 
@@ -709,6 +716,7 @@ pub(crate) fn intern_kind(kind: &str, static_kinds: &'static [&'static str]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::doorbell::tests::poll_once;
     use bytes::Bytes;
     use pim_core::NodeId;
 
@@ -1014,53 +1022,72 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_spins_only_after_a_short_wait() {
+    fn a_stream_spins_only_in_a_burst() {
         let mut spin = Spin::default();
-        assert!(!spin.begin(), "a new stream parks at once");
-        spin.waited(Spin::SHORT_WAIT / 5);
-        assert!(spin.begin(), "after a short wait (a burst) it spins");
-        spin.waited(Spin::SHORT_WAIT * 20);
+        assert!(!spin.begin().0, "a new stream parks at once");
+        spin.waited(Spin::SHORT_WAIT / 5, false);
         assert!(
-            !spin.begin(),
-            "after a long wait (light load) it parks at once"
+            spin.begin().0,
+            "after a park it was soon woken from, it spins"
         );
+        spin.waited(Spin::SHORT_WAIT, false);
+        assert!(
+            !spin.begin().0,
+            "after a long park (light load) it parks at once"
+        );
+        spin.waited(Spin::SHORT_WAIT * 20, true);
+        assert!(
+            spin.begin().0,
+            "after a wait that found its event, it spins"
+        );
+        let (_, began) = spin.begin();
+        std::thread::sleep(Spin::SHORT_WAIT * 5);
+        spin.end(began, false);
+        assert!(!spin.begin().0, "end() measures the wait");
     }
 
-    /// A caught-up stream sleeps until the next push, whether it spins
-    /// first or parks at once, and does not wait when an event is there.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_caught_up_stream_sleeps_until_the_next_push() {
-        let q = std::sync::Arc::new(EventQueue::new(QueueLimits::default()));
-        let listener = q.listener().expect("an eventfd");
+    /// A caught-up stream that may not spin arms the doorbell at its first
+    /// poll; one that spins yields `SPINS_BEFORE_PARKING` times first.
+    /// Either sleeps until the next push, and neither waits when an event
+    /// is there.
+    #[tokio::test]
+    async fn a_caught_up_stream_spins_or_parks_and_a_push_wakes_it() {
         for spin in [false, true] {
+            let q = EventQueue::new(QueueLimits::default());
+            let listener = q.listener().expect("an eventfd");
             let cursor = q.last_seq();
-            let pusher = {
-                let q = std::sync::Arc::clone(&q);
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(50));
-                    q.push(payload(1, 8));
-                })
-            };
-            let mut waits = 0;
-            tokio::time::timeout(Duration::from_secs(10), async {
-                while q.last_seq() == cursor {
-                    q.wait_after(cursor, &listener, spin).await;
-                    waits += 1;
-                }
+            let wait = q.wait_after(cursor, &listener, spin);
+            tokio::pin!(wait);
+            let mut polls = 0;
+            while !q.bell.is_armed() {
+                assert!(!poll_once(wait.as_mut()).await, "spin {spin}: no event yet");
+                polls += 1;
+                assert!(
+                    polls <= SPINS_BEFORE_PARKING + 1,
+                    "spin {spin}: never parks"
+                );
+            }
+            let parks_at = if spin { SPINS_BEFORE_PARKING + 1 } else { 1 };
+            assert_eq!(
+                polls, parks_at,
+                "spin {spin}: polls until the bell is armed"
+            );
+            assert!(!poll_once(wait.as_mut()).await, "spin {spin}: parked");
+            q.push(payload(1, 8));
+            let found = tokio::time::timeout(Duration::from_secs(10), wait)
+                .await
+                .expect("the push wakes the parked stream");
+            assert!(!found, "spin {spin}: it parked before the event came");
+            let at_once = q.wait_after(cursor, &listener, spin);
+            tokio::pin!(at_once);
+            let polled = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(std::future::Future::poll(at_once.as_mut(), cx))
             })
-            .await
-            .expect("woken by the push within 10 s");
-            pusher.join().unwrap();
-            // A wait may return spuriously (a ring left from an earlier
-            // push), not over and over: a stream that polled instead of
-            // sleeping would have looped thousands of times in 50 ms.
-            assert!(waits <= 3, "spin {spin}: {waits} waits for one push");
-            tokio::time::timeout(
-                Duration::from_secs(1),
-                q.wait_after(cursor, &listener, spin),
-            )
-            .await
-            .expect("an event after the cursor is there: no wait");
+            .await;
+            assert!(
+                matches!(polled, std::task::Poll::Ready(true)),
+                "spin {spin}: an event after the cursor is there: no wait"
+            );
         }
     }
 

@@ -171,9 +171,9 @@ impl PluginSession for HostServices {
                     }
                     continue;
                 }
-                let spins = spin.begin();
+                let (spin_first, began) = spin.begin();
                 tokio::select! {
-                    () = host.queue.wait_after(cursor, &listener, spins) => spin.end(),
+                    found = host.queue.wait_after(cursor, &listener, spin_first) => spin.end(began, found),
                     () = interrupted.cancelled() => {
                         let _ = tx.try_send(Err(Status::unavailable("the host ended this Events stream; register again")));
                         break;
