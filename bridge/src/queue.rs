@@ -527,31 +527,20 @@ impl EventQueue {
     }
 
     /// Waits until an event after `cursor` may be there; may return
-    /// spuriously. Returns `true` when it found one without parking (at
-    /// once, or while spinning), `false` after a park.
+    /// spuriously. Returns at once if one is.
     ///
-    /// With `spin`, it first yields to the runtime a few times, checking
-    /// without the lock: during a burst the next event is usually there by
-    /// then, and the producer's `push` then finds the doorbell unarmed (a
-    /// ring is a `write` on the daemon's hot path). At light load the
-    /// spins find nothing, and each that leaves its worker idle costs a
-    /// zero-timeout `epoll_wait` and keeps the worker awake: a stream
-    /// spins only as [`Spin`] says.
-    pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener, spin: bool) -> bool {
-        let spins = if spin { SPINS_BEFORE_PARKING } else { 0 };
-        for _ in 0..spins {
-            if self.newest.load(Ordering::Acquire) > cursor {
-                return true;
-            }
-            tokio::task::yield_now().await;
-        }
-        if self.newest.load(Ordering::Acquire) > cursor {
-            return true;
-        }
+    /// A caught-up stream parks at once. Spinning first (yielding to the
+    /// runtime a few times, so that a burst's next push finds the stream
+    /// awake and need not ring the doorbell) was measured and dropped: at
+    /// 1,000/s the spins found nothing and cost a quarter of the CPU per
+    /// delivery, at 64,000/s they raised the median latency (on two CPUs
+    /// the spinning worker takes a CPU the sidecar or the producer needs),
+    /// and in bursts they saved nothing measurable (docs/BENCHMARKS.md, "A
+    /// caught-up stream parks at once").
+    pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener) {
         listener
             .wait(&self.bell, || self.newest.load(Ordering::Acquire) > cursor)
             .await;
-        false
     }
 
     /// What a stream waits with in [`wait_after`](Self::wait_after),
@@ -636,47 +625,6 @@ impl EventQueue {
 fn swap_in(st: &mut State, inbox: &mut Inbox) {
     if !inbox.events.is_empty() {
         std::mem::swap(&mut inbox.events, &mut st.spare);
-    }
-}
-
-/// Times a caught-up stream that spins (see [`Spin`]) yields before it
-/// parks.
-const SPINS_BEFORE_PARKING: usize = 16;
-
-/// Whether a caught-up stream spins before it parks. A new stream parks at
-/// once, and so does one whose last wait parked and took
-/// [`Spin::SHORT_WAIT`] or longer (at light load, one payload per
-/// millisecond): its spins would find nothing, and cost about a quarter of
-/// the host's and the sidecar's CPU per delivery at 1,000/s (docs/BENCHMARKS.md,
-/// "A caught-up stream parks at once at light load"). One whose last wait
-/// found its event without parking, or was woken sooner than that, as in
-/// a burst, spins first.
-#[derive(Debug, Default)]
-pub(crate) struct Spin {
-    /// Whether the next wait spins.
-    next: bool,
-}
-
-impl Spin {
-    /// A wait that parked and was woken sooner than this makes the next
-    /// one spin.
-    const SHORT_WAIT: Duration = Duration::from_micros(200);
-
-    /// Starts a wait: whether it spins, and when it began. Reading the
-    /// clock is a vDSO call (a system call on a virtual machine without a
-    /// stable TSC), twice per wait, not per event.
-    pub(crate) fn begin(&self) -> (bool, Instant) {
-        (self.next, Instant::now())
-    }
-
-    /// Ends the wait begun at `began`; `found` is what
-    /// [`EventQueue::wait_after`] returned.
-    pub(crate) fn end(&mut self, began: Instant, found: bool) {
-        self.waited(began.elapsed(), found);
-    }
-
-    fn waited(&mut self, waited: Duration, found: bool) {
-        self.next = found || waited < Self::SHORT_WAIT;
     }
 }
 
@@ -1021,74 +969,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_stream_spins_only_in_a_burst() {
-        let mut spin = Spin::default();
-        assert!(!spin.begin().0, "a new stream parks at once");
-        spin.waited(Spin::SHORT_WAIT / 5, false);
-        assert!(
-            spin.begin().0,
-            "after a park it was soon woken from, it spins"
-        );
-        spin.waited(Spin::SHORT_WAIT, false);
-        assert!(
-            !spin.begin().0,
-            "after a long park (light load) it parks at once"
-        );
-        spin.waited(Spin::SHORT_WAIT * 20, true);
-        assert!(
-            spin.begin().0,
-            "after a wait that found its event, it spins"
-        );
-        let (_, began) = spin.begin();
-        std::thread::sleep(Spin::SHORT_WAIT * 5);
-        spin.end(began, false);
-        assert!(!spin.begin().0, "end() measures the wait");
-    }
-
-    /// A caught-up stream that may not spin arms the doorbell at its first
-    /// poll; one that spins yields `SPINS_BEFORE_PARKING` times first.
-    /// Either sleeps until the next push, and neither waits when an event
-    /// is there.
+    /// A caught-up stream arms the doorbell at its first poll and sleeps
+    /// until the next push; it does not wait when an event is there.
     #[tokio::test]
-    async fn a_caught_up_stream_spins_or_parks_and_a_push_wakes_it() {
-        for spin in [false, true] {
-            let q = EventQueue::new(QueueLimits::default());
-            let listener = q.listener().expect("an eventfd");
-            let cursor = q.last_seq();
-            let wait = q.wait_after(cursor, &listener, spin);
-            tokio::pin!(wait);
-            let mut polls = 0;
-            while !q.bell.is_armed() {
-                assert!(!poll_once(wait.as_mut()).await, "spin {spin}: no event yet");
-                polls += 1;
-                assert!(
-                    polls <= SPINS_BEFORE_PARKING + 1,
-                    "spin {spin}: never parks"
-                );
-            }
-            let parks_at = if spin { SPINS_BEFORE_PARKING + 1 } else { 1 };
-            assert_eq!(
-                polls, parks_at,
-                "spin {spin}: polls until the bell is armed"
-            );
-            assert!(!poll_once(wait.as_mut()).await, "spin {spin}: parked");
-            q.push(payload(1, 8));
-            let found = tokio::time::timeout(Duration::from_secs(10), wait)
-                .await
-                .expect("the push wakes the parked stream");
-            assert!(!found, "spin {spin}: it parked before the event came");
-            let at_once = q.wait_after(cursor, &listener, spin);
-            tokio::pin!(at_once);
-            let polled = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(std::future::Future::poll(at_once.as_mut(), cx))
-            })
-            .await;
-            assert!(
-                matches!(polled, std::task::Poll::Ready(true)),
-                "spin {spin}: an event after the cursor is there: no wait"
-            );
-        }
+    async fn a_caught_up_stream_parks_at_once_and_a_push_wakes_it() {
+        let q = EventQueue::new(QueueLimits::default());
+        let listener = q.listener().expect("an eventfd");
+        let cursor = q.last_seq();
+        let wait = q.wait_after(cursor, &listener);
+        tokio::pin!(wait);
+        assert!(!poll_once(wait.as_mut()).await, "no event yet");
+        assert!(q.bell.is_armed(), "parked at the first poll");
+        assert!(!poll_once(wait.as_mut()).await, "still parked");
+        q.push(payload(1, 8));
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the push wakes the parked stream");
+        let at_once = q.wait_after(cursor, &listener);
+        tokio::pin!(at_once);
+        assert!(
+            poll_once(at_once.as_mut()).await,
+            "an event after the cursor is there: no wait"
+        );
     }
 
     #[test]

@@ -143,7 +143,6 @@ impl PluginSession for HostServices {
         let stopping = host.stopping.clone();
         tokio::spawn(async move {
             let mut cursor = host.queue.open_stream();
-            let mut spin = crate::queue::Spin::default();
             tracing::debug!(plugin = host.name, after = cursor, "events stream opened");
             loop {
                 let mut batch = host
@@ -171,9 +170,8 @@ impl PluginSession for HostServices {
                     }
                     continue;
                 }
-                let (spin_first, began) = spin.begin();
                 tokio::select! {
-                    found = host.queue.wait_after(cursor, &listener, spin_first) => spin.end(began, found),
+                    () = host.queue.wait_after(cursor, &listener) => {}
                     () = interrupted.cancelled() => {
                         let _ = tx.try_send(Err(Status::unavailable("the host ended this Events stream; register again")));
                         break;
