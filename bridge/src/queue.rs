@@ -533,8 +533,9 @@ impl EventQueue {
     /// runtime a few times, so that a burst's next push finds the stream
     /// awake and need not ring the doorbell) was measured and dropped: at
     /// 1,000/s the spins found nothing and cost a quarter of the CPU per
-    /// delivery, at 64,000/s they raised the median latency (on two CPUs
-    /// the spinning worker takes a CPU the sidecar or the producer needs),
+    /// delivery, at 64,000/s they raised the median latency (likely
+    /// because, on two CPUs, a spinning worker takes a CPU that the
+    /// sidecar or the producer needs),
     /// and in bursts they saved nothing measurable (docs/BENCHMARKS.md, "A
     /// caught-up stream parks at once").
     pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener) {
