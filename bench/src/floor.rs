@@ -107,8 +107,7 @@ pub(crate) enum Flavor {
     /// server, as a floor should be.
     OneThread,
     /// A work-stealing runtime with as many workers as the host's socket
-    /// server has (one per CPU, at most
-    /// [`MAX_SERVER_THREADS`](pim_plugin_bridge::MAX_SERVER_THREADS)): what
+    /// server has ([`server_threads`](pim_plugin_bridge::server_threads)): what
     /// that kind of runtime costs a plain tonic stream, shown beside the
     /// floor.
     WorkStealing,
@@ -140,12 +139,8 @@ pub(crate) fn serve_on(path: &Path, flavor: Flavor) -> anyhow::Result<Floor> {
     let runtime = match flavor {
         Flavor::OneThread => tokio::runtime::Builder::new_current_thread(),
         Flavor::WorkStealing => {
-            // The host's rule: a worker per CPU, at most MAX_SERVER_THREADS.
-            let workers = std::thread::available_parallelism()
-                .map_or(1, usize::from)
-                .min(pim_plugin_bridge::MAX_SERVER_THREADS);
             let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(workers);
+            builder.worker_threads(pim_plugin_bridge::server_threads());
             builder
         }
     }

@@ -49,7 +49,7 @@ pub use pim_plugin_proto as proto;
 pub use plugin::{SidecarPlugin, SidecarStats};
 pub use queue::{QueueBudget, QueueStats, EVENT_OVERHEAD_BYTES};
 pub use sandbox::{default_denied_syscalls, Enforcement, ResourceLimits, Sandbox, SandboxReport};
-pub use server::MAX_SERVER_THREADS;
+pub use server::{server_threads, MAX_SERVER_THREADS};
 
 #[cfg(test)]
 mod alloc_probe;

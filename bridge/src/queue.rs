@@ -535,9 +535,8 @@ impl EventQueue {
     /// 1,000/s the spins found nothing and cost a quarter of the CPU per
     /// delivery, at 64,000/s they raised the median latency (likely
     /// because, on two CPUs, a spinning worker takes a CPU that the
-    /// sidecar or the producer needs),
-    /// and in bursts they saved nothing measurable (docs/BENCHMARKS.md, "A
-    /// caught-up stream parks at once").
+    /// sidecar or the producer needs), and in bursts they saved nothing
+    /// measurable (docs/BENCHMARKS.md, "A caught-up stream parks at once").
     pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener) {
         listener
             .wait(&self.bell, || self.newest.load(Ordering::Acquire) > cursor)

@@ -158,11 +158,8 @@ fn server_runtime() -> std::io::Result<tokio::runtime::Handle> {
     static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
-            let n = std::thread::available_parallelism()
-                .map_or(1, usize::from)
-                .min(MAX_SERVER_THREADS);
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(n)
+                .worker_threads(server_threads())
                 .thread_name("pim-sidecar-server")
                 .enable_all()
                 .build()
@@ -177,3 +174,11 @@ fn server_runtime() -> std::io::Result<tokio::runtime::Handle> {
 /// served by one worker per CPU, up to this many, whatever the number of
 /// plugins.
 pub const MAX_SERVER_THREADS: usize = 4;
+
+/// How many socket-server threads this daemon runs: one per CPU, at most
+/// [`MAX_SERVER_THREADS`].
+pub fn server_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_SERVER_THREADS)
+}
