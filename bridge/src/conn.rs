@@ -177,10 +177,10 @@ impl Drop for Conn {
     }
 }
 
-impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = ConnInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
+impl Conn {
+    /// What the auth check learns about this connection.
+    pub(crate) fn info(&self) -> ConnInfo {
+        use tonic::transport::server::Connected;
         ConnInfo {
             uds: self.stream.connect_info(),
             state: self.state.clone(),
@@ -242,7 +242,7 @@ pub(crate) fn incoming(
     limits: Admission,
     plugin: &'static str,
     stopping: CancellationToken,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<Conn>> {
+) -> tokio::sync::mpsc::Receiver<io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let slots = Arc::new(Slots::default());
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -318,7 +318,7 @@ pub(crate) fn incoming(
             }
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    rx
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ mod output;
 mod overflow;
 mod plugin;
 mod queue;
+mod repoll;
 mod sandbox;
 mod secret;
 mod server;

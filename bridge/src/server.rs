@@ -2,8 +2,14 @@
 //! services, health, and reflection (v1 and v1alpha).
 
 use std::any::Any;
+use std::convert::Infallible;
+use std::pin::pin;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use pim_plugin_proto::limits::MAX_MESSAGE_BYTES;
 use pim_plugin_proto::pb::control_sender_server::ControlSenderServer;
 use pim_plugin_proto::pb::identity_secrets_server::IdentitySecretsServer;
@@ -11,14 +17,21 @@ use pim_plugin_proto::pb::peer_directory_server::PeerDirectoryServer;
 use pim_plugin_proto::pb::plugin_session_server::PluginSessionServer;
 use pim_plugin_proto::{FILE_DESCRIPTOR_SET, SERVICE_NAMES};
 use tokio::net::UnixListener;
-use tokio::task::JoinHandle;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tonic::service::InterceptorLayer;
-use tonic::transport::Server;
+use tonic::body::Body;
+use tonic::codegen::Service;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Routes;
+use tonic::Status;
 use tonic_health::ServingStatus;
 use tracing::Instrument;
 
+use crate::config::ConnectionLimits;
+use crate::conn::Conn;
 use crate::host::{allowed_uids, AuthCheck, Host, HostServices};
+use crate::repoll::{self, Repoll};
 
 /// Where [`built_once`] keeps a value: a `static` of its call site.
 type Slot = OnceLock<Box<dyn Any + Send + Sync>>;
@@ -77,27 +90,21 @@ pub(crate) fn serve(
         timeout: limits.admission_timeout,
         sidecar_pid: host.sidecar_pid.clone(),
     };
-    let router = Server::builder()
-        .max_concurrent_streams(Some(limits.max_streams_per_connection))
-        .http2_keepalive_interval(Some(limits.keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .timeout(limits.request_timeout)
-        .layer(InterceptorLayer::new(AuthCheck::new(token, plugin, uids)))
-        .add_service(
-            PluginSessionServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            PeerDirectoryServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            ControlSenderServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            IdentitySecretsServer::new(services).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+    let routes = Routes::new(
+        PluginSessionServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(
+        PeerDirectoryServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(
+        ControlSenderServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(IdentitySecretsServer::new(services).max_decoding_message_size(MAX_MESSAGE_BYTES))
+    .add_service(health)
+    .add_service(reflection_v1)
+    .add_service(reflection_v1alpha)
+    .prepare();
+    let checked = InterceptedService::new(routes, AuthCheck::new(token, plugin, uids));
     let serve = async move |listener: UnixListener| {
         for service in SERVICE_NAMES.into_iter().chain([""]) {
             health_reporter
@@ -105,13 +112,7 @@ pub(crate) fn serve(
                 .await;
         }
         let incoming = crate::conn::incoming(listener, admission, plugin, stopping.clone());
-        let shutdown = stopping.clone();
-        if let Err(e) = router
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-            .await
-        {
-            tracing::error!(plugin, error = %e, "sidecar socket server failed");
-        }
+        serve_connections(incoming, checked, limits, stopping).await;
     };
     if !host.config.server_thread {
         return Ok(tokio::spawn(serve(listener)));
@@ -143,6 +144,105 @@ pub(crate) fn serve(
         let _stop_on_drop = hard_stop.drop_guard();
         let _ = served.await;
     }))
+}
+
+/// The plugin's services behind the uid and token check.
+type Checked = InterceptedService<Routes, AuthCheck>;
+
+/// Serves each connection `incoming` yields over HTTP/2 until `stopping`
+/// is cancelled, then lets the open ones finish their calls (a graceful
+/// HTTP/2 shutdown) and returns when all have closed.
+///
+/// hyper serves each connection in a task and each of its streams in a
+/// task of their own; both are [`Repoll`]ed, which spares the work-stealing
+/// runtime a thread woken for every batch of events sent and every call
+/// answered (see `repoll`).
+async fn serve_connections(
+    mut incoming: mpsc::Receiver<std::io::Result<Conn>>,
+    checked: Checked,
+    limits: ConnectionLimits,
+    stopping: CancellationToken,
+) {
+    let mut http2 = hyper::server::conn::http2::Builder::new(repoll::Executor);
+    http2
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout);
+    let request_timeout = limits.request_timeout;
+    let mut connections = JoinSet::new();
+    // `incoming` ends when `stopping` is cancelled.
+    while let Some(conn) = incoming.recv().await {
+        while connections.try_join_next().is_some() {}
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::debug!(error = %e, "accepting a connection failed");
+                continue;
+            }
+        };
+        let info = conn.info();
+        let checked = checked.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(info.clone());
+            call(checked.clone(), request, request_timeout)
+        });
+        let connection = http2.serve_connection(TokioIo::new(conn), service);
+        let stopping = stopping.clone();
+        connections.spawn(Repoll::new(async move {
+            let mut connection = pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stopping.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "serving a connection failed");
+            }
+        }));
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// One call: answered by `checked`, or `CANCELLED` when no answer began
+/// within `server_timeout` or the client's `grpc-timeout`, whichever is
+/// shorter. (A streaming answer's messages are not timed, only its start.)
+async fn call(
+    mut checked: Checked,
+    request: Request<Incoming>,
+    server_timeout: Duration,
+) -> Result<Response<Body>, Infallible> {
+    let timeout = grpc_timeout(request.headers()).map_or(server_timeout, |t| t.min(server_timeout));
+    std::future::poll_fn(|cx| Service::<Request<Incoming>>::poll_ready(&mut checked, cx)).await?;
+    Ok(
+        match tokio::time::timeout(timeout, checked.call(request)).await {
+            Ok(response) => response?.map(Body::new),
+            Err(_) => Status::cancelled("Timeout expired").into_http(),
+        },
+    )
+}
+
+/// The client's `grpc-timeout` header: at most 8 digits and a unit (`H`,
+/// `M`, `S`, `m`, `u`, `n`), as gRPC over HTTP/2 defines it. `None` when
+/// absent or malformed (then the server's own timeout applies).
+fn grpc_timeout(headers: &hyper::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The daemon's socket-server runtime, shared by all its plugins, started
@@ -181,4 +281,42 @@ pub fn server_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, usize::from)
         .min(MAX_SERVER_THREADS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout_of(value: &str) -> Option<Duration> {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("grpc-timeout", value.parse().unwrap());
+        grpc_timeout(&headers)
+    }
+
+    #[test]
+    fn a_clients_grpc_timeout_is_read_in_every_unit_and_a_malformed_one_is_ignored() {
+        assert_eq!(timeout_of("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout_of("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout_of("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout_of("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            timeout_of("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(timeout_of("7n"), Some(Duration::from_nanos(7)));
+        for bad in [
+            "",
+            "S",
+            "123456789S",
+            "5s",
+            "-5S",
+            "+5S",
+            "5",
+            "1.5S",
+            "5 S",
+        ] {
+            assert_eq!(timeout_of(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&hyper::HeaderMap::new()), None);
+    }
 }
