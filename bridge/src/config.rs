@@ -200,7 +200,9 @@ pub struct ConnectionLimits {
     /// Default 10 s.
     pub keepalive_timeout: Duration,
     /// Longest time a call may take to produce its response (a stream's
-    /// messages are not bounded by it). Default 30 s.
+    /// messages are not bounded by it); a client's shorter `grpc-timeout`
+    /// wins. A call that runs out ends with `CANCELLED` ("Timeout
+    /// expired"). Default 30 s.
     pub request_timeout: Duration,
 }
 

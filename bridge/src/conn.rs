@@ -242,7 +242,7 @@ pub(crate) fn incoming(
     limits: Admission,
     plugin: &'static str,
     stopping: CancellationToken,
-) -> tokio::sync::mpsc::Receiver<io::Result<Conn>> {
+) -> tokio::sync::mpsc::Receiver<Conn> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let slots = Arc::new(Slots::default());
     static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -313,7 +313,7 @@ pub(crate) fn incoming(
                 state,
                 slots: slots.clone(),
             };
-            if tx.send(Ok(conn)).await.is_err() {
+            if tx.send(conn).await.is_err() {
                 break;
             }
         }

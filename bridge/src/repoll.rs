@@ -16,8 +16,12 @@
 //! that comes while it is not being polled wakes the runtime's task as
 //! usual. At most [`REPOLLS`] polls are made in a row, so a task that always
 //! wakes itself still goes back to the runtime and lets others run.
-//! Cooperative yields are not affected: tokio defers the wakes of
-//! `yield_now` and of an exhausted budget until the poll has returned.
+//! tokio's own cooperative yields are not affected: it defers the wakes of
+//! `yield_now` and of an exhausted budget until the poll has returned. A
+//! future that yields by waking itself and returning `Pending` (hyper's
+//! keepalive timer does, when its deadline has passed) is polled up to
+//! [`REPOLLS`] times before it goes back to the runtime: bounded, and
+//! cheaper than the thread a yield would wake.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,6 +33,8 @@ use std::task::{Context, Poll, Wake, Waker};
 const POLLING: u8 = 1;
 /// The task was woken and has not been polled since.
 const WOKEN: u8 = 2;
+/// The task has finished: wakes do nothing.
+const DONE: u8 = POLLING | WOKEN;
 
 /// Most polls of the wrapped task in one poll of [`Repoll`].
 pub(crate) const REPOLLS: usize = 8;
@@ -48,13 +54,13 @@ impl Wake for Shared {
 
     fn wake_by_ref(self: &Arc<Self>) {
         // Being polled: the poller sees the mark and polls again. Already
-        // woken: the runtime has the task queued.
+        // woken: the runtime has the task queued. Finished: nothing to do.
         if self.state.fetch_or(WOKEN, Ordering::AcqRel) != 0 {
             return;
         }
-        let outer = self.outer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(waker) = outer.as_ref() {
-            waker.wake_by_ref();
+        let outer = self.outer.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(waker) = outer {
+            waker.wake();
         }
     }
 }
@@ -95,10 +101,18 @@ impl<F: Future> Future for Repoll<F> {
         }
         let mut inner = Context::from_waker(&this.waker);
         for _ in 0..REPOLLS {
-            // Clears a `WOKEN` from before: this poll answers it.
-            this.shared.state.store(POLLING, Ordering::Release);
+            // Clears a `WOKEN` from before: this poll answers it (and, by
+            // acquiring, sees what its waker published before waking).
+            this.shared.state.swap(POLLING, Ordering::AcqRel);
             if let Poll::Ready(output) = this.future.as_mut().poll(&mut inner) {
-                this.shared.state.store(0, Ordering::Release);
+                // Wakers still held elsewhere find it finished and do not
+                // keep the runtime's task alive.
+                this.shared.state.store(DONE, Ordering::Release);
+                this.shared
+                    .outer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
                 return Poll::Ready(output);
             }
             // Not woken during the poll: the next wake goes to the runtime.
@@ -285,6 +299,35 @@ mod tests {
         assert_eq!((first.wakes(), second.wakes()), (0, 1));
         let mut ready = Repoll::new(std::future::ready(7));
         assert_eq!(poll_once(&mut ready, &first), Poll::Ready(7));
+    }
+
+    #[test]
+    fn a_finished_task_is_not_woken_and_its_runtime_waker_is_let_go() {
+        struct PendingOnce(Option<Arc<Mutex<Option<Waker>>>>);
+        impl Future for PendingOnce {
+            type Output = ();
+            fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+                match self.0.take() {
+                    Some(kept) => {
+                        *kept.lock().unwrap() = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                    None => Poll::Ready(()),
+                }
+            }
+        }
+        let outer = Arc::new(Counting::default());
+        let kept = Arc::new(Mutex::new(None));
+        let mut future = Repoll::new(PendingOnce(Some(kept.clone())));
+        assert!(poll_once(&mut future, &outer).is_pending());
+        assert!(poll_once(&mut future, &outer).is_ready());
+        assert_eq!(
+            Arc::strong_count(&outer),
+            1,
+            "the runtime's waker was dropped"
+        );
+        kept.lock().unwrap().take().expect("polled").wake();
+        assert_eq!(outer.wakes(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

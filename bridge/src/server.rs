@@ -1,5 +1,6 @@
-//! The tonic server on the plugin's socket: the four `pim.plugin.v1`
-//! services, health, and reflection (v1 and v1alpha).
+//! The server on the plugin's socket: the four `pim.plugin.v1` services,
+//! health, and reflection (v1 and v1alpha), as tonic services served over
+//! HTTP/2 by hyper.
 
 use std::any::Any;
 use std::convert::Infallible;
@@ -158,7 +159,7 @@ type Checked = InterceptedService<Routes, AuthCheck>;
 /// runtime a thread woken for every batch of events sent and every call
 /// answered (see `repoll`).
 async fn serve_connections(
-    mut incoming: mpsc::Receiver<std::io::Result<Conn>>,
+    mut incoming: mpsc::Receiver<Conn>,
     checked: Checked,
     limits: ConnectionLimits,
     stopping: CancellationToken,
@@ -168,19 +169,22 @@ async fn serve_connections(
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_streams_per_connection)
         .keep_alive_interval(limits.keepalive_interval)
-        .keep_alive_timeout(limits.keepalive_timeout);
+        .keep_alive_timeout(limits.keepalive_timeout)
+        // hyper's default, said here because it is a limit a client meets:
+        // a connection whose peer made the server reset this many streams
+        // (protocol errors, refused streams) is closed with GOAWAY
+        // (RUSTSEC-2024-0003). A client that keeps to the server's stream
+        // limit, as gRPC clients do, never comes near it.
+        .max_local_error_reset_streams(Some(1024));
     let request_timeout = limits.request_timeout;
     let mut connections = JoinSet::new();
-    // `incoming` ends when `stopping` is cancelled.
+    // `incoming` ends when `stopping` is cancelled; connections it still
+    // holds then are closed unserved.
     while let Some(conn) = incoming.recv().await {
+        if stopping.is_cancelled() {
+            break;
+        }
         while connections.try_join_next().is_some() {}
-        let conn = match conn {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::debug!(error = %e, "accepting a connection failed");
-                continue;
-            }
-        };
         let info = conn.info();
         let checked = checked.clone();
         let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {

@@ -55,8 +55,8 @@ FULL_BATCH_EVENTS = 256
 # throughput (docs/BENCHMARKS.md, "Acks during a burst").
 ACK_SHARE_OF_QUEUE = 1 / 4
 ACK_LATER = 1.0
-# The channel's options: tonic refuses a socket path as :authority, which
-# grpcio sends by default; the host's largest message.
+# The channel's options: the host's HTTP/2 server refuses a socket path as
+# :authority, which grpcio sends by default; the host's largest message.
 CHANNEL_OPTIONS = (
     ("grpc.default_authority", "localhost"),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
