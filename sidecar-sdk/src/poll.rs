@@ -13,6 +13,13 @@ use std::time::{Duration, Instant};
 /// as usual. [`HostClient`](crate::HostClient) port calls use it; it serves
 /// any call whose answer is expected within microseconds.
 ///
+/// Between polls the thread also yields its CPU to the kernel
+/// (`sched_yield`). The write that sent the call woke the answering thread
+/// as a *sync* wake-up, which places it on the writer's CPU on the
+/// expectation that the writer sleeps next; a poll that kept the CPU would
+/// hold that thread off until the budget ran out. Yielding lets it run
+/// there at once, and costs a system call per poll.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
@@ -39,6 +46,7 @@ pub async fn busy_poll<F: Future>(fut: F, budget: Duration) -> F::Output {
         if start.elapsed() >= budget {
             return fut.await;
         }
+        std::thread::yield_now();
         tokio::task::yield_now().await;
     }
 }

@@ -23,6 +23,14 @@ const ACK_EVERY: u64 = 32;
 /// a keeping-up sidecar to about 11,000 events at 1.1 M/s.
 const ACK_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Longest time an Ack waits for more events at light load (see
+/// [`AckPacing`]): what a crash replays then is at most this long's worth.
+const ACK_LATER: Duration = Duration::from_millis(100);
+
+/// Most events handled since the last Ack that still wait for more (see
+/// [`AckPacing`]).
+const ACK_LATER_EVENTS: u64 = 256;
+
 /// Name the SDK reports in Register.
 const SDK_NAME: &str = "pim-sidecar (Rust)";
 
@@ -142,11 +150,25 @@ pub async fn run_async<S: Sidecar + ?Sized>(
         })
         .await?;
 
-    let (ack_tx, ack_rx) = watch::channel(registered.acked_seq);
-    tokio::spawn(ack_loop(host.clone(), ack_rx));
+    let acked = Handled {
+        seq: registered.acked_seq,
+        bytes: 0,
+    };
+    let (ack_tx, ack_rx) = watch::channel(acked);
+    let pacing = AckPacing::new(registered.limits.as_ref());
+    let acking = host.clone();
+    tokio::spawn(ack_loop(ack_rx, acked, pacing, move |seq| {
+        let host = acking.clone();
+        async move {
+            if let Err(e) = host.ack(seq).await {
+                tracing::debug!(seq, "ack failed (retried after reconnect): {e}");
+            }
+        }
+    }));
     let mut delivery = Delivery {
         instance: Arc::from(registered.host_instance.as_str()),
         last_handled: registered.acked_seq,
+        bytes_handled: 0,
         duplicates: 0,
     };
     delivery.skip_applied(&*plugin, &ack_tx).await;
@@ -280,6 +302,9 @@ struct Delivery {
     instance: Arc<str>,
     /// Highest seq handled by this process; lower ones are duplicates.
     last_handled: u64,
+    /// Payload body and kind bytes handled by this process, for
+    /// [`AckPacing`].
+    bytes_handled: u64,
     duplicates: u64,
 }
 
@@ -298,7 +323,11 @@ impl Delivery {
 
     /// Skips, and acks, what the plugin has applied durably already
     /// ([`Sidecar::applied`]) in this host instance.
-    async fn skip_applied<S: Sidecar + ?Sized>(&mut self, plugin: &S, ack: &watch::Sender<u64>) {
+    async fn skip_applied<S: Sidecar + ?Sized>(
+        &mut self,
+        plugin: &S,
+        ack: &watch::Sender<Handled>,
+    ) {
         let Some(applied) = plugin.applied().await else {
             return;
         };
@@ -312,8 +341,16 @@ impl Delivery {
                 "skipping the events the plugin applied already"
             );
             self.last_handled = applied.seq;
-            ack.send_replace(applied.seq);
+            self.publish(ack);
         }
+    }
+
+    /// Hands the position handled so far to the ack task.
+    fn publish(&self, ack: &watch::Sender<Handled>) {
+        ack.send_replace(Handled {
+            seq: self.last_handled,
+            bytes: self.bytes_handled,
+        });
     }
 
     /// The event `seq` of this delivery, for [`EventInfo::current`].
@@ -347,7 +384,7 @@ async fn deliver<S: Sidecar + ?Sized>(
     plugin: &S,
     host: &HostSession,
     delivery: &mut Delivery,
-    ack: &watch::Sender<u64>,
+    ack: &watch::Sender<Handled>,
     term: &Terminate,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Ended> {
@@ -385,6 +422,7 @@ async fn deliver<S: Sidecar + ?Sized>(
             }
             match event {
                 PluginEvent::Payload { src, kind, body } => {
+                    delivery.bytes_handled += (body.len() + kind.len()) as u64;
                     let mut attempt = 0;
                     let mut retries = crate::once::retry_backoff();
                     loop {
@@ -440,10 +478,10 @@ async fn deliver<S: Sidecar + ?Sized>(
             // publishing it every few events keeps acks flowing through a
             // long batch without waking the ack task for each event.
             if seq % ACK_EVERY == 0 {
-                ack.send_replace(seq);
+                delivery.publish(ack);
             }
         }
-        ack.send_replace(delivery.last_handled);
+        delivery.publish(ack);
     }
     Ok(Ended::StreamClosed)
 }
@@ -463,16 +501,82 @@ async fn stopping(
     Ended::Terminated
 }
 
-/// Sends the newest handled seq whenever it moves, one Ack in flight at a time.
-async fn ack_loop(host: HostSession, mut handled: watch::Receiver<u64>) {
-    while handled.changed().await.is_ok() {
-        let seq = *handled.borrow_and_update();
-        if let Err(e) = host.ack(seq).await {
-            tracing::debug!(seq, "ack failed (retried after reconnect): {e}");
+/// What the delivery loop has handled: the seq, and the bytes of payload
+/// bodies and kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Handled {
+    seq: u64,
+    bytes: u64,
+}
+
+/// When an Ack is worth sending. Each Ack is a unary call that wakes both
+/// processes, and an event that arrives meanwhile waits for it: at 1,000
+/// payloads/s, an Ack every 10 ms was the whole of the delivery latency's
+/// p99 above the raw stream's (`docs/BENCHMARKS.md`). So while fewer than
+/// a sixteenth of the host's queue bounds (events or bytes, at most
+/// [`ACK_LATER_EVENTS`] events) were handled since the last Ack, the next
+/// one waits for more, up to [`ACK_LATER`] after the last. A busy stream
+/// passes those counts within its [`ACK_INTERVAL`] and is acked as
+/// before; a host that announces no bounds is acked at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AckPacing {
+    events: u64,
+    bytes: u64,
+}
+
+impl AckPacing {
+    fn new(limits: Option<&pb::Limits>) -> Self {
+        match limits {
+            Some(l) if l.max_queued_events > 0 && l.max_queued_bytes > 0 => Self {
+                events: (u64::from(l.max_queued_events) / 16).clamp(1, ACK_LATER_EVENTS),
+                bytes: (l.max_queued_bytes / 16).max(1),
+            },
+            _ => Self {
+                events: 1,
+                bytes: 1,
+            },
         }
+    }
+
+    /// Whether `now` is worth an Ack already, `acked` being what the last
+    /// one covered (a lower seq: a restarted host, acked at once).
+    fn due(&self, acked: Handled, now: Handled) -> bool {
+        now.seq < acked.seq
+            || now.seq - acked.seq >= self.events
+            || now.bytes.saturating_sub(acked.bytes) >= self.bytes
+    }
+}
+
+/// Sends (with `ack`) the newest handled seq whenever it moves from
+/// `acked` (what the host has), one Ack in flight at a time, at most one
+/// per [`ACK_INTERVAL`], paced by [`AckPacing`].
+async fn ack_loop<F, Fut>(
+    mut handled: watch::Receiver<Handled>,
+    mut acked: Handled,
+    pacing: AckPacing,
+    mut ack: F,
+) where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    // An idle sidecar's first Ack goes out at once.
+    let started = tokio::time::Instant::now();
+    let mut last_ack = started.checked_sub(ACK_LATER).unwrap_or(started);
+    while handled.changed().await.is_ok() {
+        let deadline = last_ack + ACK_LATER;
+        while !pacing.due(acked, *handled.borrow_and_update()) {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                changed = handled.changed() => if changed.is_err() { return },
+            }
+        }
+        let now = *handled.borrow_and_update();
+        ack(now.seq).await;
+        acked = now;
+        last_ack = tokio::time::Instant::now();
         // Under load, one ack per interval covers everything handled in it:
         // a busy stream then costs a few hundred Ack calls a second, not one
-        // per batch. An idle sidecar's first ack still goes out at once.
+        // per batch.
         tokio::time::sleep(ACK_INTERVAL).await;
     }
 }
@@ -609,5 +713,132 @@ fn refusal(status: &tonic::Status, spawned: bool) -> bool {
         tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument => true,
         tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => spawned,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(events: u32, bytes: u64) -> pb::Limits {
+        pb::Limits {
+            max_queued_events: events,
+            max_queued_bytes: bytes,
+            ..Default::default()
+        }
+    }
+
+    fn at(seq: u64, bytes: u64) -> Handled {
+        Handled { seq, bytes }
+    }
+
+    #[test]
+    fn a_few_events_wait_for_more_and_a_sixteenth_of_the_bounds_is_acked_at_once() {
+        // The host's defaults: 65,536 events, 64 MiB.
+        let pacing = AckPacing::new(Some(&limits(65_536, 64 << 20)));
+        assert_eq!(
+            pacing,
+            AckPacing {
+                events: 256,
+                bytes: 4 << 20
+            }
+        );
+        let acked = at(1_000, 50_000);
+        assert!(
+            !pacing.due(acked, at(1_001, 50_064)),
+            "one small event waits"
+        );
+        assert!(!pacing.due(acked, at(1_255, 66_320)));
+        assert!(pacing.due(acked, at(1_256, 66_384)), "256 events do not");
+        assert!(
+            pacing.due(acked, at(1_003, 50_000 + (4 << 20))),
+            "nor 4 MiB"
+        );
+        assert!(
+            pacing.due(acked, at(3, 0)),
+            "a restarted host numbers afresh"
+        );
+    }
+
+    #[test]
+    fn small_bounds_make_acks_come_sooner_and_no_bounds_ack_every_move() {
+        let small = AckPacing::new(Some(&limits(64, 1 << 20)));
+        assert_eq!(
+            small,
+            AckPacing {
+                events: 4,
+                bytes: 64 << 10
+            }
+        );
+        assert!(small.due(at(0, 0), at(4, 0)));
+        assert!(small.due(at(0, 0), at(1, 64 << 10)));
+        let tiny = AckPacing::new(Some(&limits(8, 8)));
+        assert_eq!(
+            tiny,
+            AckPacing {
+                events: 1,
+                bytes: 1
+            }
+        );
+        for none in [None, Some(limits(0, 0)), Some(limits(100, 0))] {
+            let pacing = AckPacing::new(none.as_ref());
+            assert!(pacing.due(at(7, 0), at(8, 0)), "{none:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_light_load_acks_wait_until_enough_or_the_latest_time() {
+        let (tx, rx) = watch::channel(at(0, 0));
+        let pacing = AckPacing {
+            events: 4,
+            bytes: 1 << 20,
+        };
+        let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(ack_loop(rx, at(0, 0), pacing, move |seq| {
+            acks_tx.send((seq, tokio::time::Instant::now())).unwrap();
+            async {}
+        }));
+        let t0 = tokio::time::Instant::now();
+        tx.send_replace(at(1, 64));
+        let (seq, when) = acks.recv().await.unwrap();
+        assert_eq!(
+            (seq, when - t0),
+            (1, Duration::ZERO),
+            "the first after idle: at once"
+        );
+        tx.send_replace(at(2, 128));
+        let (seq, when) = acks.recv().await.unwrap();
+        assert_eq!(
+            (seq, when - t0),
+            (2, ACK_LATER),
+            "one more: after ACK_LATER"
+        );
+        tokio::time::sleep(ACK_INTERVAL).await;
+        let t1 = tokio::time::Instant::now();
+        tx.send_replace(at(6, 384));
+        let (seq, when) = acks.recv().await.unwrap();
+        assert_eq!(
+            (seq, when - t1),
+            (6, Duration::ZERO),
+            "enough events: at once"
+        );
+        tokio::time::sleep(ACK_INTERVAL).await;
+        let t2 = tokio::time::Instant::now();
+        tx.send_replace(at(7, 384 + (1 << 20)));
+        let (seq, when) = acks.recv().await.unwrap();
+        assert_eq!(
+            (seq, when - t2),
+            (7, Duration::ZERO),
+            "enough bytes: at once"
+        );
+        tx.send_replace(at(20, 0));
+        let (seq, when) = acks.recv().await.unwrap();
+        assert_eq!(
+            (seq, when - t2),
+            (20, ACK_INTERVAL),
+            "never two within ACK_INTERVAL"
+        );
+        drop(tx);
+        task.await.unwrap();
     }
 }
