@@ -284,7 +284,8 @@ pub struct SidecarConfig {
     /// resource limits. On by default.
     pub sandbox: Sandbox,
     /// A spawned sidecar that has events pending and acks none of them for
-    /// this long is killed and restarted. Default 30 s; `None` disables.
+    /// this long is killed and restarted. Default 30 s; `None` disables;
+    /// at least [`MIN_STUCK_TIMEOUT`].
     pub stuck_timeout: Option<Duration>,
 }
 
@@ -474,10 +475,13 @@ impl SidecarConfig {
                 return Err(ConfigError::new(field, "must be more than 0"));
             }
         }
-        if self.stuck_timeout.is_some_and(|t| t.is_zero()) {
+        if self.stuck_timeout.is_some_and(|t| t < MIN_STUCK_TIMEOUT) {
             return Err(ConfigError::new(
                 "stuck_timeout",
-                "must be more than 0 (or off)",
+                format!(
+                    "must be at least {} ms (or off): a healthy sidecar at light load may ack 100 ms after its previous Ack",
+                    MIN_STUCK_TIMEOUT.as_millis()
+                ),
             ));
         }
         if self.restart.max_backoff < self.restart.initial_backoff {
@@ -550,6 +554,11 @@ impl SidecarConfig {
 /// The longest duration any setting accepts: 100 years (a longer one would
 /// overflow the clock arithmetic of the timers it sets).
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Shortest `stuck_timeout` accepted: the Rust SDK, at light load, acks up
+/// to 100 ms after its previous Ack, so a shorter timeout would restart
+/// healthy sidecars.
+pub const MIN_STUCK_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// A configuration field that is out of bounds: the protocol crate's
 /// [`InvalidField`] (the one field-error type of the workspace), said of a
@@ -661,6 +670,14 @@ mod tests {
         let mut c = config();
         c.stuck_timeout = Some(Duration::ZERO);
         assert_eq!(c.validate().unwrap_err().field(), "stuck_timeout");
+        c.stuck_timeout = Some(MIN_STUCK_TIMEOUT - Duration::from_millis(1));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("stuck_timeout") && e.contains("at least 250 ms"),
+            "{e}"
+        );
+        c.stuck_timeout = Some(MIN_STUCK_TIMEOUT);
+        c.validate().unwrap();
         let mut c = config();
         c.restart.max_backoff = Duration::from_millis(1);
         assert_eq!(c.validate().unwrap_err().field(), "restart.max_backoff");

@@ -42,7 +42,7 @@ mod watchdog;
 
 pub use config::{
     CommandSpec, ConfigError, ConnectionLimits, DataDir, Grants, Launch, QueueLimits,
-    RestartPolicy, SidecarConfig, MAX_DURATION,
+    RestartPolicy, SidecarConfig, MAX_DURATION, MIN_STUCK_TIMEOUT,
 };
 pub use end::{EndReason, ProcessEnd};
 pub use pim_plugin;

@@ -18,9 +18,10 @@ const ACK_EVERY: u64 = 32;
 
 /// Least time between two Ack calls. Each Ack is a unary call that wakes
 /// both processes: at 2 ms, a sidecar at 1,000 payloads/s spent about a
-/// sixth of its and the daemon's CPU on Acks. 10 ms bounds what a crash
-/// replays to 10 ms' worth of events, and what the daemon's queue holds for
-/// a keeping-up sidecar to about 11,000 events at 1.1 M/s.
+/// sixth of its and the daemon's CPU on Acks. For a busy stream, 10 ms
+/// bounds what a crash replays to 10 ms' worth of events, and what the
+/// daemon's queue holds for a keeping-up sidecar to about 11,000 events at
+/// 1.1 M/s (at light load, see [`AckPacing`]).
 const ACK_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Longest time an Ack waits for more events at light load (see
@@ -30,6 +31,11 @@ const ACK_LATER: Duration = Duration::from_millis(100);
 /// Most events handled since the last Ack that still wait for more (see
 /// [`AckPacing`]).
 const ACK_LATER_EVENTS: u64 = 256;
+
+/// Most bytes (bodies and kinds) handled since the last Ack that still wait
+/// for more: what a lightly loaded plugin holds of a queue budget shared
+/// with others, which the host's `Limits` do not show.
+const ACK_LATER_BYTES: u64 = 256 << 10;
 
 /// Name the SDK reports in Register.
 const SDK_NAME: &str = "pim-sidecar (Rust)";
@@ -150,14 +156,15 @@ pub async fn run_async<S: Sidecar + ?Sized>(
         })
         .await?;
 
+    let pacing = AckPacing::new(registered.limits.as_ref());
     let acked = Handled {
         seq: registered.acked_seq,
         bytes: 0,
+        pacing,
     };
     let (ack_tx, ack_rx) = watch::channel(acked);
-    let pacing = AckPacing::new(registered.limits.as_ref());
     let acking = host.clone();
-    tokio::spawn(ack_loop(ack_rx, acked, pacing, move |seq| {
+    tokio::spawn(ack_loop(ack_rx, acked, move |seq| {
         let host = acking.clone();
         async move {
             if let Err(e) = host.ack(seq).await {
@@ -169,6 +176,7 @@ pub async fn run_async<S: Sidecar + ?Sized>(
         instance: Arc::from(registered.host_instance.as_str()),
         last_handled: registered.acked_seq,
         bytes_handled: 0,
+        pacing,
         duplicates: 0,
     };
     delivery.skip_applied(&*plugin, &ack_tx).await;
@@ -212,7 +220,7 @@ pub async fn run_async<S: Sidecar + ?Sized>(
         };
         tracing::info!(acked = resp.acked_seq, "registered again");
         registered_at = Instant::now();
-        delivery.resume(&resp);
+        delivery.resume(&resp, &ack_tx);
         delivery.skip_applied(&*plugin, &ack_tx).await;
     }
 }
@@ -305,12 +313,17 @@ struct Delivery {
     /// Payload body and kind bytes handled by this process, for
     /// [`AckPacing`].
     bytes_handled: u64,
+    /// From the latest Register's limits.
+    pacing: AckPacing,
     duplicates: u64,
 }
 
 impl Delivery {
-    /// After a new Register: a restarted host numbers its events afresh.
-    fn resume(&mut self, resp: &pb::RegisterResponse) {
+    /// After a new Register: a restarted host numbers its events afresh,
+    /// and its limits may differ. The ack task gets the new position at
+    /// once, so that a position of the host before does not reach this one.
+    fn resume(&mut self, resp: &pb::RegisterResponse, ack: &watch::Sender<Handled>) {
+        self.pacing = AckPacing::new(resp.limits.as_ref());
         if *resp.host_instance != *self.instance {
             tracing::info!(
                 acked = resp.acked_seq,
@@ -319,6 +332,7 @@ impl Delivery {
             self.instance = Arc::from(resp.host_instance.as_str());
             self.last_handled = resp.acked_seq;
         }
+        self.publish(ack);
     }
 
     /// Skips, and acks, what the plugin has applied durably already
@@ -350,6 +364,7 @@ impl Delivery {
         ack.send_replace(Handled {
             seq: self.last_handled,
             bytes: self.bytes_handled,
+            pacing: self.pacing,
         });
     }
 
@@ -502,11 +517,12 @@ async fn stopping(
 }
 
 /// What the delivery loop has handled: the seq, and the bytes of payload
-/// bodies and kinds.
+/// bodies and kinds; and how to pace its Acks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Handled {
     seq: u64,
     bytes: u64,
+    pacing: AckPacing,
 }
 
 /// When an Ack is worth sending. Each Ack is a unary call that wakes both
@@ -514,8 +530,9 @@ struct Handled {
 /// payloads/s, an Ack every 10 ms was the whole of the delivery latency's
 /// p99 above the raw stream's (`docs/BENCHMARKS.md`). So while fewer than
 /// a sixteenth of the host's queue bounds (events or bytes, at most
-/// [`ACK_LATER_EVENTS`] events) were handled since the last Ack, the next
-/// one waits for more, up to [`ACK_LATER`] after the last. A busy stream
+/// [`ACK_LATER_EVENTS`] and [`ACK_LATER_BYTES`]) were handled since the
+/// last Ack, the next one waits for more, up to [`ACK_LATER`] after the
+/// last. A busy stream
 /// passes those counts within its [`ACK_INTERVAL`] and is acked as
 /// before; a host that announces no bounds is acked at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -529,7 +546,7 @@ impl AckPacing {
         match limits {
             Some(l) if l.max_queued_events > 0 && l.max_queued_bytes > 0 => Self {
                 events: (u64::from(l.max_queued_events) / 16).clamp(1, ACK_LATER_EVENTS),
-                bytes: (l.max_queued_bytes / 16).max(1),
+                bytes: (l.max_queued_bytes / 16).clamp(1, ACK_LATER_BYTES),
             },
             _ => Self {
                 events: 1,
@@ -549,13 +566,9 @@ impl AckPacing {
 
 /// Sends (with `ack`) the newest handled seq whenever it moves from
 /// `acked` (what the host has), one Ack in flight at a time, at most one
-/// per [`ACK_INTERVAL`], paced by [`AckPacing`].
-async fn ack_loop<F, Fut>(
-    mut handled: watch::Receiver<Handled>,
-    mut acked: Handled,
-    pacing: AckPacing,
-    mut ack: F,
-) where
+/// per [`ACK_INTERVAL`], paced by the [`AckPacing`] published with it.
+async fn ack_loop<F, Fut>(mut handled: watch::Receiver<Handled>, mut acked: Handled, mut ack: F)
+where
     F: FnMut(u64) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
@@ -564,7 +577,11 @@ async fn ack_loop<F, Fut>(
     let mut last_ack = started.checked_sub(ACK_LATER).unwrap_or(started);
     while handled.changed().await.is_ok() {
         let deadline = last_ack + ACK_LATER;
-        while !pacing.due(acked, *handled.borrow_and_update()) {
+        loop {
+            let now = *handled.borrow_and_update();
+            if now.pacing.due(acked, now) {
+                break;
+            }
             tokio::select! {
                 () = tokio::time::sleep_until(deadline) => break,
                 changed = handled.changed() => if changed.is_err() { return },
@@ -729,18 +746,25 @@ mod tests {
     }
 
     fn at(seq: u64, bytes: u64) -> Handled {
-        Handled { seq, bytes }
+        Handled {
+            seq,
+            bytes,
+            pacing: AckPacing {
+                events: 4,
+                bytes: 1 << 20,
+            },
+        }
     }
 
     #[test]
-    fn a_few_events_wait_for_more_and_a_sixteenth_of_the_bounds_is_acked_at_once() {
+    fn a_few_events_wait_for_more_and_256_events_or_256_kib_are_acked_at_once() {
         // The host's defaults: 65,536 events, 64 MiB.
         let pacing = AckPacing::new(Some(&limits(65_536, 64 << 20)));
         assert_eq!(
             pacing,
             AckPacing {
                 events: 256,
-                bytes: 4 << 20
+                bytes: 256 << 10
             }
         );
         let acked = at(1_000, 50_000);
@@ -751,8 +775,12 @@ mod tests {
         assert!(!pacing.due(acked, at(1_255, 66_320)));
         assert!(pacing.due(acked, at(1_256, 66_384)), "256 events do not");
         assert!(
-            pacing.due(acked, at(1_003, 50_000 + (4 << 20))),
-            "nor 4 MiB"
+            !pacing.due(acked, at(1_003, 50_000 + (256 << 10) - 1)),
+            "just under 256 KiB waits"
+        );
+        assert!(
+            pacing.due(acked, at(1_003, 50_000 + (256 << 10))),
+            "256 KiB (the cap below a sixteenth of 64 MiB) does not"
         );
         assert!(
             pacing.due(acked, at(3, 0)),
@@ -786,15 +814,42 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_restarted_host_gets_its_own_position_and_limits_at_once() {
+        let (tx, rx) = watch::channel(at(0, 0));
+        let mut delivery = Delivery {
+            instance: Arc::from("before"),
+            last_handled: 500,
+            bytes_handled: 9_000,
+            pacing: AckPacing::new(Some(&limits(65_536, 64 << 20))),
+            duplicates: 0,
+        };
+        let resp = pb::RegisterResponse {
+            host_instance: "after".into(),
+            acked_seq: 3,
+            limits: Some(limits(64, 1 << 20)),
+            ..Default::default()
+        };
+        delivery.resume(&resp, &tx);
+        let published = *rx.borrow();
+        assert_eq!((published.seq, published.bytes), (3, 9_000));
+        assert_eq!(
+            published.pacing,
+            AckPacing {
+                events: 4,
+                bytes: 64 << 10
+            }
+        );
+        // The position the ack task held (500, of the host before) is
+        // above it: due at once, so it is never sent to the new host.
+        assert!(published.pacing.due(at(500, 9_000), published));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn at_light_load_acks_wait_until_enough_or_the_latest_time() {
         let (tx, rx) = watch::channel(at(0, 0));
-        let pacing = AckPacing {
-            events: 4,
-            bytes: 1 << 20,
-        };
         let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(ack_loop(rx, at(0, 0), pacing, move |seq| {
+        let task = tokio::spawn(ack_loop(rx, at(0, 0), move |seq| {
             acks_tx.send((seq, tokio::time::Instant::now())).unwrap();
             async {}
         }));
