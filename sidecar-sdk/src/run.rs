@@ -853,46 +853,46 @@ mod tests {
             acks_tx.send((seq, tokio::time::Instant::now())).unwrap();
             async {}
         }));
-        let t0 = tokio::time::Instant::now();
-        tx.send_replace(at(1, 64));
-        let (seq, when) = acks.recv().await.unwrap();
-        assert_eq!(
-            (seq, when - t0),
-            (1, Duration::ZERO),
-            "the first after idle: at once"
-        );
-        tx.send_replace(at(2, 128));
-        let (seq, when) = acks.recv().await.unwrap();
-        assert_eq!(
-            (seq, when - t0),
-            (2, ACK_LATER),
-            "one more: after ACK_LATER"
-        );
-        tokio::time::sleep(ACK_INTERVAL).await;
-        let t1 = tokio::time::Instant::now();
-        tx.send_replace(at(6, 384));
-        let (seq, when) = acks.recv().await.unwrap();
-        assert_eq!(
-            (seq, when - t1),
-            (6, Duration::ZERO),
-            "enough events: at once"
-        );
-        tokio::time::sleep(ACK_INTERVAL).await;
-        let t2 = tokio::time::Instant::now();
-        tx.send_replace(at(7, 384 + (1 << 20)));
-        let (seq, when) = acks.recv().await.unwrap();
-        assert_eq!(
-            (seq, when - t2),
-            (7, Duration::ZERO),
-            "enough bytes: at once"
-        );
-        tx.send_replace(at(20, 0));
-        let (seq, when) = acks.recv().await.unwrap();
-        assert_eq!(
-            (seq, when - t2),
-            (20, ACK_INTERVAL),
-            "never two within ACK_INTERVAL"
-        );
+        // (pause before, position handled, when its Ack is due after it, why)
+        let steps = [
+            (
+                Duration::ZERO,
+                at(1, 64),
+                Duration::ZERO,
+                "the first after idle: at once",
+            ),
+            (
+                Duration::ZERO,
+                at(2, 128),
+                ACK_LATER,
+                "one more: after ACK_LATER",
+            ),
+            (
+                ACK_INTERVAL,
+                at(6, 384),
+                Duration::ZERO,
+                "enough events: at once",
+            ),
+            (
+                ACK_INTERVAL,
+                at(7, 384 + (1 << 20)),
+                Duration::ZERO,
+                "enough bytes: at once",
+            ),
+            (
+                Duration::ZERO,
+                at(20, 0),
+                ACK_INTERVAL,
+                "never two within ACK_INTERVAL",
+            ),
+        ];
+        for (pause, handled, due, why) in steps {
+            tokio::time::sleep(pause).await;
+            let start = tokio::time::Instant::now();
+            tx.send_replace(handled);
+            let (seq, when) = acks.recv().await.unwrap();
+            assert_eq!((seq, when - start), (handled.seq, due), "{why}");
+        }
         drop(tx);
         task.await.unwrap();
     }
