@@ -66,3 +66,38 @@ impl<U: Message + Default> Decoder for InvalidArgumentDecoder<U> {
         })
     }
 }
+
+/// The client codec of the Events call that keeps each `EventsResponse` as
+/// it came off the wire, an [`EventBatch`](crate::batch::EventBatch) read
+/// one event at a time; requests are encoded by prost.
+#[derive(Debug, Clone, Default)]
+pub struct EventBatchCodec;
+
+impl tonic::codec::Codec for EventBatchCodec {
+    type Encode = crate::pb::EventsRequest;
+    type Decode = crate::batch::EventBatch;
+    type Encoder = ProstEncoder<crate::pb::EventsRequest>;
+    type Decoder = EventBatchCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<crate::pb::EventsRequest, crate::pb::EventsResponse>::raw_encoder(
+            BufferSettings::default(),
+        )
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        EventBatchCodec
+    }
+}
+
+impl Decoder for EventBatchCodec {
+    type Item = crate::batch::EventBatch;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        use bytes::Buf;
+        // The message's bytes, not copied: split off tonic's read buffer.
+        let len = buf.remaining();
+        Ok(Some(crate::batch::EventBatch::new(buf.copy_to_bytes(len))))
+    }
+}

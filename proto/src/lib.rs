@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod backoff;
+pub mod batch;
 pub mod codec;
 pub mod convert;
 pub mod env;

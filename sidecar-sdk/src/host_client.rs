@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pim_core::NodeId;
+use pim_plugin_proto::batch::EventBatch;
+use pim_plugin_proto::codec::EventBatchCodec;
 use pim_plugin_proto::convert::{self, WatchEvent};
 use pim_plugin_proto::limits::MAX_MESSAGE_BYTES;
 use pim_plugin_proto::pb::control_sender_client::ControlSenderClient;
@@ -15,12 +17,17 @@ use pim_plugin_proto::pb::peer_directory_client::PeerDirectoryClient;
 use pim_plugin_proto::pb::plugin_session_client::PluginSessionClient;
 use pim_plugin_proto::{auth, pb};
 use pim_protocol::ControlFrame;
+use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::connect::{checked_token, connect_channel};
 use crate::HostError;
+
+/// The Events call's service and path, as the generated client names them.
+const EVENTS_SERVICE: &str = "pim.plugin.v1.PluginSession";
+const EVENTS_PATH: &str = "/pim.plugin.v1.PluginSession/Events";
 
 /// The daemon's ports, as a plugin's handlers call them: peer lookups, the
 /// keystore watch, sends, and the signing seed.
@@ -301,6 +308,28 @@ impl HostSession {
         Ok(self
             .client()
             .events(self.ports.req(pb::EventsRequest { session_id }))
+            .await?
+            .into_inner())
+    }
+
+    /// Opens the Events stream of the live session, each message kept as
+    /// it came off the wire: an [`EventBatch`] reads its events one at a
+    /// time (a payload's kind borrowed from the batch, its body a slice of
+    /// it), so the first event can be handled before the rest are read.
+    /// [`run`](crate::run) delivers from this stream.
+    pub async fn event_batches(&self) -> Result<Streaming<EventBatch>, HostError> {
+        let session_id = self.session_id().to_string();
+        let mut grpc = tonic::client::Grpc::new(self.ports.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("the host's channel is not ready: {e}")))?;
+        let mut req = self.ports.req(pb::EventsRequest { session_id });
+        req.extensions_mut()
+            .insert(tonic::GrpcMethod::new(EVENTS_SERVICE, "Events"));
+        let path = PathAndQuery::from_static(EVENTS_PATH);
+        Ok(grpc
+            .server_streaming(req, path, EventBatchCodec)
             .await?
             .into_inner())
     }

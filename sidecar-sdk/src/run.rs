@@ -4,6 +4,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use pim_core::NodeId;
+use pim_plugin_proto::batch::{BatchEvent, EventBatch};
 use pim_plugin_proto::convert::{self, PluginEvent, SequencedEvent};
 use pim_plugin_proto::pb;
 use tokio::sync::watch;
@@ -403,7 +406,7 @@ async fn deliver<S: Sidecar + ?Sized>(
     term: &Terminate,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Ended> {
-    let mut stream = match host.events().await {
+    let mut stream = match host.event_batches().await {
         Err(HostError::Rpc(s)) if superseded(&s) => return Ok(Ended::Superseded),
         other => other?,
     };
@@ -418,73 +421,77 @@ async fn deliver<S: Sidecar + ?Sized>(
             },
         };
         let Some(batch) = batch else { break };
-        for wire in batch.events {
-            if wire.event.is_none() && wire.seq > delivery.last_handled {
-                // A kind of event a newer host knows and this SDK does not:
-                // nothing to do, so it counts as handled (and is acked).
-                tracing::debug!(
-                    seq = wire.seq,
-                    "an event of a kind this SDK does not know: skipped"
-                );
-                delivery.last_handled = wire.seq;
-                continue;
-            }
-            let SequencedEvent { seq, event } = SequencedEvent::try_from(wire)
-                .map_err(|e| anyhow::anyhow!("the host sent an invalid event: {e}"))?;
-            if seq <= delivery.last_handled {
-                delivery.duplicates += 1;
-                continue;
-            }
-            match event {
-                PluginEvent::Payload { src, kind, body } => {
-                    delivery.bytes_handled += (body.len() + kind.len()) as u64;
-                    let mut attempt = 0;
-                    let mut retries = crate::once::retry_backoff();
-                    loop {
-                        let handled = crate::once::scoped(
-                            delivery.info(seq),
-                            plugin.handle_payload(src, &kind, body.clone()),
-                        )
-                        .await;
-                        match handled {
-                            Ok(()) => break,
-                            Err(e) if e.is::<Retry>() && attempt < RETRIES => {
-                                attempt += 1;
-                                tracing::debug!(seq, attempt, "{e:#}");
-                                tokio::time::sleep(retries.next_pause()).await;
-                            }
-                            Err(e) if e.is::<Retry>() => {
-                                tracing::error!(seq, kind = %kind, "handle_payload asked for a retry {RETRIES} times; the event counts as handled: {e:#}");
-                                break;
-                            }
-                            Err(e) => {
-                                tracing::warn!(seq, kind = %kind, "handle_payload failed: {e:#}");
-                                break;
-                            }
+        // Each event is read from the batch's bytes when its turn comes: a
+        // payload's kind borrowed, its body a slice of the batch.
+        for event in batch.events() {
+            let event =
+                event.map_err(|e| anyhow::anyhow!("the host sent an invalid event: {e}"))?;
+            let seq = match event {
+                BatchEvent::Payload {
+                    seq,
+                    src,
+                    kind,
+                    body,
+                } => {
+                    if seq <= delivery.last_handled {
+                        delivery.duplicates += 1;
+                        continue;
+                    }
+                    handle_payload(plugin, delivery, seq, src, kind, body).await;
+                    seq
+                }
+                BatchEvent::Other(wire) => {
+                    if wire.event.is_none() && wire.seq > delivery.last_handled {
+                        // A kind of event a newer host knows and this SDK
+                        // does not: nothing to do, so it counts as handled
+                        // (and is acked).
+                        tracing::debug!(
+                            seq = wire.seq,
+                            "an event of a kind this SDK does not know: skipped"
+                        );
+                        delivery.last_handled = wire.seq;
+                        continue;
+                    }
+                    let SequencedEvent { seq, event } = SequencedEvent::try_from(wire)
+                        .map_err(|e| anyhow::anyhow!("the host sent an invalid event: {e}"))?;
+                    if seq <= delivery.last_handled {
+                        delivery.duplicates += 1;
+                        continue;
+                    }
+                    match event {
+                        PluginEvent::Payload { src, kind, body } => {
+                            handle_payload(plugin, delivery, seq, src, &kind, body).await;
                         }
+                        PluginEvent::PeerForgotten { node } => {
+                            crate::once::scoped(delivery.info(seq), plugin.on_peer_forgotten(node))
+                                .await;
+                        }
+                        PluginEvent::Shutdown { grace } => {
+                            tracing::info!(
+                                grace_ms = grace.as_millis() as u64,
+                                "shutdown requested"
+                            );
+                            // As on every way out: the plugin's tasks are told
+                            // first, so a `shutdown` that waits for them does
+                            // not wait long.
+                            cancel.cancel();
+                            let _ = tokio::time::timeout(grace, plugin.shutdown()).await;
+                            delivery.last_handled = seq;
+                            // The daemon may be gone by now (one that exits
+                            // soon after cancelling): the clean-up is done
+                            // all the same.
+                            if let Err(e) = host.ack(seq).await {
+                                tracing::debug!("acking the Shutdown event failed: {e}");
+                            }
+                            return Ok(Ended::Shutdown);
+                        }
+                        // An event this SDK has no handler for: handled, as
+                        // an unknown kind on the wire is.
+                        _ => tracing::debug!(seq, "an event this SDK has no handler for: skipped"),
                     }
+                    seq
                 }
-                PluginEvent::PeerForgotten { node } => {
-                    crate::once::scoped(delivery.info(seq), plugin.on_peer_forgotten(node)).await;
-                }
-                PluginEvent::Shutdown { grace } => {
-                    tracing::info!(grace_ms = grace.as_millis() as u64, "shutdown requested");
-                    // As on every way out: the plugin's tasks are told first,
-                    // so a `shutdown` that waits for them does not wait long.
-                    cancel.cancel();
-                    let _ = tokio::time::timeout(grace, plugin.shutdown()).await;
-                    delivery.last_handled = seq;
-                    // The daemon may be gone by now (one that exits soon
-                    // after cancelling): the clean-up is done all the same.
-                    if let Err(e) = host.ack(seq).await {
-                        tracing::debug!("acking the Shutdown event failed: {e}");
-                    }
-                    return Ok(Ended::Shutdown);
-                }
-                // An event this SDK has no handler for: handled, as an
-                // unknown kind on the wire is.
-                _ => tracing::debug!(seq, "an event this SDK has no handler for: skipped"),
-            }
+            };
             delivery.last_handled = seq;
             if term.requested() {
                 return Ok(stopping(host, delivery, stream).await);
@@ -501,13 +508,51 @@ async fn deliver<S: Sidecar + ?Sized>(
     Ok(Ended::StreamClosed)
 }
 
+/// Hands payload `seq` to the plugin, again while it asks for a retry (at
+/// most [`RETRIES`] more times, with backoff).
+async fn handle_payload<S: Sidecar + ?Sized>(
+    plugin: &S,
+    delivery: &mut Delivery,
+    seq: u64,
+    src: NodeId,
+    kind: &str,
+    body: Bytes,
+) {
+    delivery.bytes_handled += (body.len() + kind.len()) as u64;
+    let mut attempt = 0;
+    let mut retries = crate::once::retry_backoff();
+    loop {
+        let handled = crate::once::scoped(
+            delivery.info(seq),
+            plugin.handle_payload(src, kind, body.clone()),
+        )
+        .await;
+        match handled {
+            Ok(()) => break,
+            Err(e) if e.is::<Retry>() && attempt < RETRIES => {
+                attempt += 1;
+                tracing::debug!(seq, attempt, "{e:#}");
+                tokio::time::sleep(retries.next_pause()).await;
+            }
+            Err(e) if e.is::<Retry>() => {
+                tracing::error!(seq, kind = %kind, "handle_payload asked for a retry {RETRIES} times; the event counts as handled: {e:#}");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(seq, kind = %kind, "handle_payload failed: {e:#}");
+                break;
+            }
+        }
+    }
+}
+
 /// SIGTERM: acks what was handled while the Events stream is still open (a
 /// closed stream ends the session's liveness, and a client waiting for the
 /// session could take it before the Ack), then lets the stream go.
 async fn stopping(
     host: &HostSession,
     delivery: &Delivery,
-    stream: tonic::Streaming<pb::EventsResponse>,
+    stream: tonic::Streaming<EventBatch>,
 ) -> Ended {
     if let Err(e) = host.ack(delivery.last_handled).await {
         tracing::debug!("final ack failed (those events are delivered again): {e}");

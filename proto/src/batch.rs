@@ -1,0 +1,221 @@
+//! An Events batch read one event at a time from the message's own bytes.
+//!
+//! Decoded by prost, an `EventsResponse` is a `Vec` of events, each
+//! payload's kind a `String` of its own: the whole batch (up to
+//! [`MAX_BATCH_EVENTS`](crate::limits::MAX_BATCH_EVENTS) events) is decoded
+//! before its first event can be handled, with allocations for every event.
+//! An [`EventBatch`] keeps the message's bytes and reads an event when the
+//! next one is asked for: a payload's kind is borrowed from the batch and
+//! its body is a slice of it (a reference count, no copy).
+//!
+//! Only the encoding that protobuf libraries write for a payload event
+//! (its fields in order, each once) is read here; an event encoded any
+//! other way (another kind of event, an unknown field, a field twice) is
+//! decoded by prost, so what a reader gets is what prost would give it.
+//! Each payload is checked against the wire's limits as
+//! [`SequencedEvent`](crate::convert::SequencedEvent)'s conversion checks
+//! it, with the same errors.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use pim_core::NodeId;
+use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+use prost::Message;
+
+use crate::convert::{node_id, payload_body, payload_kind};
+use crate::{pb, InvalidField};
+
+/// One `EventsResponse` as it came off the wire; [`events`](Self::events)
+/// reads its events in order.
+#[derive(Debug, Clone, Default)]
+pub struct EventBatch {
+    buf: Bytes,
+}
+
+impl EventBatch {
+    /// The batch encoded in `buf` (an `EventsResponse`). Nothing is checked
+    /// until the events are read.
+    pub fn new(buf: Bytes) -> Self {
+        Self { buf }
+    }
+
+    /// The batch's size on the wire, in bytes.
+    pub fn encoded_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The batch's events, read one at a time. After an error the iterator
+    /// ends: what follows a malformed event cannot be found.
+    pub fn events(&self) -> BatchEvents<'_> {
+        BatchEvents {
+            buf: &self.buf,
+            pos: 0,
+        }
+    }
+}
+
+/// One event of an [`EventBatch`]: a payload read in place, or anything
+/// else as prost decodes it (so every event has a variant to go to, and a
+/// reader's `match` is complete with these two).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchEvent<'a> {
+    /// A payload, within the wire's limits.
+    Payload {
+        /// The event's sequence number (at least 1).
+        seq: u64,
+        /// Sending node.
+        src: NodeId,
+        /// Payload kind, borrowed from the batch.
+        kind: &'a str,
+        /// Payload body, a slice of the batch.
+        body: Bytes,
+    },
+    /// Any other event, or a payload in another encoding, as prost decodes
+    /// it: not checked yet (convert it with
+    /// [`SequencedEvent::try_from`](crate::convert::SequencedEvent)).
+    Other(pb::Event),
+}
+
+/// The events of an [`EventBatch`], from [`EventBatch::events`].
+#[derive(Debug)]
+pub struct BatchEvents<'a> {
+    buf: &'a Bytes,
+    /// Where the next top-level field starts.
+    pos: usize,
+}
+
+impl<'a> Iterator for BatchEvents<'a> {
+    type Item = Result<BatchEvent<'a>, InvalidField>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.pos < self.buf.len() {
+            match self.next_field() {
+                Ok(Some(range)) => return Some(event(self.buf, range)),
+                Ok(None) => {}
+                Err(e) => {
+                    self.pos = self.buf.len();
+                    return Some(Err(InvalidField::new(
+                        "events",
+                        format!("the batch is not a valid EventsResponse: {e}"),
+                    )));
+                }
+            }
+        }
+        None
+    }
+}
+
+impl BatchEvents<'_> {
+    /// Reads the top-level field at `pos`: the range of an event's bytes,
+    /// or `None` for a field an `EventsResponse` does not know (skipped,
+    /// as prost skips it).
+    fn next_field(&mut self) -> Result<Option<Range<usize>>, String> {
+        let mut rest = &self.buf[self.pos..];
+        let (tag, wire_type) = decode_key(&mut rest).map_err(|e| e.to_string())?;
+        let found = if tag == 1 {
+            if wire_type != WireType::LengthDelimited {
+                return Err(format!(
+                    "field `events` has wire type {wire_type:?}, not length-delimited"
+                ));
+            }
+            let len = decode_varint(&mut rest).map_err(|e| e.to_string())?;
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            if len > rest.len() {
+                return Err("an event runs past the batch's end".into());
+            }
+            let start = self.buf.len() - rest.len();
+            rest = &rest[len..];
+            Some(start..start + len)
+        } else {
+            skip_field(wire_type, tag, &mut rest, DecodeContext::default())
+                .map_err(|e| e.to_string())?;
+            None
+        };
+        self.pos = self.buf.len() - rest.len();
+        Ok(found)
+    }
+}
+
+/// The event in `buf[range]`.
+fn event(buf: &Bytes, range: Range<usize>) -> Result<BatchEvent<'_>, InvalidField> {
+    if let Some(payload) = payload(buf, range.clone()) {
+        return payload;
+    }
+    pb::Event::decode(buf.slice(range))
+        .map(BatchEvent::Other)
+        .map_err(|e| InvalidField::new("events", format!("an event that does not decode: {e}")))
+}
+
+/// The payload event in `buf[range]` when it is encoded as protobuf
+/// libraries encode one: `seq` (absent when 0), then `payload` last, its
+/// `src`, `kind` and `body` in order (each absent when empty). `None` for
+/// anything else, a seq of 0 or a kind that is not UTF-8 included (prost
+/// decodes those, with its errors).
+fn payload(buf: &Bytes, range: Range<usize>) -> Option<Result<BatchEvent<'_>, InvalidField>> {
+    // Keys are (field << 3) | wire type: 0x08 seq (varint), 0x12 payload
+    // (length-delimited); in Payload 0x0a src, 0x12 kind, 0x1a body.
+    let end = range.end;
+    let bytes = &buf[..end];
+    let mut pos = range.start;
+    let seq = if bytes.get(pos) == Some(&0x08) {
+        pos += 1;
+        varint(bytes, &mut pos)?
+    } else {
+        0
+    };
+    if seq == 0 || bytes.get(pos) != Some(&0x12) {
+        return None;
+    }
+    pos += 1;
+    let fields = length_delimited(bytes, &mut pos)?;
+    if fields.end != end {
+        return None;
+    }
+    pos = fields.start;
+    let mut take = |key: u8| {
+        if bytes.get(pos) == Some(&key) {
+            pos += 1;
+            length_delimited(bytes, &mut pos)
+        } else {
+            Some(pos..pos)
+        }
+    };
+    let (src, kind, body) = (take(0x0a)?, take(0x12)?, take(0x1a)?);
+    if pos != end {
+        return None;
+    }
+    let kind = std::str::from_utf8(&bytes[kind]).ok()?;
+    let checked = node_id("payload.src", &bytes[src]).and_then(|src| {
+        payload_kind("payload.kind", kind)?;
+        payload_body("payload.body", &bytes[body.clone()])?;
+        Ok(BatchEvent::Payload {
+            seq,
+            src,
+            kind,
+            body: buf.slice(body),
+        })
+    });
+    Some(checked)
+}
+
+/// The varint at `pos`, which moves past it.
+fn varint(bytes: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut rest = bytes.get(*pos..)?;
+    let value = decode_varint(&mut rest).ok()?;
+    *pos = bytes.len() - rest.len();
+    Some(value)
+}
+
+/// The range of the length-delimited value at `pos` (its length first),
+/// which moves past it.
+fn length_delimited(bytes: &[u8], pos: &mut usize) -> Option<Range<usize>> {
+    let len = usize::try_from(varint(bytes, pos)?).ok()?;
+    let start = *pos;
+    let end = start.checked_add(len).filter(|&end| end <= bytes.len())?;
+    *pos = end;
+    Some(start..end)
+}
+
+#[cfg(test)]
+mod tests;
