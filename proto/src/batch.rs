@@ -11,10 +11,17 @@
 //! Only the encoding that protobuf libraries write for a payload event
 //! (its fields in order, each once) is read here; an event encoded any
 //! other way (another kind of event, an unknown field, a field twice) is
-//! decoded by prost, so what a reader gets is what prost would give it.
-//! Each payload is checked against the wire's limits as
-//! [`SequencedEvent`](crate::convert::SequencedEvent)'s conversion checks
-//! it, with the same errors.
+//! decoded by prost, so each event a reader gets is what prost would give
+//! it. Each payload is checked against the wire's limits by
+//! [`payload_fields`], as [`SequencedEvent`](crate::convert::SequencedEvent)'s
+//! conversion checks it, with the same errors.
+//!
+//! One difference from decoding the whole batch first: in a batch that is
+//! not valid protobuf, the events before the fault are read (and a reader
+//! such as the Rust SDK hands them over) before the error, where prost
+//! refuses the whole batch. The host never sends such a batch; a client
+//! that meets one drops the stream, and what it did not ack is sent
+//! again.
 
 use std::ops::Range;
 
@@ -23,7 +30,7 @@ use pim_core::NodeId;
 use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
 use prost::Message;
 
-use crate::convert::{node_id, payload_body, payload_kind};
+use crate::convert::payload_fields;
 use crate::{pb, InvalidField};
 
 /// One `EventsResponse` as it came off the wire; [`events`](Self::events)
@@ -45,8 +52,10 @@ impl EventBatch {
         self.buf.len()
     }
 
-    /// The batch's events, read one at a time. After an error the iterator
-    /// ends: what follows a malformed event cannot be found.
+    /// The batch's events, read one at a time. An event that does not
+    /// decode or breaks a limit is an `Err` and the next event follows; a
+    /// batch whose framing is broken (so that the next event cannot be
+    /// found) gives one `Err` and ends.
     pub fn events(&self) -> BatchEvents<'_> {
         BatchEvents {
             buf: &self.buf,
@@ -105,6 +114,8 @@ impl<'a> Iterator for BatchEvents<'a> {
         None
     }
 }
+
+impl std::iter::FusedIterator for BatchEvents<'_> {}
 
 impl BatchEvents<'_> {
     /// Reads the top-level field at `pos`: the range of an event's bytes,
@@ -186,16 +197,13 @@ fn payload(buf: &Bytes, range: Range<usize>) -> Option<Result<BatchEvent<'_>, In
         return None;
     }
     let kind = std::str::from_utf8(&bytes[kind]).ok()?;
-    let checked = node_id("payload.src", &bytes[src]).and_then(|src| {
-        payload_kind("payload.kind", kind)?;
-        payload_body("payload.body", &bytes[body.clone()])?;
-        Ok(BatchEvent::Payload {
+    let checked =
+        payload_fields(&bytes[src], kind, &bytes[body.clone()]).map(|src| BatchEvent::Payload {
             seq,
             src,
             kind,
             body: buf.slice(body),
-        })
-    });
+        });
     Some(checked)
 }
 

@@ -1,9 +1,13 @@
-//! The gRPC codec of every `pim.plugin.v1` service: prost's, except that a
-//! request that does not decode (malformed protobuf, invalid UTF-8 in a
-//! string field) is the caller's bad input, `INVALID_ARGUMENT`, not
-//! `INTERNAL` (which docs/PROTOCOL.md reserves for host bugs). A reply that
-//! does not decode, on the client side, stays `INTERNAL`: the host's fault,
-//! not a refusal of the client.
+//! The gRPC codecs of the `pim.plugin.v1` services. [`Codec`], which the
+//! generated servers and clients use, is prost's, except that a request
+//! that does not decode (malformed protobuf, invalid UTF-8 in a string
+//! field) is the caller's bad input, `INVALID_ARGUMENT`, not `INTERNAL`
+//! (which docs/PROTOCOL.md reserves for host bugs); a reply that does not
+//! decode, on the client side, stays `INTERNAL`: the host's fault, not a
+//! refusal of the client. [`EventBatchCodec`] is a client's codec for the
+//! Events call that decodes nothing: each message's bytes become an
+//! [`EventBatch`](crate::batch::EventBatch), whose events are checked as
+//! they are read.
 
 use std::marker::PhantomData;
 

@@ -222,6 +222,17 @@ impl From<&SequencedEvent> for pb::Event {
     }
 }
 
+/// Checks an event's payload fields against the wire's limits, in order
+/// (`payload.src`, `payload.kind`, `payload.body`); the sender's node id.
+/// [`SequencedEvent`]'s conversion and [`batch`](crate::batch) both check
+/// with it.
+pub fn payload_fields(src: &[u8], kind: &str, body: &[u8]) -> Result<NodeId, InvalidField> {
+    let src = node_id("payload.src", src)?;
+    payload_kind("payload.kind", kind)?;
+    payload_body("payload.body", body)?;
+    Ok(src)
+}
+
 /// Wire messages for `events`, in order. All their node ids share one
 /// allocation, so a batch costs one allocation for them rather than one
 /// per event.
@@ -269,9 +280,7 @@ impl TryFrom<pb::Event> for SequencedEvent {
         }
         let event = match required("event", ev.event)? {
             E::Payload(p) => {
-                let src = node_id("payload.src", &p.src)?;
-                payload_kind("payload.kind", &p.kind)?;
-                payload_body("payload.body", &p.body)?;
+                let src = payload_fields(&p.src, &p.kind, &p.body)?;
                 PluginEvent::Payload {
                     src,
                     kind: Cow::Owned(p.kind),

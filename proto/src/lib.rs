@@ -7,7 +7,8 @@
 //! messages and the domain types of `pim-core`, `pim-protocol` and
 //! `pim-plugin` ([`convert`]). Conversions from the wire are `TryFrom` and
 //! check every limit, failing with an [`InvalidField`] that names the field;
-//! conversions to the wire are `From`.
+//! conversions to the wire are `From`. [`batch`] reads an Events batch one
+//! event at a time from its bytes, with the same checks.
 //!
 //! The daemon side (`pim-plugin-bridge`) and the plugin side (`pim-sidecar`)
 //! share this crate, so both validate the same way.

@@ -25,7 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::connect::{checked_token, connect_channel};
 use crate::HostError;
 
-/// The Events call's service and path, as the generated client names them.
+/// The Events call's service and path, as the generated client names them
+/// (a test compares them with the generated server's).
 const EVENTS_SERVICE: &str = "pim.plugin.v1.PluginSession";
 const EVENTS_PATH: &str = "/pim.plugin.v1.PluginSession/Events";
 
@@ -404,5 +405,12 @@ mod tests {
         for (call, size) in sizes {
             assert!(size <= 512, "the future of {call} is {size} bytes");
         }
+    }
+
+    #[test]
+    fn the_events_path_is_the_generated_servers() {
+        use pim_plugin_proto::pb::plugin_session_server::SERVICE_NAME;
+        assert_eq!(super::EVENTS_SERVICE, SERVICE_NAME);
+        assert_eq!(super::EVENTS_PATH, format!("/{SERVICE_NAME}/Events"));
     }
 }

@@ -437,19 +437,24 @@ async fn deliver<S: Sidecar + ?Sized>(
                         delivery.duplicates += 1;
                         continue;
                     }
-                    handle_payload(plugin, delivery, seq, src, kind, body).await;
+                    deliver_payload(plugin, delivery, seq, src, kind, body).await;
                     seq
                 }
                 BatchEvent::Other(wire) => {
-                    if wire.event.is_none() && wire.seq > delivery.last_handled {
+                    if wire.event.is_none() && wire.seq != 0 {
                         // A kind of event a newer host knows and this SDK
                         // does not: nothing to do, so it counts as handled
-                        // (and is acked).
-                        tracing::debug!(
-                            seq = wire.seq,
-                            "an event of a kind this SDK does not know: skipped"
-                        );
-                        delivery.last_handled = wire.seq;
+                        // (and is acked); sent again before that Ack
+                        // arrived, it is a duplicate like any other.
+                        if wire.seq <= delivery.last_handled {
+                            delivery.duplicates += 1;
+                        } else {
+                            tracing::debug!(
+                                seq = wire.seq,
+                                "an event of a kind this SDK does not know: skipped"
+                            );
+                            delivery.last_handled = wire.seq;
+                        }
                         continue;
                     }
                     let SequencedEvent { seq, event } = SequencedEvent::try_from(wire)
@@ -460,7 +465,7 @@ async fn deliver<S: Sidecar + ?Sized>(
                     }
                     match event {
                         PluginEvent::Payload { src, kind, body } => {
-                            handle_payload(plugin, delivery, seq, src, &kind, body).await;
+                            deliver_payload(plugin, delivery, seq, src, &kind, body).await;
                         }
                         PluginEvent::PeerForgotten { node } => {
                             crate::once::scoped(delivery.info(seq), plugin.on_peer_forgotten(node))
@@ -510,7 +515,7 @@ async fn deliver<S: Sidecar + ?Sized>(
 
 /// Hands payload `seq` to the plugin, again while it asks for a retry (at
 /// most [`RETRIES`] more times, with backoff).
-async fn handle_payload<S: Sidecar + ?Sized>(
+async fn deliver_payload<S: Sidecar + ?Sized>(
     plugin: &S,
     delivery: &mut Delivery,
     seq: u64,
