@@ -497,7 +497,8 @@ impl EventQueue {
         const CLONES_PER_LOCK: usize = 32;
         let mut picked: Vec<SequencedEvent> = Vec::new();
         let mut bytes = 0;
-        let mut after = cursor;
+        // Acked events need no sending, and may be forgotten already.
+        let mut after = cursor.max(self.acked());
         'fill: loop {
             let st = self.lock();
             let start = st.events.partition_point(|e| e.seq <= after);
@@ -537,9 +538,15 @@ impl EventQueue {
     /// because, on two CPUs, a spinning worker takes a CPU that the
     /// sidecar or the producer needs), and in bursts they saved nothing
     /// measurable (docs/BENCHMARKS.md, "A caught-up stream parks at once").
+    ///
+    /// A cursor behind the acked position (a client that acked events it
+    /// was not sent yet) counts as at it: those events are not waited for,
+    /// and their being forgotten does not make the stream spin.
     pub(crate) async fn wait_after(&self, cursor: u64, listener: &Listener) {
         listener
-            .wait(&self.bell, || self.newest.load(Ordering::Acquire) > cursor)
+            .wait(&self.bell, || {
+                self.newest.load(Ordering::Acquire) > cursor.max(self.acked())
+            })
             .await;
     }
 
@@ -991,6 +998,33 @@ mod tests {
             poll_once(at_once.as_mut()).await,
             "an event after the cursor is there: no wait"
         );
+    }
+
+    /// A client may ack events it was not sent yet; once they are
+    /// forgotten, its stream has nothing to send and must park, not find
+    /// "an event after the cursor" forever (which spun a worker).
+    #[tokio::test]
+    async fn a_stream_behind_an_ack_of_unsent_events_parks() {
+        let q = EventQueue::new(QueueLimits::default());
+        let listener = q.listener().expect("an eventfd");
+        let cursor = q.open_stream();
+        for n in 1..=3 {
+            q.push(payload(n, 8));
+        }
+        assert_eq!(q.ack(q.last_seq()), 3, "acked before they were sent");
+        q.forget_acked();
+        assert!(
+            q.batch_after(cursor, 256, 1 << 20).is_empty(),
+            "nothing left to send"
+        );
+        let wait = q.wait_after(cursor, &listener);
+        tokio::pin!(wait);
+        assert!(!poll_once(wait.as_mut()).await, "parks");
+        q.push(payload(4, 8));
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("the next push wakes it");
+        assert_eq!(seqs(&q.batch_after(cursor, 256, 1 << 20)), [4]);
     }
 
     #[test]
