@@ -873,53 +873,6 @@ async fn a_connection_filler_cannot_lock_a_plugin_out() {
     host.shutdown().await;
 }
 
-/// A codec that sends the bytes it is given, for requests no generated
-/// client would make.
-#[derive(Debug, Clone, Copy, Default)]
-struct RawBytes;
-
-impl tonic::codec::Codec for RawBytes {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawBytes;
-    type Decoder = RawBytes;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawBytes
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawBytes
-    }
-}
-
-impl tonic::codec::Encoder for RawBytes {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        buf: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), Self::Error> {
-        bytes::BufMut::put_slice(buf, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawBytes {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        buf: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, Self::Error> {
-        let n = bytes::Buf::remaining(buf);
-        Ok(Some(bytes::Buf::copy_to_bytes(buf, n).to_vec()))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_input_is_invalid_argument_with_a_bounded_message() {
     init_logging();
@@ -936,7 +889,7 @@ async fn malformed_and_oversized_input_is_invalid_argument_with_a_bounded_messag
         grpc.ready().await.unwrap();
         let result = grpc
             .unary(
-                authed(bytes, &token),
+                authed(bytes::Bytes::from(bytes), &token),
                 tonic::codegen::http::uri::PathAndQuery::from_static(
                     "/pim.plugin.v1.PluginSession/Register",
                 ),
