@@ -627,26 +627,37 @@ struct AtRate {
     /// Delivery latency (median, p99) in ns; `None` when the backlog grew
     /// past what a 1 ms p99 allows and the run was cut short.
     latency: Option<(u64, u64)>,
-    /// CPU time of both processes (the daemon or floor server, and the
-    /// sidecar or floor client) per payload, ns.
+    /// CPU time of both processes (the daemon or floor server, with the
+    /// producer, and the sidecar or floor client) per payload, ns.
     cpu_ns: f64,
+    /// The sidecar's or floor client's share of it, ns.
+    client_cpu_ns: f64,
     /// Context switches of both processes' threads per payload.
     switches: f64,
 }
 
 impl AtRate {
-    /// Measures the CPU time and context switches of `pids` from now.
-    fn meter(pids: Vec<u32>) -> impl FnOnce(u64, Option<(u64, u64)>) -> AtRate {
-        let (switches0, ticks0) = crate::stats::sum(&pids);
+    /// Measures the CPU time and context switches of this process and the
+    /// `client` process from now.
+    fn meter(client: Option<u32>) -> impl FnOnce(u64, Option<(u64, u64)>) -> AtRate {
+        let client: Vec<u32> = client.into_iter().collect();
+        let (switches0, ticks0) = crate::stats::sum(&[std::process::id()]);
+        let (client_switches0, client_ticks0) = crate::stats::sum(&client);
         move |payloads, latency| {
-            let (switches1, ticks1) = crate::stats::sum(&pids);
+            let (switches1, ticks1) = crate::stats::sum(&[std::process::id()]);
+            let (client_switches1, client_ticks1) = crate::stats::sum(&client);
             let n = payloads.max(1) as f64;
+            let per_payload =
+                |ticks: u64| ticks as f64 * 1e9 / crate::stats::clock_ticks_per_second() / n;
+            let client_ticks = client_ticks1.saturating_sub(client_ticks0);
             AtRate {
                 latency,
-                cpu_ns: ticks1.saturating_sub(ticks0) as f64 * 1e9
-                    / crate::stats::clock_ticks_per_second()
+                cpu_ns: per_payload(ticks1.saturating_sub(ticks0) + client_ticks),
+                client_cpu_ns: per_payload(client_ticks),
+                switches: (switches1.saturating_sub(switches0)
+                    + client_switches1.saturating_sub(client_switches0))
+                    as f64
                     / n,
-                switches: switches1.saturating_sub(switches0) as f64 / n,
             }
         }
     }
@@ -658,11 +669,11 @@ impl AtRate {
 
     /// For the search's log lines.
     fn shown(&self) -> String {
-        // CPU time comes in clock ticks (10 ms): whole µs per payload.
+        // CPU time comes in clock ticks (10 ms): over a run of a second
+        // or more at these rates, a few ns per payload.
         let cost = format!(
-            "; {:.0} µs CPU and {:.2} context switches per payload",
-            self.cpu_ns / 1e3,
-            self.switches
+            "; {:.0} ns CPU ({:.0} ns in the client) and {:.2} context switches per payload",
+            self.cpu_ns, self.client_cpu_ns, self.switches
         );
         match self.latency {
             Some((median, p99)) => format!("median {}, p99 {}{cost}", ns(median), ns(p99)),
@@ -684,12 +695,7 @@ async fn ours_at(
     cut_short: bool,
 ) -> anyhow::Result<AtRate> {
     host.command("lat-start").await?;
-    let meter = AtRate::meter(
-        [std::process::id()]
-            .into_iter()
-            .chain(host.plugin.pid())
-            .collect(),
-    );
+    let meter = AtRate::meter(host.plugin.pid());
     let per_ms = (rate / 1000.0).max(1.0) as u64;
     let ticks = (secs * 1000.0) as u64;
     let base = host.plugin.progress().0;
@@ -755,12 +761,7 @@ async fn raw_at_on(
         .kill_on_drop(true)
         .spawn()?;
     tokio::time::timeout(Duration::from_secs(30), floor.opened).await??;
-    let meter = AtRate::meter(
-        [std::process::id()]
-            .into_iter()
-            .chain(client.id())
-            .collect(),
-    );
+    let meter = AtRate::meter(client.id());
     let mut raw = vec![7u8; size.max(8)];
     let mut interval = tokio::time::interval(Duration::from_millis(1));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

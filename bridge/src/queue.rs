@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use pim_plugin_proto::convert::{PluginEvent, SequencedEvent};
-use pim_plugin_proto::pb;
 use tokio::sync::Notify;
 
 use crate::config::QueueLimits;
@@ -480,20 +479,20 @@ impl EventQueue {
         st.acked
     }
 
-    /// Events after `cursor`, as one wire batch bounded by `max_events` and
+    /// Events after `cursor`, one batch bounded by `max_events` and
     /// `max_bytes` of body (at least one event when any is waiting). As
     /// many acked events as it sends, and a few more, are forgotten, so
     /// forgetting keeps up with delivery.
     ///
     /// The lock is held only to clone a few events at a time (reference
-    /// counts, no copies), and they are turned into wire messages after it
-    /// is released, so an ack or a push making room never waits long.
+    /// counts, no copies), and they are written to the wire after it is
+    /// released, so an ack or a push making room never waits long.
     pub(crate) fn batch_after(
         &self,
         cursor: u64,
         max_events: usize,
         max_bytes: usize,
-    ) -> Vec<pb::Event> {
+    ) -> Vec<SequencedEvent> {
         const CLONES_PER_LOCK: usize = 32;
         let mut picked: Vec<SequencedEvent> = Vec::new();
         let mut bytes = 0;
@@ -524,7 +523,7 @@ impl EventQueue {
             st.stats.delivered += picked.len() as u64;
             self.trim_acked(&mut st, picked.len() + TRIM_PER_BATCH);
         }
-        pim_plugin_proto::convert::events_to_wire(&picked)
+        picked
     }
 
     /// Waits until an event after `cursor` may be there; may return
@@ -683,7 +682,7 @@ mod tests {
         }
     }
 
-    fn seqs(batch: &[pb::Event]) -> Vec<u64> {
+    fn seqs(batch: &[SequencedEvent]) -> Vec<u64> {
         batch.iter().map(|e| e.seq).collect()
     }
 
@@ -900,7 +899,7 @@ mod tests {
         assert!(flooded
             .batch_after(0, 1000, usize::MAX)
             .iter()
-            .any(|e| matches!(e.event, Some(pb::event::Event::PeerForgotten(_)))));
+            .any(|e| matches!(e.event, PluginEvent::PeerForgotten { .. })));
     }
 
     #[test]

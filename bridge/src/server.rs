@@ -15,7 +15,6 @@ use pim_plugin_proto::limits::MAX_MESSAGE_BYTES;
 use pim_plugin_proto::pb::control_sender_server::ControlSenderServer;
 use pim_plugin_proto::pb::identity_secrets_server::IdentitySecretsServer;
 use pim_plugin_proto::pb::peer_directory_server::PeerDirectoryServer;
-use pim_plugin_proto::pb::plugin_session_server::PluginSessionServer;
 use pim_plugin_proto::{FILE_DESCRIPTOR_SET, SERVICE_NAMES};
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
@@ -31,7 +30,7 @@ use tracing::Instrument;
 
 use crate::config::ConnectionLimits;
 use crate::conn::Conn;
-use crate::host::{allowed_uids, AuthCheck, Host, HostServices};
+use crate::host::{allowed_uids, AuthCheck, Host, HostServices, SessionServer};
 use crate::repoll::{self, Repoll};
 
 /// Where [`built_once`] keeps a value: a `static` of its call site.
@@ -91,20 +90,20 @@ pub(crate) fn serve(
         timeout: limits.admission_timeout,
         sidecar_pid: host.sidecar_pid.clone(),
     };
-    let routes = Routes::new(
-        PluginSessionServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-    )
-    .add_service(
-        PeerDirectoryServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-    )
-    .add_service(
-        ControlSenderServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
-    )
-    .add_service(IdentitySecretsServer::new(services).max_decoding_message_size(MAX_MESSAGE_BYTES))
-    .add_service(health)
-    .add_service(reflection_v1)
-    .add_service(reflection_v1alpha)
-    .prepare();
+    let routes = Routes::new(SessionServer::new(services.clone()))
+        .add_service(
+            PeerDirectoryServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ControlSenderServer::new(services.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            IdentitySecretsServer::new(services).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .prepare();
     let checked = InterceptedService::new(routes, AuthCheck::new(token, plugin, uids));
     let serve = async move |listener: UnixListener| {
         for service in SERVICE_NAMES.into_iter().chain([""]) {

@@ -1,4 +1,6 @@
-//! An Events batch read one event at a time from the message's own bytes.
+//! An Events batch read one event at a time from the message's own bytes
+//! ([`EventBatch`], the client's side), and written straight from the
+//! host's events ([`OutgoingBatch`], the host's side).
 //!
 //! Decoded by prost, an `EventsResponse` is a `Vec` of events, each
 //! payload's kind a `String` of its own: the whole batch (up to
@@ -13,7 +15,7 @@
 //! other way (another kind of event, an unknown field, a field twice) is
 //! decoded by prost, so each event a reader gets is what prost would give
 //! it. Each payload is checked against the wire's limits by
-//! [`payload_fields`], as [`SequencedEvent`](crate::convert::SequencedEvent)'s
+//! [`payload_fields`], as [`SequencedEvent`]'s
 //! conversion checks it, with the same errors.
 //!
 //! One difference from decoding the whole batch first: in a batch that is
@@ -25,13 +27,28 @@
 
 use std::ops::Range;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use pim_core::NodeId;
-use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+use prost::encoding::{
+    decode_key, decode_varint, encode_varint, encoded_len_varint, skip_field, DecodeContext,
+    WireType,
+};
 use prost::Message;
 
-use crate::convert::payload_fields;
+use crate::convert::{payload_fields, PluginEvent, SequencedEvent};
+use crate::limits::NODE_ID_BYTES;
 use crate::{pb, InvalidField};
+
+// Keys are (field << 3) | wire type. In `EventsResponse`: `events`
+// (length-delimited); in `Event`: `seq` (varint), `payload`
+// (length-delimited); in `Payload`: `src`, `kind`, `body` (each
+// length-delimited).
+const EVENTS_KEY: u8 = 0x0a;
+const SEQ_KEY: u8 = 0x08;
+const PAYLOAD_KEY: u8 = 0x12;
+const SRC_KEY: u8 = 0x0a;
+const KIND_KEY: u8 = 0x12;
+const BODY_KEY: u8 = 0x1a;
 
 /// One `EventsResponse` as it came off the wire; [`events`](Self::events)
 /// reads its events in order.
@@ -164,18 +181,16 @@ fn event(buf: &Bytes, range: Range<usize>) -> Result<BatchEvent<'_>, InvalidFiel
 /// anything else, a seq of 0 or a kind that is not UTF-8 included (prost
 /// decodes those, with its errors).
 fn payload(buf: &Bytes, range: Range<usize>) -> Option<Result<BatchEvent<'_>, InvalidField>> {
-    // Keys are (field << 3) | wire type: 0x08 seq (varint), 0x12 payload
-    // (length-delimited); in Payload 0x0a src, 0x12 kind, 0x1a body.
     let end = range.end;
     let bytes = &buf[..end];
     let mut pos = range.start;
-    let seq = if bytes.get(pos) == Some(&0x08) {
+    let seq = if bytes.get(pos) == Some(&SEQ_KEY) {
         pos += 1;
         varint(bytes, &mut pos)?
     } else {
         0
     };
-    if seq == 0 || bytes.get(pos) != Some(&0x12) {
+    if seq == 0 || bytes.get(pos) != Some(&PAYLOAD_KEY) {
         return None;
     }
     pos += 1;
@@ -192,7 +207,7 @@ fn payload(buf: &Bytes, range: Range<usize>) -> Option<Result<BatchEvent<'_>, In
             Some(pos..pos)
         }
     };
-    let (src, kind, body) = (take(0x0a)?, take(0x12)?, take(0x1a)?);
+    let (src, kind, body) = (take(SRC_KEY)?, take(KIND_KEY)?, take(BODY_KEY)?);
     if pos != end {
         return None;
     }
@@ -223,6 +238,145 @@ fn length_delimited(bytes: &[u8], pos: &mut usize) -> Option<Range<usize>> {
     let end = start.checked_add(len).filter(|&end| end <= bytes.len())?;
     *pos = end;
     Some(start..end)
+}
+
+/// Events on their way to a client, written as one `EventsResponse`
+/// straight from the events themselves: a payload's kind and body go from
+/// the event into the encoder, with no wire message built (prost's
+/// `pb::Event` owns a `String` for each kind) and no length computed twice.
+/// The bytes are those that prost writes for [`to_message`](Self::to_message),
+/// in every case; the host's Events call sends batches this way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutgoingBatch {
+    events: Vec<SequencedEvent>,
+    /// The seq of an event sent with nothing set (0: none).
+    blank: u64,
+}
+
+impl OutgoingBatch {
+    /// A batch of `events`, in the order given (the host's are in strictly
+    /// increasing `seq` order).
+    pub fn new(events: Vec<SequencedEvent>) -> Self {
+        Self { events, blank: 0 }
+    }
+
+    /// Sends the event numbered `seq`, if the batch holds it, with its
+    /// `event` unset: what a client meets when a newer host sends a kind of
+    /// event it does not know (test hosts use it).
+    pub fn blank(&mut self, seq: u64) {
+        self.blank = seq;
+    }
+
+    /// The batch's events.
+    pub fn events(&self) -> &[SequencedEvent] {
+        &self.events
+    }
+
+    /// The batch as prost's message, which encodes to the same bytes.
+    pub fn to_message(&self) -> pb::EventsResponse {
+        let mut events = crate::convert::events_to_wire(&self.events);
+        for ev in events.iter_mut().filter(|ev| self.is_blank(ev.seq)) {
+            ev.event = None;
+        }
+        pb::EventsResponse { events }
+    }
+
+    /// The batch's size on the wire, in bytes.
+    pub fn encoded_len(&self) -> usize {
+        self.events
+            .iter()
+            .map(|ev| {
+                // A repeated message's element is written even when empty.
+                let len = self.wire_len(ev);
+                1 + encoded_len_varint(len as u64) + len
+            })
+            .sum()
+    }
+
+    /// Writes the batch, [`encoded_len`](Self::encoded_len) bytes, to `buf`.
+    pub fn encode(&self, buf: &mut impl BufMut) {
+        for ev in &self.events {
+            match &ev.event {
+                PluginEvent::Payload { src, kind, body } if !self.is_blank(ev.seq) => {
+                    let fields = payload_len(kind, body);
+                    buf.put_u8(EVENTS_KEY);
+                    encode_varint(event_len(ev.seq, fields) as u64, buf);
+                    if ev.seq != 0 {
+                        buf.put_u8(SEQ_KEY);
+                        encode_varint(ev.seq, buf);
+                    }
+                    buf.put_u8(PAYLOAD_KEY);
+                    encode_varint(fields as u64, buf);
+                    put_field(buf, SRC_KEY, src.as_bytes());
+                    put_field(buf, KIND_KEY, kind.as_bytes());
+                    put_field(buf, BODY_KEY, body);
+                }
+                // Lifecycle events are few: prost writes them.
+                _ => prost::encoding::message::encode(1, &self.wire_event(ev), buf),
+            }
+        }
+    }
+
+    fn is_blank(&self, seq: u64) -> bool {
+        self.blank != 0 && seq == self.blank
+    }
+
+    /// The length of `ev`'s `Event` message.
+    fn wire_len(&self, ev: &SequencedEvent) -> usize {
+        match &ev.event {
+            PluginEvent::Payload { kind, body, .. } if !self.is_blank(ev.seq) => {
+                event_len(ev.seq, payload_len(kind, body))
+            }
+            _ => self.wire_event(ev).encoded_len(),
+        }
+    }
+
+    /// `ev` as prost's message (for events other than payloads).
+    fn wire_event(&self, ev: &SequencedEvent) -> pb::Event {
+        if self.is_blank(ev.seq) {
+            return pb::Event {
+                seq: ev.seq,
+                event: None,
+            };
+        }
+        pb::Event::from(ev)
+    }
+}
+
+/// The length of a `Payload` message with these fields (`src` is a node
+/// id, always written).
+fn payload_len(kind: &str, body: &[u8]) -> usize {
+    field_len(NODE_ID_BYTES) + field_len(kind.len()) + field_len(body.len())
+}
+
+/// The length of an `Event` message holding `seq` and a payload of
+/// `payload_len` bytes.
+fn event_len(seq: u64, payload_len: usize) -> usize {
+    let seq_len = if seq == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(seq)
+    };
+    seq_len + 1 + encoded_len_varint(payload_len as u64) + payload_len
+}
+
+/// The length of a length-delimited field of `len` bytes with a one-byte
+/// key; 0 when `len` is 0 (proto3 writes no empty field).
+fn field_len(len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(len as u64) + len
+    }
+}
+
+/// Writes a length-delimited field, unless `value` is empty.
+fn put_field(buf: &mut impl BufMut, key: u8, value: &[u8]) {
+    if !value.is_empty() {
+        buf.put_u8(key);
+        encode_varint(value.len() as u64, buf);
+        buf.put_slice(value);
+    }
 }
 
 #[cfg(test)]

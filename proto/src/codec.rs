@@ -7,12 +7,15 @@
 //! refusal of the client. [`EventBatchCodec`] is a client's codec for the
 //! Events call that decodes nothing: each message's bytes become an
 //! [`EventBatch`](crate::batch::EventBatch), whose events are checked as
-//! they are read.
+//! they are read. [`EventsServerCodec`] is the host's codec for the same
+//! call, writing each [`OutgoingBatch`](crate::batch::OutgoingBatch)
+//! straight from its events. Both are mounted at [`EVENTS_PATH`], beside
+//! the generated client and server, which use prost's messages.
 
 use std::marker::PhantomData;
 
 use prost::Message;
-use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
+use tonic::codec::{BufferSettings, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstEncoder};
 
@@ -71,6 +74,10 @@ impl<U: Message + Default> Decoder for InvalidArgumentDecoder<U> {
     }
 }
 
+/// The path of the `PluginSession.Events` call, where a client or server
+/// that uses [`EventBatchCodec`] or [`EventsServerCodec`] mounts it.
+pub const EVENTS_PATH: &str = "/pim.plugin.v1.PluginSession/Events";
+
 /// The client codec of the Events call that keeps each `EventsResponse` as
 /// it came off the wire, an [`EventBatch`](crate::batch::EventBatch) read
 /// one event at a time; requests are encoded by prost.
@@ -103,5 +110,47 @@ impl Decoder for EventBatchCodec {
         // The message's bytes, not copied: split off tonic's read buffer.
         let len = buf.remaining();
         Ok(Some(crate::batch::EventBatch::new(buf.copy_to_bytes(len))))
+    }
+}
+
+/// The server codec of the Events call: each
+/// [`OutgoingBatch`](crate::batch::OutgoingBatch) is written straight from
+/// its events (the bytes prost would write for its message); requests are
+/// decoded by prost, an undecodable one `INVALID_ARGUMENT`.
+#[derive(Debug, Clone, Default)]
+pub struct EventsServerCodec;
+
+impl tonic::codec::Codec for EventsServerCodec {
+    type Encode = crate::batch::OutgoingBatch;
+    type Decode = crate::pb::EventsRequest;
+    type Encoder = EventsServerCodec;
+    type Decoder = InvalidArgumentDecoder<crate::pb::EventsRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        EventsServerCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        InvalidArgumentDecoder(PhantomData)
+    }
+}
+
+impl Encoder for EventsServerCodec {
+    type Item = crate::batch::OutgoingBatch;
+    type Error = Status;
+
+    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.reserve(item.encoded_len());
+        item.encode(dst);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_events_path_is_the_generated_servers() {
+        use crate::pb::plugin_session_server::SERVICE_NAME;
+        assert_eq!(super::EVENTS_PATH, format!("/{SERVICE_NAME}/Events"));
     }
 }

@@ -18,6 +18,7 @@ use crate::config::{Grants, SidecarConfig};
 use crate::queue::EventQueue;
 
 pub(crate) use auth::{allowed_uids, AuthCheck};
+pub(crate) use session::SessionServer;
 
 /// The state of the one live session of a plugin.
 #[derive(Debug)]

@@ -3,12 +3,18 @@
 use std::collections::BTreeSet;
 use std::pin::Pin;
 
+use std::convert::Infallible;
+
+use pim_plugin_proto::batch::OutgoingBatch;
+use pim_plugin_proto::codec::{EventsServerCodec, EVENTS_PATH};
 use pim_plugin_proto::limits::{MAX_BATCH_BYTES, MAX_BATCH_EVENTS, MAX_MESSAGE_BYTES};
-use pim_plugin_proto::pb::plugin_session_server::PluginSession;
+use pim_plugin_proto::pb::plugin_session_server::{PluginSession, PluginSessionServer};
 use pim_plugin_proto::{convert, limits, pb, PROTOCOL_VERSION};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::{http, BoxFuture, Context, Poll, Service, StdError};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 use super::{HostServices, Session};
@@ -112,10 +118,115 @@ impl PluginSession for HostServices {
     type EventsStream =
         Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::EventsResponse, Status>> + Send>>;
 
+    /// Not what the host's server calls ([`SessionServer`] serves Events
+    /// with [`OutgoingBatch`]es); the same stream as prost's messages, for
+    /// the generated server mounted alone.
     async fn events(
         &self,
         req: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
+        use tokio_stream::StreamExt as _;
+        let batches = self.event_batches(req)?;
+        Ok(Response::new(Box::pin(
+            batches.map(|batch| batch.map(|b| b.to_message())),
+        )))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let req = req.into_inner();
+        self.0.check_session(&req.session_id)?;
+        let last = self.0.queue.last_seq();
+        if req.seq > last {
+            return Err(Status::invalid_argument(format!(
+                "invalid field `seq`: {} is past the newest event, {last}",
+                req.seq
+            )));
+        }
+        if self.0.acks_held.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(Response::new(pb::AckResponse {
+                acked_seq: self.0.queue.acked(),
+            }));
+        }
+        let acked_seq = self.0.queue.ack(req.seq);
+        if acked_seq == self.0.queue.last_seq() {
+            forget_later(&self.0);
+        }
+        Ok(Response::new(pb::AckResponse { acked_seq }))
+    }
+}
+
+/// An Events stream's batches.
+type EventBatches = ReceiverStream<Result<OutgoingBatch, Status>>;
+
+/// The `PluginSession` service as the host serves it: the generated
+/// server, except for Events, which goes out through
+/// [`EventsServerCodec`]: each batch written straight from the queue's
+/// events, with no wire message built for it (a `String` for each kind, a
+/// `Vec` for each batch, each length computed twice).
+#[derive(Debug, Clone)]
+pub(crate) struct SessionServer {
+    generated: PluginSessionServer<HostServices>,
+    services: HostServices,
+}
+
+impl SessionServer {
+    pub(crate) fn new(services: HostServices) -> Self {
+        Self {
+            generated: PluginSessionServer::new(services.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            services,
+        }
+    }
+}
+
+impl NamedService for SessionServer {
+    const NAME: &'static str = pb::plugin_session_server::SERVICE_NAME;
+}
+
+impl<B> Service<http::Request<B>> for SessionServer
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != EVENTS_PATH {
+            return self.generated.call(req);
+        }
+        let call = EventsCall(self.services.clone());
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(EventsServerCodec)
+                .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), None);
+            Ok(grpc.server_streaming(call, req).await)
+        })
+    }
+}
+
+/// The Events call, as [`SessionServer`] serves it.
+struct EventsCall(HostServices);
+
+impl tonic::server::ServerStreamingService<pb::EventsRequest> for EventsCall {
+    type Response = OutgoingBatch;
+    type ResponseStream = EventBatches;
+    type Future = std::future::Ready<Result<Response<EventBatches>, Status>>;
+
+    fn call(&mut self, req: Request<pb::EventsRequest>) -> Self::Future {
+        std::future::ready(self.0.event_batches(req).map(Response::new))
+    }
+}
+
+impl HostServices {
+    /// Opens the session's Events stream: one [`OutgoingBatch`] for each
+    /// batch of events after the last ack, sent as the queue fills, until
+    /// the client goes, the session ends or the host stops.
+    fn event_batches(&self, req: Request<pb::EventsRequest>) -> Result<EventBatches, Status> {
         let host = self.0.clone();
         let session_id = req.into_inner().session_id;
         host.check_session(&session_id)?;
@@ -145,20 +256,15 @@ impl PluginSession for HostServices {
             let mut cursor = host.queue.open_stream();
             tracing::debug!(plugin = host.name, after = cursor, "events stream opened");
             loop {
-                let mut batch = host
+                let events = host
                     .queue
                     .batch_after(cursor, MAX_BATCH_EVENTS, MAX_BATCH_BYTES);
-                let unknown = host.unknown_seq.load(std::sync::atomic::Ordering::Relaxed);
-                if unknown != 0 {
-                    for ev in batch.iter_mut().filter(|ev| ev.seq == unknown) {
-                        ev.event = None;
-                    }
-                }
-                if let Some(last) = batch.last() {
+                if let Some(last) = events.last() {
                     cursor = last.seq;
-                    let msg = pb::EventsResponse { events: batch };
+                    let mut batch = OutgoingBatch::new(events);
+                    batch.blank(host.unknown_seq.load(std::sync::atomic::Ordering::Relaxed));
                     tokio::select! {
-                        sent = tx.send(Ok(msg)) => if sent.is_err() { break },
+                        sent = tx.send(Ok(batch)) => if sent.is_err() { break },
                         () = superseded.cancelled() => break,
                         () = interrupted.cancelled() => break,
                     }
@@ -192,29 +298,7 @@ impl PluginSession for HostServices {
             }
             tracing::debug!(plugin = host.name, at = cursor, "events stream closed");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
-    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
-        let req = req.into_inner();
-        self.0.check_session(&req.session_id)?;
-        let last = self.0.queue.last_seq();
-        if req.seq > last {
-            return Err(Status::invalid_argument(format!(
-                "invalid field `seq`: {} is past the newest event, {last}",
-                req.seq
-            )));
-        }
-        if self.0.acks_held.load(std::sync::atomic::Ordering::Relaxed) {
-            return Ok(Response::new(pb::AckResponse {
-                acked_seq: self.0.queue.acked(),
-            }));
-        }
-        let acked_seq = self.0.queue.ack(req.seq);
-        if acked_seq == self.0.queue.last_seq() {
-            forget_later(&self.0);
-        }
-        Ok(Response::new(pb::AckResponse { acked_seq }))
+        Ok(ReceiverStream::new(rx))
     }
 }
 

@@ -328,3 +328,129 @@ fn edge_encodings_agree_with_prost() {
         "{read:?}"
     );
 }
+
+/// Every shape of event a host sends: payloads with bodies and seqs at
+/// each varint length's edges, kinds borrowed and owned, the longest kind
+/// and body, and lifecycle events.
+fn outgoing() -> Vec<SequencedEvent> {
+    use std::borrow::Cow;
+    use std::time::Duration;
+
+    use crate::convert::PluginEvent;
+    use crate::limits::MAX_KIND_BYTES;
+
+    let node = |b: u8| pim_core::NodeId::from_bytes([b; 16]);
+    let kinds: [Cow<'static, str>; 3] = [
+        Cow::Borrowed("a.b"),
+        Cow::Owned("a.".repeat(MAX_KIND_BYTES / 2) + "c"),
+        Cow::Owned("x".repeat(127)),
+    ];
+    let bodies = [0, 1, 127, 128, 16_383, 16_384, MAX_BODY_BYTES];
+    let seqs = [1, 127, 128, 16_383, 16_384, u64::MAX / 2, u64::MAX];
+    let mut events = Vec::new();
+    for (i, (&len, &seq)) in bodies.iter().zip(&seqs).enumerate() {
+        events.push(SequencedEvent {
+            seq,
+            event: PluginEvent::Payload {
+                src: node(i as u8),
+                kind: kinds[i % kinds.len()].clone(),
+                body: Bytes::from(vec![i as u8; len]),
+            },
+        });
+    }
+    events.push(SequencedEvent {
+        seq: 20,
+        event: PluginEvent::PeerForgotten { node: node(20) },
+    });
+    for (seq, ms) in [(21, 0), (22, 250), (23, u64::from(u32::MAX) + 5)] {
+        events.push(SequencedEvent {
+            seq,
+            event: PluginEvent::Shutdown {
+                grace: Duration::from_millis(ms),
+            },
+        });
+    }
+    events
+}
+
+/// The host's writer gives, for every shape of event, the bytes prost
+/// writes for the same batch as wire messages, and its length is theirs.
+#[test]
+fn the_writer_writes_what_prost_writes() {
+    use super::OutgoingBatch;
+
+    let events = outgoing();
+    // Each alone, then all together.
+    let mut batches: Vec<Vec<SequencedEvent>> = events.iter().map(|e| vec![e.clone()]).collect();
+    batches.push(events.clone());
+    batches.push(Vec::new());
+    for events in batches {
+        let batch = OutgoingBatch::new(events.clone());
+        let theirs = pb::EventsResponse {
+            events: crate::convert::events_to_wire(&events),
+        };
+        assert_eq!(batch.to_message(), theirs);
+        let mut ours = Vec::new();
+        batch.encode(&mut ours);
+        assert_eq!(ours, theirs.encode_to_vec(), "{events:?}");
+        assert_eq!(batch.encoded_len(), ours.len());
+        assert_eq!(batch.events(), events.as_slice());
+        // And the client's reader reads it back as sent.
+        let read: Vec<SequencedEvent> = EventBatch::new(ours.into())
+            .events()
+            .map(|ev| match ev.expect("a host's event reads") {
+                BatchEvent::Payload {
+                    seq,
+                    src,
+                    kind,
+                    body,
+                } => SequencedEvent {
+                    seq,
+                    event: crate::convert::PluginEvent::Payload {
+                        src,
+                        kind: kind.to_owned().into(),
+                        body,
+                    },
+                },
+                BatchEvent::Other(ev) => SequencedEvent::try_from(ev).expect("a valid event"),
+            })
+            .collect();
+        let sent: Vec<SequencedEvent> = events
+            .iter()
+            .map(|ev| SequencedEvent::try_from(pb::Event::from(ev)).expect("a valid event"))
+            .collect();
+        assert_eq!(read, sent);
+    }
+}
+
+/// A blanked event goes out with nothing set, whatever it was, as prost
+/// writes an `Event` holding only its seq; the rest of the batch is as
+/// before. Events of seq 0 (never sent by a host) are written as prost
+/// writes them too, blank or not.
+#[test]
+fn a_blanked_event_is_written_as_prost_writes_it() {
+    use super::OutgoingBatch;
+
+    let mut events = outgoing();
+    events.push(SequencedEvent {
+        seq: 0,
+        event: events[0].event.clone(),
+    });
+    for blank in events.iter().map(|e| e.seq).chain([0, 999]) {
+        let mut batch = OutgoingBatch::new(events.clone());
+        batch.blank(blank);
+        let mut theirs = pb::EventsResponse {
+            events: crate::convert::events_to_wire(&events),
+        };
+        for ev in &mut theirs.events {
+            if blank != 0 && ev.seq == blank {
+                ev.event = None;
+            }
+        }
+        assert_eq!(batch.to_message(), theirs, "blank {blank}");
+        let mut ours = Vec::new();
+        batch.encode(&mut ours);
+        assert_eq!(ours, theirs.encode_to_vec(), "blank {blank}");
+        assert_eq!(batch.encoded_len(), ours.len(), "blank {blank}");
+    }
+}
