@@ -101,7 +101,7 @@ impl Service<http::Request<tonic::body::Body>> for RawHost {
             Ok(match req.uri().path() {
                 "/pim.plugin.v1.PluginSession/Register" => grpc.unary(Register, req).await,
                 "/pim.plugin.v1.PluginSession/Ack" => grpc.unary(Ack(host.acks), req).await,
-                "/pim.plugin.v1.PluginSession/Events" => {
+                pim_sidecar::proto::codec::EVENTS_PATH => {
                     grpc.server_streaming(Events(host.batch), req).await
                 }
                 _ => Status::unimplemented("not served by this host").into_http(),

@@ -898,6 +898,47 @@ async fn malformed_and_oversized_input_is_invalid_argument_with_a_bounded_messag
             .await;
         assert_status(result, Code::InvalidArgument, "not a valid RegisterRequest");
     }
+    // The same, and a request over the message limit, to the Events call,
+    // which the host serves with a codec of its own.
+    let oversized = {
+        // `session_id` (field 1), one byte over the limit.
+        let len = pim_sidecar::proto::limits::MAX_MESSAGE_BYTES;
+        let mut b = vec![0x0a];
+        prost::encoding::encode_varint(len as u64, &mut b);
+        b.resize(b.len() + len, b'a');
+        b
+    };
+    let events_cases = [
+        (
+            vec![0xff, 0xff, 0xff],
+            Code::InvalidArgument,
+            "not a valid EventsRequest",
+        ),
+        (
+            vec![0x0a, 0x02, 0xff, 0xfe],
+            Code::InvalidArgument,
+            "not a valid EventsRequest",
+        ),
+        (
+            oversized,
+            Code::OutOfRange,
+            "decoded message length too large",
+        ),
+    ];
+    for (bytes, code, needle) in events_cases {
+        let mut grpc = tonic::client::Grpc::new(ch.clone());
+        grpc.ready().await.unwrap();
+        let result = grpc
+            .server_streaming(
+                authed(bytes::Bytes::from(bytes), &token),
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    pim_sidecar::proto::codec::EVENTS_PATH,
+                ),
+                RawBytes,
+            )
+            .await;
+        assert_status(result, code, needle);
+    }
 
     let request = |kinds: Vec<String>, sdk: String| {
         authed(

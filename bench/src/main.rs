@@ -669,8 +669,8 @@ impl AtRate {
 
     /// For the search's log lines.
     fn shown(&self) -> String {
-        // CPU time comes in clock ticks (10 ms): over a run of a second
-        // or more at these rates, a few ns per payload.
+        // CPU time comes in clock ticks (10 ms): 2,000 ns per payload in
+        // a 5 s run at 1,000/s, under 3 ns at 724,000/s.
         let cost = format!(
             "; {:.0} ns CPU ({:.0} ns in the client) and {:.2} context switches per payload",
             self.cpu_ns, self.client_cpu_ns, self.switches

@@ -36,7 +36,6 @@ use prost::encoding::{
 use prost::Message;
 
 use crate::convert::{payload_fields, PluginEvent, SequencedEvent};
-use crate::limits::NODE_ID_BYTES;
 use crate::{pb, InvalidField};
 
 // Keys are (field << 3) | wire type. In `EventsResponse`: `events`
@@ -241,11 +240,11 @@ fn length_delimited(bytes: &[u8], pos: &mut usize) -> Option<Range<usize>> {
 }
 
 /// Events on their way to a client, written as one `EventsResponse`
-/// straight from the events themselves: a payload's kind and body go from
-/// the event into the encoder, with no wire message built (prost's
-/// `pb::Event` owns a `String` for each kind) and no length computed twice.
-/// The bytes are those that prost writes for [`to_message`](Self::to_message),
-/// in every case; the host's Events call sends batches this way.
+/// straight from the events themselves: a payload's node id, kind and body
+/// go from the event into the encoder, with no wire message built (prost's
+/// `pb::Event` owns a `String` for each kind). The bytes are those that
+/// prost writes for [`to_message`](Self::to_message), in every case; the
+/// host's Events call sends batches this way.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutgoingBatch {
     events: Vec<SequencedEvent>,
@@ -262,7 +261,8 @@ impl OutgoingBatch {
 
     /// Sends the event numbered `seq`, if the batch holds it, with its
     /// `event` unset: what a client meets when a newer host sends a kind of
-    /// event it does not know (test hosts use it).
+    /// event it does not know (test hosts use it). One event at most: a
+    /// second call replaces the first, and 0 blanks none.
     pub fn blank(&mut self, seq: u64) {
         self.blank = seq;
     }
@@ -281,7 +281,9 @@ impl OutgoingBatch {
         pb::EventsResponse { events }
     }
 
-    /// The batch's size on the wire, in bytes.
+    /// The length of the encoded `EventsResponse` (what
+    /// [`encode`](Self::encode) writes; gRPC's 5-byte frame header not
+    /// included).
     pub fn encoded_len(&self) -> usize {
         self.events
             .iter()
@@ -294,11 +296,15 @@ impl OutgoingBatch {
     }
 
     /// Writes the batch, [`encoded_len`](Self::encoded_len) bytes, to `buf`.
+    ///
+    /// # Panics
+    ///
+    /// If `buf` cannot grow to hold them (a `BytesMut` or `Vec` always can).
     pub fn encode(&self, buf: &mut impl BufMut) {
         for ev in &self.events {
             match &ev.event {
                 PluginEvent::Payload { src, kind, body } if !self.is_blank(ev.seq) => {
-                    let fields = payload_len(kind, body);
+                    let fields = payload_len(src.as_bytes(), kind, body);
                     buf.put_u8(EVENTS_KEY);
                     encode_varint(event_len(ev.seq, fields) as u64, buf);
                     if ev.seq != 0 {
@@ -324,8 +330,8 @@ impl OutgoingBatch {
     /// The length of `ev`'s `Event` message.
     fn wire_len(&self, ev: &SequencedEvent) -> usize {
         match &ev.event {
-            PluginEvent::Payload { kind, body, .. } if !self.is_blank(ev.seq) => {
-                event_len(ev.seq, payload_len(kind, body))
+            PluginEvent::Payload { src, kind, body } if !self.is_blank(ev.seq) => {
+                event_len(ev.seq, payload_len(src.as_bytes(), kind, body))
             }
             _ => self.wire_event(ev).encoded_len(),
         }
@@ -343,10 +349,9 @@ impl OutgoingBatch {
     }
 }
 
-/// The length of a `Payload` message with these fields (`src` is a node
-/// id, always written).
-fn payload_len(kind: &str, body: &[u8]) -> usize {
-    field_len(NODE_ID_BYTES) + field_len(kind.len()) + field_len(body.len())
+/// The length of a `Payload` message with these fields.
+fn payload_len(src: &[u8], kind: &str, body: &[u8]) -> usize {
+    field_len(src.len()) + field_len(kind.len()) + field_len(body.len())
 }
 
 /// The length of an `Event` message holding `seq` and a payload of

@@ -74,8 +74,9 @@ impl<U: Message + Default> Decoder for InvalidArgumentDecoder<U> {
     }
 }
 
-/// The path of the `PluginSession.Events` call, where a client or server
-/// that uses [`EventBatchCodec`] or [`EventsServerCodec`] mounts it.
+/// The path of the `PluginSession.Events` call: where a client using
+/// [`EventBatchCodec`] calls it, and where a server using
+/// [`EventsServerCodec`] serves it.
 pub const EVENTS_PATH: &str = "/pim.plugin.v1.PluginSession/Events";
 
 /// The client codec of the Events call that keeps each `EventsResponse` as

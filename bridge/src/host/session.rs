@@ -118,9 +118,9 @@ impl PluginSession for HostServices {
     type EventsStream =
         Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::EventsResponse, Status>> + Send>>;
 
-    /// Not what the host's server calls ([`SessionServer`] serves Events
-    /// with [`OutgoingBatch`]es); the same stream as prost's messages, for
-    /// the generated server mounted alone.
+    /// The trait's Events: the stream [`SessionServer`] serves, as prost's
+    /// messages. The host's server never calls it ([`SessionServer`] sends
+    /// the Events call to [`EventsServerCodec`]); the session fuzz test does.
     async fn events(
         &self,
         req: Request<pb::EventsRequest>,
@@ -155,6 +155,10 @@ impl PluginSession for HostServices {
     }
 }
 
+/// The largest request either route of [`SessionServer`] decodes (no
+/// compression on either, no limit on what it sends).
+const REQUEST_LIMIT: usize = MAX_MESSAGE_BYTES;
+
 /// An Events stream's batches.
 type EventBatches = ReceiverStream<Result<OutgoingBatch, Status>>;
 
@@ -162,7 +166,8 @@ type EventBatches = ReceiverStream<Result<OutgoingBatch, Status>>;
 /// server, except for Events, which goes out through
 /// [`EventsServerCodec`]: each batch written straight from the queue's
 /// events, with no wire message built for it (a `String` for each kind, a
-/// `Vec` for each batch, each length computed twice).
+/// `Vec` for each batch). Both routes take their request limit from
+/// [`REQUEST_LIMIT`], so that they cannot differ.
 #[derive(Debug, Clone)]
 pub(crate) struct SessionServer {
     generated: PluginSessionServer<HostServices>,
@@ -173,7 +178,7 @@ impl SessionServer {
     pub(crate) fn new(services: HostServices) -> Self {
         Self {
             generated: PluginSessionServer::new(services.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(REQUEST_LIMIT),
             services,
         }
     }
@@ -203,7 +208,7 @@ where
         let call = EventsCall(self.services.clone());
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(EventsServerCodec)
-                .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), None);
+                .apply_max_message_size_config(Some(REQUEST_LIMIT), None);
             Ok(grpc.server_streaming(call, req).await)
         })
     }

@@ -358,6 +358,16 @@ fn outgoing() -> Vec<SequencedEvent> {
             },
         });
     }
+    // An empty kind (never queued by a host: it breaks the wire's limits),
+    // which proto3 leaves out.
+    events.push(SequencedEvent {
+        seq: 19,
+        event: PluginEvent::Payload {
+            src: node(19),
+            kind: Cow::Borrowed(""),
+            body: Bytes::from_static(b"no kind"),
+        },
+    });
     events.push(SequencedEvent {
         seq: 20,
         event: PluginEvent::PeerForgotten { node: node(20) },
@@ -378,6 +388,7 @@ fn outgoing() -> Vec<SequencedEvent> {
 #[test]
 fn the_writer_writes_what_prost_writes() {
     use super::OutgoingBatch;
+    use crate::convert::PluginEvent;
 
     let events = outgoing();
     // Each alone, then all together.
@@ -395,31 +406,43 @@ fn the_writer_writes_what_prost_writes() {
         assert_eq!(ours, theirs.encode_to_vec(), "{events:?}");
         assert_eq!(batch.encoded_len(), ours.len());
         assert_eq!(batch.events(), events.as_slice());
-        // And the client's reader reads it back as sent.
-        let read: Vec<SequencedEvent> = EventBatch::new(ours.into())
+        // And the client's reader reads it back as sent (an event that
+        // breaks the wire's limits as the same error).
+        let read: Vec<Result<SequencedEvent, String>> = EventBatch::new(ours.into())
             .events()
-            .map(|ev| match ev.expect("a host's event reads") {
-                BatchEvent::Payload {
+            .map(|ev| match ev {
+                Ok(BatchEvent::Payload {
                     seq,
                     src,
                     kind,
                     body,
-                } => SequencedEvent {
+                }) => Ok(SequencedEvent {
                     seq,
                     event: crate::convert::PluginEvent::Payload {
                         src,
                         kind: kind.to_owned().into(),
                         body,
                     },
-                },
-                BatchEvent::Other(ev) => SequencedEvent::try_from(ev).expect("a valid event"),
+                }),
+                Ok(BatchEvent::Other(ev)) => {
+                    SequencedEvent::try_from(ev).map_err(|e| e.field().to_owned())
+                }
+                Err(e) => Err(e.field().to_owned()),
             })
             .collect();
-        let sent: Vec<SequencedEvent> = events
+        let sent: Vec<Result<SequencedEvent, String>> = events
             .iter()
-            .map(|ev| SequencedEvent::try_from(pb::Event::from(ev)).expect("a valid event"))
+            .map(|ev| {
+                SequencedEvent::try_from(pb::Event::from(ev)).map_err(|e| e.field().to_owned())
+            })
             .collect();
         assert_eq!(read, sent);
+        let broken: Vec<_> = read.iter().filter_map(|r| r.as_ref().err()).collect();
+        let empty_kind = events
+            .iter()
+            .filter(|e| matches!(&e.event, PluginEvent::Payload { kind, .. } if kind.is_empty()))
+            .count();
+        assert_eq!(broken, vec!["payload.kind"; empty_kind]);
     }
 }
 
