@@ -883,23 +883,9 @@ async fn malformed_and_oversized_input_is_invalid_argument_with_a_bounded_messag
     let ch = channel(&host).await;
     let token = host.plugin().token().to_owned();
 
-    // Not protobuf, and a string field that is not UTF-8.
-    for bytes in [vec![0xff, 0xff, 0xff], vec![0x12, 0x02, 0xff, 0xfe]] {
-        let mut grpc = tonic::client::Grpc::new(ch.clone());
-        grpc.ready().await.unwrap();
-        let result = grpc
-            .unary(
-                authed(bytes::Bytes::from(bytes), &token),
-                tonic::codegen::http::uri::PathAndQuery::from_static(
-                    "/pim.plugin.v1.PluginSession/Register",
-                ),
-                RawBytes,
-            )
-            .await;
-        assert_status(result, Code::InvalidArgument, "not a valid RegisterRequest");
-    }
-    // The same, and a request over the message limit, to the Events call,
-    // which the host serves with a codec of its own.
+    // Not protobuf, and a string field that is not UTF-8, to Register and
+    // to the Events call (which the host serves with a codec of its own);
+    // and a request over the message limit to Events.
     let oversized = {
         // `session_id` (field 1), one byte over the limit.
         let len = pim_sidecar::proto::limits::MAX_MESSAGE_BYTES;
@@ -908,36 +894,45 @@ async fn malformed_and_oversized_input_is_invalid_argument_with_a_bounded_messag
         b.resize(b.len() + len, b'a');
         b
     };
-    let events_cases = [
+    let register = "/pim.plugin.v1.PluginSession/Register";
+    let events = pim_sidecar::proto::codec::EVENTS_PATH;
+    let (bad, invalid) = (Code::InvalidArgument, "not a valid EventsRequest");
+    let cases = [
         (
+            register,
             vec![0xff, 0xff, 0xff],
-            Code::InvalidArgument,
-            "not a valid EventsRequest",
+            bad,
+            "not a valid RegisterRequest",
         ),
         (
-            vec![0x0a, 0x02, 0xff, 0xfe],
-            Code::InvalidArgument,
-            "not a valid EventsRequest",
+            register,
+            vec![0x12, 0x02, 0xff, 0xfe],
+            bad,
+            "not a valid RegisterRequest",
         ),
+        (events, vec![0xff, 0xff, 0xff], bad, invalid),
+        (events, vec![0x0a, 0x02, 0xff, 0xfe], bad, invalid),
         (
+            events,
             oversized,
             Code::OutOfRange,
             "decoded message length too large",
         ),
     ];
-    for (bytes, code, needle) in events_cases {
+    for (path, bytes, code, needle) in cases {
         let mut grpc = tonic::client::Grpc::new(ch.clone());
         grpc.ready().await.unwrap();
-        let result = grpc
-            .server_streaming(
-                authed(bytes::Bytes::from(bytes), &token),
-                tonic::codegen::http::uri::PathAndQuery::from_static(
-                    pim_sidecar::proto::codec::EVENTS_PATH,
-                ),
-                RawBytes,
-            )
-            .await;
-        assert_status(result, code, needle);
+        let request = authed(bytes::Bytes::from(bytes), &token);
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+        if path.path() == events {
+            assert_status(
+                grpc.server_streaming(request, path, RawBytes).await,
+                code,
+                needle,
+            );
+        } else {
+            assert_status(grpc.unary(request, path, RawBytes).await, code, needle);
+        }
     }
 
     let request = |kinds: Vec<String>, sdk: String| {
