@@ -11,6 +11,7 @@
 //!
 //! The same executable is also the benchmark's sidecar (`pim-bench
 //! sidecar`), the raw stream floor's client (`pim-bench floor-client`),
+//! the raw echo pattern's client (`pim-bench raw-echo-client`),
 //! the memory probe (`pim-bench memory`) and the many-sidecars probe
 //! (`pim-bench many`), each a separate process.
 
@@ -18,6 +19,7 @@ mod e2e;
 mod floor;
 mod many;
 mod python;
+mod raw_echo;
 mod sidecar;
 mod stats;
 
@@ -77,7 +79,9 @@ const SMOKE: Scale = Scale {
 /// first 8 bytes of its body to its arrival here).
 struct BenchPorts {
     results: mpsc::UnboundedSender<String>,
-    pongs: mpsc::UnboundedSender<u64>,
+    /// Each pong's latency (ns), and whether it arrived on the CPU that
+    /// the sidecar's handler ran on.
+    pongs: mpsc::UnboundedSender<(u64, bool)>,
     events: broadcast::Sender<PeerDirectoryEvent>,
 }
 
@@ -112,7 +116,12 @@ impl ControlSender for BenchPorts {
         if let ControlFrame::PluginPayload { kind, body } = frame {
             if let (true, Some(sent)) = (kind.ends_with(".pong"), body.get(..8)) {
                 let sent = u64::from_le_bytes(sent.try_into().expect("8 bytes"));
-                let _ = self.pongs.send(mono_ns().saturating_sub(sent));
+                let latency = mono_ns().saturating_sub(sent);
+                // Bytes 8..12: the CPU the sidecar's handler ran on.
+                let same_cpu = body
+                    .get(8..12)
+                    .is_some_and(|cpu| cpu == crate::stats::current_cpu().to_le_bytes());
+                let _ = self.pongs.send((latency, same_cpu));
             }
         }
         true
@@ -161,7 +170,7 @@ struct Host {
     cmd: String,
     ping: String,
     results: mpsc::UnboundedReceiver<String>,
-    pongs: mpsc::UnboundedReceiver<u64>,
+    pongs: mpsc::UnboundedReceiver<(u64, bool)>,
     cancel: CancellationToken,
 }
 
@@ -1483,6 +1492,15 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("sidecar") => return sidecar::main(),
+        Some("raw-echo-client") => {
+            return match raw_echo::client(args.get(1).map_or("", String::as_str)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("raw echo client: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Some("floor-client") => {
             let n = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(0);
             let latency = args.get(3).map(String::as_str) == Some("latency");

@@ -127,11 +127,16 @@ impl Sidecar for Bench {
 
     async fn handle_payload(&self, src: NodeId, kind: &str, body: Bytes) -> anyhow::Result<()> {
         if kind == self.kinds[2] {
-            // The echo pattern: one lookup, then the pong routed back.
+            // The echo pattern: one lookup, then the pong routed back,
+            // with the CPU the handler ran on in bytes 8..12.
             self.host().lookup_x25519(&src).await?;
+            let mut body = bytes::BytesMut::from(body);
+            if let Some(cpu) = body.get_mut(8..12) {
+                cpu.copy_from_slice(&crate::stats::current_cpu().to_le_bytes());
+            }
             let pong = ControlFrame::PluginPayload {
                 kind: self.pong.to_owned(),
-                body,
+                body: body.freeze(),
             };
             self.host().send_routed(src, pong).await?;
             return Ok(());
