@@ -39,6 +39,8 @@ pub struct HostClient {
     auth: Arc<RwLock<MetadataValue<Ascii>>>,
     session: Arc<RwLock<Arc<str>>>,
     busy_poll: Duration,
+    /// Whether port calls poll now, shared by the clones.
+    gate: Arc<crate::poll::PollGate>,
 }
 
 impl std::fmt::Debug for HostClient {
@@ -58,8 +60,13 @@ impl HostClient {
     /// then costs a context switch and, on a virtual machine, waking an idle
     /// CPU, which is as much again; polling keeps this process's thread
     /// running instead, at the price of that CPU time. Other tasks of the
-    /// runtime keep running while a call polls. `Duration::ZERO` turns it
-    /// off. Applies to this client and the clones made from it afterwards.
+    /// runtime keep running while a call polls. When this thread and the
+    /// host's answering thread run on one CPU, polling would only hand that
+    /// CPU back and forth: a call now and then measures whether it gave its
+    /// CPU to other threads while it polled, and if so the next 63 calls
+    /// wait without polling (then one measures again). `Duration::ZERO`
+    /// turns polling off. Applies to this client and the clones made from
+    /// it afterwards, which share that measurement.
     #[must_use]
     pub fn with_busy_poll(mut self, budget: Duration) -> Self {
         self.busy_poll = budget;
@@ -79,18 +86,21 @@ impl HostClient {
             .clone()
     }
 
-    /// Awaits a port call, busy-polling for up to the budget first.
+    /// Awaits a port call, busy-polling for up to the budget first unless
+    /// the CPU was found shared with the host's thread (`PollGate`).
     ///
-    /// The call's future (kilobytes of tonic state) goes in a box, so that
-    /// the future of a handler that calls a port stays small: the SDK boxes
-    /// a handler's future for every event it delivers, and copies it there.
+    /// The call's future (kilobytes of tonic state) and the poll's go in a
+    /// box, so that the future of a handler that calls a port stays small:
+    /// the SDK boxes a handler's future for every event it delivers, and
+    /// copies it there.
     fn port_call<T: Send>(
         &self,
         call: impl Future<Output = Result<Response<T>, Status>> + Send + 'static,
     ) -> impl Future<Output = Result<T, HostError>> + Send {
-        let call = Box::pin(call);
         let budget = self.busy_poll;
-        async move { Ok(crate::busy_poll(call, budget).await?.into_inner()) }
+        let gate = self.gate.clone();
+        let call = Box::pin(async move { gate.call(call, budget).await });
+        async move { Ok(call.await?.into_inner()) }
     }
 
     fn req<T>(&self, msg: T) -> Request<T> {
@@ -225,6 +235,7 @@ impl HostSession {
                 auth: Arc::new(RwLock::new(bearer)),
                 session: Arc::new(RwLock::new(Arc::from(""))),
                 busy_poll: crate::default_busy_poll(),
+                gate: Arc::default(),
             },
         }
     }

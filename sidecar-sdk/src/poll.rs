@@ -2,7 +2,8 @@
 //! sleeping.
 
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -10,8 +11,10 @@ use std::time::{Duration, Instant};
 /// `fut` is pending and less than `budget` has passed, this yields to the
 /// runtime instead of letting it sleep, so that the runtime's other tasks
 /// run and its sockets are polled again at once; after `budget` it waits
-/// as usual. [`HostClient`](crate::HostClient) port calls use it; it serves
-/// any call whose answer is expected within microseconds.
+/// as usual. [`HostClient`](crate::HostClient) port calls use it (and
+/// stop using it while they find the host's thread on their own CPU: see
+/// [`HostClient::with_busy_poll`](crate::HostClient::with_busy_poll)); it
+/// serves any call whose answer is expected within microseconds.
 ///
 /// Between polls the thread also yields its CPU to the kernel
 /// (`sched_yield`). The write that sent the call woke the answering thread
@@ -33,6 +36,16 @@ pub async fn busy_poll<F: Future>(fut: F, budget: Duration) -> F::Output {
     if budget.is_zero() {
         return fut.await;
     }
+    match poll_within(fut.as_mut(), budget).await {
+        Some(v) => v,
+        None => fut.await,
+    }
+}
+
+/// Polls `fut` as [`busy_poll`] does until it is ready or `budget` has
+/// passed; `None` then, with `fut` still pending. The thread never sleeps
+/// here.
+async fn poll_within<F: Future>(mut fut: Pin<&mut F>, budget: Duration) -> Option<F::Output> {
     let start = Instant::now();
     loop {
         let polled = std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
@@ -40,24 +53,142 @@ pub async fn busy_poll<F: Future>(fut: F, budget: Duration) -> F::Output {
             Poll::Pending => Poll::Ready(None),
         })
         .await;
-        if let Some(v) = polled {
-            return v;
+        if polled.is_some() {
+            return polled;
         }
         if start.elapsed() >= budget {
-            return fut.await;
+            return None;
         }
         std::thread::yield_now();
         tokio::task::yield_now().await;
     }
 }
 
+/// Time off this thread's CPU during one busy poll, given to other
+/// threads, beyond which the CPU is taken to be shared with the answering
+/// thread.
+const SHARED_CPU_NS: u64 = 20_000;
+
+/// Calls that wait without polling once the CPU was found shared; the
+/// next call after them polls, and measures, again.
+const CALLS_UNPOLLED: u32 = 63;
+
+/// One polled call in this many measures whether the CPU is shared (each
+/// measurement costs two system calls).
+const MEASURE_EVERY: u32 = 8;
+
+/// Decides, call by call, whether the port calls of one client busy-poll.
+///
+/// Polling pays when the host's thread answers on another CPU: this one
+/// stays awake and sees the answer at once. When the two run on one CPU
+/// (a machine with one free CPU, a container's CPU quota, a kernel that
+/// packs light load onto one CPU), polling only hands that CPU back and
+/// forth: each yield lets the host's thread handle a part of the call in a
+/// turn of its own, and the answer comes no sooner than if this thread had
+/// slept (docs/BENCHMARKS.md, "One CPU at light load"). So a polled call
+/// now and then measures whether, while it polled, this thread gave its
+/// CPU to other threads (involuntary context switches, and time off its
+/// CPU past [`SHARED_CPU_NS`]: it never sleeps while polling). If it did, the
+/// next [`CALLS_UNPOLLED`] calls wait without polling, and the one after
+/// them polls and measures again.
+#[derive(Debug, Default)]
+pub(crate) struct PollGate {
+    /// Calls left that wait without polling.
+    unpolled: AtomicU32,
+    /// Polled calls since the last measurement (0: measure the next).
+    polled: AtomicU32,
+}
+
+impl PollGate {
+    /// Awaits `fut`, busy-polling for up to `budget` first unless the CPU
+    /// was found shared (see the type's text).
+    pub(crate) async fn call<F: Future>(&self, fut: F, budget: Duration) -> F::Output {
+        let mut fut = pin!(fut);
+        if budget.is_zero() || self.take_unpolled() {
+            return fut.await;
+        }
+        let measure = self.polled.fetch_add(1, Ordering::Relaxed) % MEASURE_EVERY == 0;
+        // Small across the await: a port call's future is kept small.
+        let before = if measure { ThreadUsage::now() } else { None };
+        let polled = poll_within(fut.as_mut(), budget).await;
+        if let (Some(before), Some(after)) = (before, before.and_then(|_| ThreadUsage::now())) {
+            if after.switched_out > before.switched_out
+                && after.off_cpu_ns.saturating_sub(before.off_cpu_ns) >= SHARED_CPU_NS
+            {
+                self.unpolled.store(CALLS_UNPOLLED, Ordering::Relaxed);
+                // The call after the unpolled ones measures again.
+                self.polled.store(0, Ordering::Relaxed);
+            }
+        }
+        if let Some(v) = polled {
+            return v;
+        }
+        fut.await
+    }
+
+    /// Takes one of the calls left to wait without polling, if any.
+    fn take_unpolled(&self) -> bool {
+        self.unpolled
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// What the kernel counts for the calling thread.
+#[derive(Debug, Clone, Copy)]
+struct ThreadUsage {
+    /// Monotonic time less the thread's CPU time (user and system), in
+    /// ns: what grows while the thread is off its CPU.
+    off_cpu_ns: u64,
+    /// Involuntary context switches: preempted, or a `sched_yield` that
+    /// ran another thread.
+    switched_out: i64,
+}
+
+impl ThreadUsage {
+    /// This thread's usage (`getrusage(RUSAGE_THREAD)` and the monotonic
+    /// clock); `None` if the kernel does not say.
+    fn now() -> Option<Self> {
+        // SAFETY: rusage is plain data, for which all zeroes are valid.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `usage` is a valid rusage for getrusage to write.
+        if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+            return None;
+        }
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `now` is a valid timespec for clock_gettime to write.
+        if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+            return None;
+        }
+        let micros = |t: libc::timeval| {
+            u64::try_from(t.tv_sec)
+                .ok()?
+                .checked_mul(1_000_000)?
+                .checked_add(u64::try_from(t.tv_usec).ok()?)
+        };
+        let cpu_ns = (micros(usage.ru_utime)? + micros(usage.ru_stime)?).checked_mul(1_000)?;
+        let now_ns = u64::try_from(now.tv_sec)
+            .ok()?
+            .checked_mul(1_000_000_000)?
+            .checked_add(u64::try_from(now.tv_nsec).ok()?)?;
+        Some(Self {
+            off_cpu_ns: now_ns.saturating_sub(cpu_ns),
+            switched_out: usage.ru_nivcsw,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::future::Future;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use super::busy_poll;
+    use super::{busy_poll, PollGate, ThreadUsage, CALLS_UNPOLLED};
 
     /// A future that is ready at `at`, counting how often it was polled.
     async fn ready_at(at: Instant, polls: &AtomicUsize) {
@@ -120,5 +251,136 @@ mod tests {
         });
         let got = busy_poll(rx, Duration::from_secs(5)).await;
         assert_eq!(got.ok(), Some(7));
+    }
+
+    /// The CPU the calling thread runs on.
+    fn this_cpu() -> usize {
+        // SAFETY: sched_getcpu takes no arguments.
+        usize::try_from(unsafe { libc::sched_getcpu() }).expect("sched_getcpu")
+    }
+
+    /// Pins the calling thread to `cpu`.
+    fn pin_to(cpu: usize) {
+        // SAFETY: cpu_set_t is plain data, for which all zeroes are valid.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: CPU_SET writes one bit inside `set`; `cpu` is below the
+        // machine's CPU count, well under CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is
+        // the calling thread.
+        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// A call whose answer comes from a thread that must share this
+    /// thread's CPU (both pinned to it): the gate finds the CPU shared.
+    fn a_call_answered_on_this_cpu(gate: &PollGate) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let cpu = this_cpu();
+        pin_to(cpu);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let polling = Arc::new(AtomicBool::new(false));
+        let started = polling.clone();
+        let answering = std::thread::spawn(move || {
+            pin_to(cpu);
+            // Once the call polls, work for 300 µs on this CPU, as a host
+            // handling the call, and answer.
+            while !started.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+            let until = Instant::now() + Duration::from_micros(300);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            let _ = tx.send(());
+        });
+        let call = async {
+            polling.store(true, Ordering::Release);
+            rx.await
+        };
+        runtime
+            .block_on(gate.call(call, Duration::from_secs(5)))
+            .unwrap();
+        answering.join().unwrap();
+    }
+
+    #[test]
+    fn calls_stop_polling_while_the_answering_thread_shares_this_cpu() {
+        // On a thread of its own, so that pinning it leaves the test
+        // harness's threads alone.
+        std::thread::spawn(|| {
+            let gate = PollGate::default();
+            a_call_answered_on_this_cpu(&gate);
+            assert_eq!(
+                gate.unpolled.load(Ordering::Relaxed),
+                CALLS_UNPOLLED,
+                "a call answered by a thread on this CPU while it polled"
+            );
+            // The next calls wait without polling, then one polls and
+            // measures again.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            for left in (0..CALLS_UNPOLLED).rev() {
+                runtime.block_on(gate.call(async {}, Duration::from_secs(5)));
+                assert_eq!(gate.unpolled.load(Ordering::Relaxed), left);
+            }
+            assert_eq!(
+                gate.polled.load(Ordering::Relaxed),
+                0,
+                "the next call measures"
+            );
+            runtime.block_on(gate.call(async {}, Duration::from_secs(5)));
+            assert_eq!(gate.polled.load(Ordering::Relaxed), 1);
+            assert_eq!(
+                gate.unpolled.load(Ordering::Relaxed),
+                0,
+                "a call answered at once gave its CPU to nobody"
+            );
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn without_a_budget_the_gate_neither_polls_nor_measures() {
+        let gate = PollGate::default();
+        let polls = AtomicUsize::new(0);
+        let at = Instant::now() + Duration::from_millis(2);
+        gate.call(ready_at(at, &polls), Duration::ZERO).await;
+        assert_eq!(polls.load(Ordering::Relaxed), 2, "pending once, then ready");
+        assert_eq!(gate.polled.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_threads_usage_counts_a_yield_that_ran_another_thread() {
+        std::thread::spawn(|| {
+            let cpu = this_cpu();
+            pin_to(cpu);
+            let before = ThreadUsage::now().expect("getrusage");
+            let other = std::thread::spawn(move || {
+                pin_to(cpu);
+                let until = Instant::now() + Duration::from_micros(200);
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            });
+            while !other.is_finished() {
+                std::thread::yield_now();
+            }
+            let after = ThreadUsage::now().expect("getrusage");
+            assert!(after.switched_out > before.switched_out);
+            other.join().unwrap();
+        })
+        .join()
+        .unwrap();
     }
 }
