@@ -118,9 +118,9 @@ impl ControlSender for BenchPorts {
                 let sent = u64::from_le_bytes(sent.try_into().expect("8 bytes"));
                 let latency = mono_ns().saturating_sub(sent);
                 // Bytes 8..12: the CPU the sidecar's handler ran on.
-                let same_cpu = body
-                    .get(8..12)
-                    .is_some_and(|cpu| cpu == crate::stats::current_cpu().to_le_bytes());
+                let here = crate::stats::current_cpu();
+                let same_cpu = here != u32::MAX
+                    && body.get(8..12).is_some_and(|cpu| cpu == here.to_le_bytes());
                 let _ = self.pongs.send((latency, same_cpu));
             }
         }

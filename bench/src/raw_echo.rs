@@ -25,20 +25,34 @@ const LOOKUP: u8 = 1;
 const PONG: u8 = 2;
 
 /// The client process (`pim-bench raw-echo-client <socket>`): answers each
-/// ping with a lookup, then, once answered, a pong, until the server
-/// closes.
+/// ping with a lookup, then, once answered, a pong, one ping at a time
+/// (pings that come while a lookup waits for its answer wait in turn),
+/// until the server closes.
 pub(crate) fn client(path: &str) -> anyhow::Result<()> {
     let mut socket = UnixStream::connect(path)?;
     let mut buf = [0u8; SIZE];
+    let mut waiting = std::collections::VecDeque::new();
+    let mut asked = false;
     loop {
         if socket.read_exact(&mut buf).is_err() {
             return Ok(());
         }
-        buf[8] = LOOKUP;
-        socket.write_all(&buf)?;
-        socket.read_exact(&mut buf)?;
-        buf[8] = PONG;
-        socket.write_all(&buf)?;
+        match buf[8] {
+            PING => waiting.push_back(buf),
+            // The answer to the lookup, which carries its ping's time.
+            _ => {
+                asked = false;
+                buf[8] = PONG;
+                socket.write_all(&buf)?;
+            }
+        }
+        if !asked {
+            if let Some(mut next) = waiting.pop_front() {
+                next[8] = LOOKUP;
+                socket.write_all(&next)?;
+                asked = true;
+            }
+        }
     }
 }
 
@@ -160,9 +174,10 @@ pub(crate) async fn measure(
         // connection, and the client exits.
     })
     .await??;
-    server
-        .join()
+    tokio::task::spawn_blocking(move || server.join())
+        .await?
         .map_err(|_| anyhow::anyhow!("the raw echo server panicked"))??;
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    let _ = std::fs::remove_file(&path);
     Ok(measured)
 }

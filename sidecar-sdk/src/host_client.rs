@@ -64,9 +64,10 @@ impl HostClient {
     /// host's answering thread run on one CPU, polling would only hand that
     /// CPU back and forth: a call now and then measures whether it gave its
     /// CPU to other threads while it polled, and if so the next 63 calls
-    /// wait without polling (then one measures again). `Duration::ZERO`
-    /// turns polling off. Applies to this client and the clones made from
-    /// it afterwards, which share that measurement.
+    /// wait without polling (then one measures again); every clone of a
+    /// client shares that measurement. `Duration::ZERO` turns polling off.
+    /// The budget applies to this client and the clones made from it
+    /// afterwards.
     #[must_use]
     pub fn with_busy_poll(mut self, budget: Duration) -> Self {
         self.busy_poll = budget;

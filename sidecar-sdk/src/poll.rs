@@ -81,14 +81,15 @@ const MEASURE_EVERY: u32 = 8;
 ///
 /// Polling pays when the host's thread answers on another CPU: this one
 /// stays awake and sees the answer at once. When the two run on one CPU
-/// (a machine with one free CPU, a container's CPU quota, a kernel that
+/// (a machine with one free CPU, a kernel that
 /// packs light load onto one CPU), polling only hands that CPU back and
 /// forth: each yield lets the host's thread handle a part of the call in a
 /// turn of its own, and the answer comes no sooner than if this thread had
 /// slept (docs/BENCHMARKS.md, "One CPU at light load"). So a polled call
 /// now and then measures whether, while it polled, this thread gave its
 /// CPU to other threads (involuntary context switches, and time off its
-/// CPU past [`SHARED_CPU_NS`]: it never sleeps while polling). If it did, the
+/// CPU past [`SHARED_CPU_NS`]: the thread does not sleep while the call
+/// polls, unless another task of its runtime blocks it). If it did, the
 /// next [`CALLS_UNPOLLED`] calls wait without polling, and the one after
 /// them polls and measures again.
 #[derive(Debug, Default)]
@@ -112,9 +113,7 @@ impl PollGate {
         let before = if measure { ThreadUsage::now() } else { None };
         let polled = poll_within(fut.as_mut(), budget).await;
         if let (Some(before), Some(after)) = (before, before.and_then(|_| ThreadUsage::now())) {
-            if after.switched_out > before.switched_out
-                && after.off_cpu_ns.saturating_sub(before.off_cpu_ns) >= SHARED_CPU_NS
-            {
+            if after.gave_cpu_away_since(&before) {
                 self.unpolled.store(CALLS_UNPOLLED, Ordering::Relaxed);
                 // The call after the unpolled ones measures again.
                 self.polled.store(0, Ordering::Relaxed);
@@ -137,8 +136,11 @@ impl PollGate {
 /// What the kernel counts for the calling thread.
 #[derive(Debug, Clone, Copy)]
 struct ThreadUsage {
-    /// Monotonic time less the thread's CPU time (user and system), in
-    /// ns: what grows while the thread is off its CPU.
+    /// The thread (a task of a work-stealing runtime may move to another
+    /// between two readings, which then compare nothing).
+    tid: libc::pid_t,
+    /// Monotonic time less the thread's CPU time, in ns: what grows while
+    /// the thread is off its CPU.
     off_cpu_ns: u64,
     /// Involuntary context switches: preempted, or a `sched_yield` that
     /// ran another thread.
@@ -146,38 +148,48 @@ struct ThreadUsage {
 }
 
 impl ThreadUsage {
-    /// This thread's usage (`getrusage(RUSAGE_THREAD)` and the monotonic
-    /// clock); `None` if the kernel does not say.
+    /// This thread's usage: `CLOCK_THREAD_CPUTIME_ID` (exact, where
+    /// `getrusage`'s times lag behind a running thread), the monotonic
+    /// clock, and `getrusage(RUSAGE_THREAD)`'s involuntary switches.
+    /// `None` if the kernel does not say.
     fn now() -> Option<Self> {
+        let ns = |clock: libc::clockid_t| {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `t` is a valid timespec for clock_gettime to write.
+            if unsafe { libc::clock_gettime(clock, &mut t) } != 0 {
+                return None;
+            }
+            u64::try_from(t.tv_sec)
+                .ok()?
+                .checked_mul(1_000_000_000)?
+                .checked_add(u64::try_from(t.tv_nsec).ok()?)
+        };
+        let cpu_ns = ns(libc::CLOCK_THREAD_CPUTIME_ID)?;
+        let now_ns = ns(libc::CLOCK_MONOTONIC)?;
         // SAFETY: rusage is plain data, for which all zeroes are valid.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: `usage` is a valid rusage for getrusage to write.
         if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
             return None;
         }
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `now` is a valid timespec for clock_gettime to write.
-        if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
-            return None;
-        }
-        let micros = |t: libc::timeval| {
-            u64::try_from(t.tv_sec)
-                .ok()?
-                .checked_mul(1_000_000)?
-                .checked_add(u64::try_from(t.tv_usec).ok()?)
-        };
-        let cpu_ns = (micros(usage.ru_utime)? + micros(usage.ru_stime)?).checked_mul(1_000)?;
-        let now_ns = u64::try_from(now.tv_sec)
-            .ok()?
-            .checked_mul(1_000_000_000)?
-            .checked_add(u64::try_from(now.tv_nsec).ok()?)?;
         Some(Self {
+            // SAFETY: gettid takes no arguments and cannot fail.
+            tid: unsafe { libc::gettid() },
             off_cpu_ns: now_ns.saturating_sub(cpu_ns),
             switched_out: usage.ru_nivcsw,
         })
+    }
+
+    /// Whether, between `before` and this reading of the same thread, the
+    /// thread was switched out and spent [`SHARED_CPU_NS`] or more off its
+    /// CPU.
+    fn gave_cpu_away_since(&self, before: &Self) -> bool {
+        self.tid == before.tid
+            && self.switched_out > before.switched_out
+            && self.off_cpu_ns.saturating_sub(before.off_cpu_ns) >= SHARED_CPU_NS
     }
 }
 
@@ -260,7 +272,7 @@ mod tests {
     }
 
     /// Pins the calling thread to `cpu`.
-    fn pin_to(cpu: usize) {
+    fn pin_to(cpu: usize) -> std::io::Result<()> {
         // SAFETY: cpu_set_t is plain data, for which all zeroes are valid.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
         // SAFETY: CPU_SET writes one bit inside `set`; `cpu` is below the
@@ -268,31 +280,46 @@ mod tests {
         unsafe { libc::CPU_SET(cpu, &mut set) };
         // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is
         // the calling thread.
-        let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
+        match unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
     }
 
-    /// A call whose answer comes from a thread that must share this
-    /// thread's CPU (both pinned to it): the gate finds the CPU shared.
-    fn a_call_answered_on_this_cpu(gate: &PollGate) {
+    /// Whether threads can be pinned to CPUs here (and, with `two`, whether
+    /// there are two CPUs): if not, says why and the test is skipped,
+    /// except under `CI=true`, where it fails.
+    fn can_pin(two: bool) -> bool {
+        let why = match std::thread::spawn(|| pin_to(this_cpu())).join().unwrap() {
+            Err(e) => format!("threads cannot be pinned to a CPU here: {e}"),
+            Ok(()) if two && std::thread::available_parallelism().map_or(1, usize::from) < 2 => {
+                "this test needs two CPUs".to_owned()
+            }
+            Ok(()) => return true,
+        };
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("SKIPPED: {why}");
+        false
+    }
+
+    /// A call through `gate` whose answer comes from a thread pinned to
+    /// `answer_on` after 300 µs of work there, with the calling thread
+    /// pinned to the CPU it runs on; `answer_on` gets that CPU.
+    fn a_call_answered_on(gate: &PollGate, answer_on: impl FnOnce(usize) -> usize) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let cpu = this_cpu();
-        pin_to(cpu);
+        pin_to(cpu).unwrap();
+        let answer_cpu = answer_on(cpu);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let polling = Arc::new(AtomicBool::new(false));
         let started = polling.clone();
         let answering = std::thread::spawn(move || {
-            pin_to(cpu);
-            // Once the call polls, work for 300 µs on this CPU, as a host
-            // handling the call, and answer.
+            pin_to(answer_cpu).unwrap();
+            // Once the call polls, work for 300 µs, as a host handling the
+            // call, and answer.
             while !started.load(Ordering::Acquire) {
                 std::thread::yield_now();
             }
@@ -314,11 +341,14 @@ mod tests {
 
     #[test]
     fn calls_stop_polling_while_the_answering_thread_shares_this_cpu() {
+        if !can_pin(false) {
+            return;
+        }
         // On a thread of its own, so that pinning it leaves the test
         // harness's threads alone.
         std::thread::spawn(|| {
             let gate = PollGate::default();
-            a_call_answered_on_this_cpu(&gate);
+            a_call_answered_on(&gate, |this| this);
             assert_eq!(
                 gate.unpolled.load(Ordering::Relaxed),
                 CALLS_UNPOLLED,
@@ -350,6 +380,28 @@ mod tests {
         .unwrap();
     }
 
+    #[test]
+    fn calls_keep_polling_when_the_answer_comes_from_another_cpu() {
+        if !can_pin(true) {
+            return;
+        }
+        std::thread::spawn(|| {
+            // Another test's thread may share this CPU for a moment and
+            // turn one measurement; five calls in a row cannot all be.
+            let kept_polling = (0..5).any(|_| {
+                let gate = PollGate::default();
+                a_call_answered_on(&gate, |this| usize::from(this == 0));
+                gate.unpolled.load(Ordering::Relaxed) == 0
+            });
+            assert!(
+                kept_polling,
+                "five calls answered from another CPU all found this one shared"
+            );
+        })
+        .join()
+        .unwrap();
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn without_a_budget_the_gate_neither_polls_nor_measures() {
         let gate = PollGate::default();
@@ -361,14 +413,17 @@ mod tests {
     }
 
     #[test]
-    fn the_threads_usage_counts_a_yield_that_ran_another_thread() {
+    fn the_threads_usage_counts_the_time_a_yield_gave_another_thread() {
+        if !can_pin(false) {
+            return;
+        }
         std::thread::spawn(|| {
             let cpu = this_cpu();
-            pin_to(cpu);
-            let before = ThreadUsage::now().expect("getrusage");
+            pin_to(cpu).unwrap();
+            let before = ThreadUsage::now().expect("the thread's usage");
             let other = std::thread::spawn(move || {
-                pin_to(cpu);
-                let until = Instant::now() + Duration::from_micros(200);
+                pin_to(cpu).unwrap();
+                let until = Instant::now() + Duration::from_micros(300);
                 while Instant::now() < until {
                     std::hint::spin_loop();
                 }
@@ -376,9 +431,17 @@ mod tests {
             while !other.is_finished() {
                 std::thread::yield_now();
             }
-            let after = ThreadUsage::now().expect("getrusage");
-            assert!(after.switched_out > before.switched_out);
+            let after = ThreadUsage::now().expect("the thread's usage");
             other.join().unwrap();
+            assert!(after.switched_out > before.switched_out);
+            let off_cpu = after.off_cpu_ns - before.off_cpu_ns;
+            // The other thread's 300 µs ran while this one yielded.
+            assert!(
+                off_cpu >= 200_000,
+                "{off_cpu} ns off the CPU while another thread spun 300 µs on it"
+            );
+            assert!(after.gave_cpu_away_since(&before));
+            assert!(!before.gave_cpu_away_since(&before));
         })
         .join()
         .unwrap();
