@@ -74,15 +74,16 @@ const SHARED_CPU_NS: u64 = 20_000;
 const CALLS_UNPOLLED: u32 = 63;
 
 /// One polled call in this many measures whether the CPU is shared (each
-/// measurement costs two system calls).
+/// measurement costs six system calls: two clocks and `getrusage`, before
+/// and after).
 const MEASURE_EVERY: u32 = 8;
 
 /// Decides, call by call, whether the port calls of one client busy-poll.
 ///
 /// Polling pays when the host's thread answers on another CPU: this one
 /// stays awake and sees the answer at once. When the two run on one CPU
-/// (a machine with one free CPU, a kernel that
-/// packs light load onto one CPU), polling only hands that CPU back and
+/// (a machine with one free CPU, a kernel that packs light load onto one
+/// CPU), polling only hands that CPU back and
 /// forth: each yield lets the host's thread handle a part of the call in a
 /// turn of its own, and the answer comes no sooner than if this thread had
 /// slept (docs/BENCHMARKS.md, "One CPU at light load"). So a polled call
