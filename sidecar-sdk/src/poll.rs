@@ -74,8 +74,8 @@ const SHARED_CPU_NS: u64 = 20_000;
 const CALLS_UNPOLLED: u32 = 63;
 
 /// One polled call in this many measures whether the CPU is shared (each
-/// measurement costs six system calls: two clocks and `getrusage`, before
-/// and after).
+/// measurement reads the thread's CPU clock and `getrusage` before and
+/// after: four system calls).
 const MEASURE_EVERY: u32 = 8;
 
 /// Decides, call by call, whether the port calls of one client busy-poll.
