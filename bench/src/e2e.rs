@@ -172,6 +172,23 @@ async fn run(
     })
 }
 
+/// A row of a latency at 1,000/s beside the same back to back (ns) and
+/// their ratio.
+fn vs_back_to_back(
+    report: &mut Report,
+    label: &str,
+    (at_rate, back_to_back): (u64, u64),
+    target: Option<Target>,
+) {
+    report.row(
+        label,
+        ns(at_rate),
+        format!("back to back {}", ns(back_to_back)),
+        format!("{:.2}x", at_rate as f64 / back_to_back as f64),
+        target,
+    );
+}
+
 pub(crate) async fn end_to_end(
     report: &mut Report,
     scale: Scale,
@@ -184,20 +201,13 @@ pub(crate) async fn end_to_end(
     let quiet = run(dir, "-e2e-nopoll", Some(0), n, secs).await?;
     let (m, p) = polling.at_rate;
     let (bm, bp) = polling.back_to_back;
-    report.row(
+    vs_back_to_back(
+        report,
         "ping -> lookup -> pong at 1,000/s, median",
-        ns(m),
-        format!("back to back {}", ns(bm)),
-        format!("{:.2}x", m as f64 / bm as f64),
+        (m, bm),
         Target::at_most(m as f64, 1.5 * bm as f64, "<= 1.5x back to back"),
     );
-    report.row(
-        "  p99",
-        ns(p),
-        format!("back to back {}", ns(bp)),
-        format!("{:.2}x", p as f64 / bp as f64),
-        None,
-    );
+    vs_back_to_back(report, "  p99", (p, bp), None);
     report.row(
         "  pings whose sidecar and daemon ran on one CPU, at 1,000/s",
         format!("{:.0}%", 100.0 * polling.same_cpu.1),
@@ -206,20 +216,16 @@ pub(crate) async fn end_to_end(
         None,
     );
     let ((rbm, _), (rm, _)) = crate::raw_echo::measure(dir, n, (secs * 1000.0) as usize).await?;
-    report.row(
+    vs_back_to_back(
+        report,
         "  floor: the same hops over raw threads and sockets",
-        ns(rm),
-        format!("back to back {}", ns(rbm)),
-        format!("{:.2}x", rm as f64 / rbm as f64),
+        (rm, rbm),
         None,
     );
-    let (qm, _) = quiet.at_rate;
-    let (qbm, _) = quiet.back_to_back;
-    report.row(
+    vs_back_to_back(
+        report,
         "  without the SDK's busy poll: at 1,000/s",
-        ns(qm),
-        format!("back to back {}", ns(qbm)),
-        format!("{:.2}x", qm as f64 / qbm as f64),
+        (quiet.at_rate.0, quiet.back_to_back.0),
         None,
     );
     report.row(

@@ -291,6 +291,26 @@ mod tests {
     /// share a CPU with another's.
     static PINNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+    /// Runs `test` on a thread of its own (so that pinning it leaves the
+    /// test harness's threads alone), after the other pinning tests, when
+    /// threads can be pinned here (see [`can_pin`]; `two`: and there are
+    /// two CPUs).
+    fn pinned(two: bool, test: impl FnOnce() + Send + 'static) {
+        if !can_pin(two) {
+            return;
+        }
+        let _alone = PINNING.lock().unwrap_or_else(|e| e.into_inner());
+        std::thread::spawn(test).join().unwrap();
+    }
+
+    /// Keeps this thread's CPU busy for `time`.
+    fn spin(time: Duration) {
+        let until = Instant::now() + time;
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+    }
+
     /// Whether threads can be pinned to CPUs here (and, with `two`, whether
     /// there are two CPUs): if not, says why and the test is skipped,
     /// except under `CI=true`, where it fails.
@@ -328,10 +348,7 @@ mod tests {
             while !started.load(Ordering::Acquire) {
                 std::thread::yield_now();
             }
-            let until = Instant::now() + Duration::from_micros(300);
-            while Instant::now() < until {
-                std::hint::spin_loop();
-            }
+            spin(Duration::from_micros(300));
             let _ = tx.send(());
         });
         let call = async {
@@ -346,13 +363,7 @@ mod tests {
 
     #[test]
     fn calls_stop_polling_while_the_answering_thread_shares_this_cpu() {
-        if !can_pin(false) {
-            return;
-        }
-        let _alone = PINNING.lock().unwrap_or_else(|e| e.into_inner());
-        // On a thread of its own, so that pinning it leaves the test
-        // harness's threads alone.
-        std::thread::spawn(|| {
+        pinned(false, || {
             let gate = PollGate::default();
             a_call_answered_on(&gate, |this| this);
             assert_eq!(
@@ -374,18 +385,12 @@ mod tests {
                 0,
                 "the next call measures"
             );
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[test]
     fn calls_keep_polling_when_the_answer_comes_from_another_cpu() {
-        if !can_pin(true) {
-            return;
-        }
-        let _alone = PINNING.lock().unwrap_or_else(|e| e.into_inner());
-        std::thread::spawn(|| {
+        pinned(true, || {
             // Another process's or test's thread may share this CPU for a
             // moment and turn one measurement (the gate then rightly stops
             // polling); twenty calls in a row are not all turned unless the
@@ -399,9 +404,7 @@ mod tests {
                 kept_polling,
                 "twenty calls answered from another CPU all found this one shared"
             );
-        })
-        .join()
-        .unwrap();
+        });
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -416,20 +419,13 @@ mod tests {
 
     #[test]
     fn the_threads_usage_counts_the_time_a_yield_gave_another_thread() {
-        if !can_pin(false) {
-            return;
-        }
-        let _alone = PINNING.lock().unwrap_or_else(|e| e.into_inner());
-        std::thread::spawn(|| {
+        pinned(false, || {
             let cpu = this_cpu();
             pin_to(cpu).unwrap();
             let before = ThreadUsage::now().expect("the thread's usage");
             let other = std::thread::spawn(move || {
                 pin_to(cpu).unwrap();
-                let until = Instant::now() + Duration::from_micros(300);
-                while Instant::now() < until {
-                    std::hint::spin_loop();
-                }
+                spin(Duration::from_micros(300));
             });
             while !other.is_finished() {
                 std::thread::yield_now();
@@ -445,8 +441,6 @@ mod tests {
             );
             assert!(after.gave_cpu_away_since(&before));
             assert!(!before.gave_cpu_away_since(&before));
-        })
-        .join()
-        .unwrap();
+        });
     }
 }
